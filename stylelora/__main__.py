@@ -1,0 +1,3 @@
+from stylelora.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""PEFT adapter weights to kohya's LoRA layout, the one AUTOMATIC1111, ComfyUI and diffusers read.
+
+Per module: `<name>.lora_down.weight` (PEFT's lora_A), `<name>.lora_up.weight` (lora_B) and
+`<name>.alpha`. diffusers' `convert_state_dict_to_kohya` writes alpha = rank whatever the real
+alpha was, so the conversion is done here with the alpha PEFT actually trained with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from peft import get_peft_model_state_dict
+
+from stylelora.adapters.inject import ADAPTER_NAME
+
+PEFT_TO_KOHYA = {"lora_A": "lora_down", "lora_B": "lora_up"}
+
+
+def module_alpha(module: torch.nn.Module, module_path: str) -> float:
+    """The lora_alpha PEFT uses for `module_path`, honouring its per-module alpha pattern."""
+    config = module.peft_config[ADAPTER_NAME]
+    for pattern, alpha in config.alpha_pattern.items():
+        if module_path == pattern or module_path.endswith("." + pattern):
+            return float(alpha)
+    return float(config.lora_alpha)
+
+
+def peft_to_kohya(
+    module: torch.nn.Module, prefix: str, kohya_name: Callable[[str, str], str]
+) -> dict[str, torch.Tensor]:
+    """kohya tensors for the adapters in `module`; `kohya_name(prefix, path)` names each one."""
+    tensors: dict[str, torch.Tensor] = {}
+    state = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
+    for key, value in state.items():
+        module_path, _, rest = key.rpartition(".lora_")
+        part = "lora_" + rest.split(".")[0]
+        if part not in PEFT_TO_KOHYA:
+            raise ValueError(f"unexpected adapter tensor {key!r}")
+        name = kohya_name(prefix, module_path)
+        tensors[f"{name}.{PEFT_TO_KOHYA[part]}.weight"] = value.detach().float().contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(module_alpha(module, module_path))
+    return tensors

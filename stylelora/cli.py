@@ -1,0 +1,121 @@
+"""The `stylelora` command: subcommands parse their arguments and call into the package."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from stylelora.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stylelora", description="Train and use LoRA adapters for Stable Diffusion."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train an adapter from a TOML config")
+    train.add_argument("config", type=Path, help="TOML config file")
+    train.add_argument("--output-dir", type=Path, help="run folder (overrides output_dir)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, dotted for sections: --set train.max_steps=200",
+    )
+    train.set_defaults(run=run_train)
+
+    sample = commands.add_parser("sample", help="render an image with an adapter")
+    sample.add_argument("--model", required=True, help='base model: hub id, folder, or "tiny:sd15"')
+    sample.add_argument("--adapter", type=Path, help="kohya-format .safetensors adapter")
+    sample.add_argument("--prompt", required=True)
+    sample.add_argument("--negative", default="", help="negative prompt")
+    sample.add_argument("--scale", type=float, default=1.0, help="adapter strength")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--steps", type=int, default=20)
+    sample.add_argument("--guidance", type=float, default=7.5)
+    sample.add_argument("--width", type=int)
+    sample.add_argument("--height", type=int)
+    sample.add_argument("--out", type=Path, required=True, help="output PNG")
+    sample.add_argument(
+        "--compare", action="store_true", help="put the image without the adapter on the left"
+    )
+    sample.set_defaults(run=run_sample)
+
+    tiny = commands.add_parser(
+        "make-tiny-model", help="write a tiny random diffusers pipeline (for demos and tests)"
+    )
+    tiny.add_argument("--family", default="sd15", help="model family (sd15)")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("folder", type=Path)
+    tiny.set_defaults(run=run_make_tiny_model)
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from stylelora.config import load_config
+    from stylelora.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    train(cfg)
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    from stylelora.sample.adapter import render_with_adapter
+
+    render_with_adapter(
+        model=args.model,
+        adapter=args.adapter,
+        prompt=args.prompt,
+        negative=args.negative,
+        scale=args.scale,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        size=(args.width, args.height),
+        out=args.out,
+        compare=args.compare,
+    )
+    print(f"wrote {args.out}")
+
+
+def run_make_tiny_model(args: argparse.Namespace) -> None:
+    from stylelora.families.tiny import make_tiny_model
+
+    make_tiny_model(args.family, args.folder, seed=args.seed)
+    print(f"wrote a tiny {args.family} pipeline to {args.folder}")
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' info logs and loading bars out of the user's terminal."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        quiet_libraries()
+        args.run(args)
+    except UserError as exc:
+        print(f"stylelora: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stylelora: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,168 @@
+"""The training config: pydantic models of the TOML file, and the one place defaults live.
+
+Relative paths written in a config file resolve against the file's folder, so a config runs the
+same from any working directory; paths given on the command line resolve against the current one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stylelora.errors import UserError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    dir: Path = Field(description="Folder of images with caption files beside them.")
+    caption_extension: str = ".txt"
+    resolution: PositiveInt = 512
+    center_crop: bool = True
+    flip: bool = False
+    repeats: PositiveInt = 1
+    trigger_word: str = ""
+    num_workers: NonNegInt = 0
+
+
+class AdapterConfig(Section):
+    rank: PositiveInt = 16
+    alpha: PositiveFloat = 8.0
+    unet_targets: Literal["cross-attn", "attention"] = "cross-attn"
+    text_encoder: bool = False
+    text_encoder_rank: PositiveInt | None = None
+    text_encoder_alpha: PositiveFloat | None = None
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    dropout: Probability = 0.0
+
+
+class TrainConfig(Section):
+    max_steps: PositiveInt = 1000
+    batch_size: PositiveInt = 1
+    gradient_accumulation_steps: PositiveInt = 1
+    learning_rate: PositiveFloat = 1e-4
+    text_encoder_lr: PositiveFloat | None = None
+    lr_scheduler: Literal["constant", "cosine"] = "constant"
+    lr_warmup_steps: NonNegInt = 0
+    optimizer: Literal["adamw"] = "adamw"
+    adam_beta1: Probability = 0.9
+    adam_beta2: Probability = 0.999
+    adam_epsilon: PositiveFloat = 1e-8
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-2
+    max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+class SampleConfig(Section):
+    prompts: list[str] = Field(default_factory=list)
+    prompts_file: Path | None = None
+    every_n_steps: NonNegInt = 0
+    num_inference_steps: PositiveInt = 20
+    guidance_scale: Annotated[float, Field(ge=0)] = 7.5
+    negative_prompt: str = ""
+    seed: int = 0
+    width: PositiveInt | None = None
+    height: PositiveInt | None = None
+    scheduler: Literal["default", "euler", "euler_a", "ddim", "dpmpp_2m"] = "default"
+
+
+class Config(Section):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[\w.\-]+$")]
+    model: str = Field(description='A hub id, a local diffusers folder, or "tiny:sd15".')
+    output_dir: Path = Path("output")
+    seed: int = 0
+    data: DataConfig
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    @model_validator(mode="after")
+    def _prompts_from_one_place(self) -> Config:
+        if self.sample.prompts and self.sample.prompts_file:
+            raise ValueError("set sample.prompts or sample.prompts_file, not both")
+        return self
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a TOML config, apply `key=value` overrides, validate; UserError names what is wrong."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid TOML: {exc}") from None
+    _resolve_paths(raw, path.parent)
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"{path}: {describe_validation_error(exc)}") from None
+
+
+_PATH_KEYS = (("data", "dir"), ("sample", "prompts_file"), ("output_dir",))
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    for keys in _PATH_KEYS:
+        parent = raw
+        for key in keys[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and isinstance(parent.get(keys[-1]), str):
+            parent[keys[-1]] = os.path.normpath(base / parent[keys[-1]])
+    model = raw.get("model")
+    if isinstance(model, str) and model.startswith(".") and (base / model).exists():
+        raw["model"] = os.path.normpath(base / model)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected key=value, e.g. train.learning_rate=1e-4")
+    *parents, leaf = key.strip().split(".")
+    target = raw
+    for part in parents:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise UserError(f"--set {key}: {part} is not a section")
+    target[leaf] = _parse_value(text.strip())
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (number, bool, quoted string, array); anything else is taken as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """The first problem as one line: dotted key, what is wrong, and the value given."""
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"]) or "config"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (check the spelling; see configs/demo.toml for every key)"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    given = error.get("input")
+    if isinstance(given, (str, int, float, bool)) and error["type"] != "value_error":
+        message += f" (got {given!r})"
+    if key != "config":
+        message = f"{key}: {message}"
+    more = len(exc.errors()) - 1
+    return message + (f" (and {more} more problems)" if more else "")

@@ -1,0 +1,1 @@
+"""Export: adapter files in kohya's format, written atomically, with their metadata."""

@@ -1,0 +1,91 @@
+"""The training metadata kohya writes into a LoRA's safetensors header (all values strings)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import datetime, timezone
+
+from stylelora import __version__
+from stylelora.config import Config
+from stylelora.data.scan import ScanResult
+from stylelora.export.lora_file import format_number, network_metadata
+from stylelora.families.base import ModelFamily
+
+
+def tag_frequency(scan: ScanResult) -> dict[str, dict[str, int]]:
+    """Per concept folder, how often each comma-separated tag occurs (kohya's ss_tag_frequency)."""
+    counts: dict[str, Counter] = {}
+    for record in scan.records:
+        tags = (tag.strip() for tag in record.caption.split(","))
+        counts.setdefault(f"{record.repeats}_{record.concept}", Counter()).update(
+            t for t in tags if t
+        )
+    return {folder: dict(counter) for folder, counter in counts.items()}
+
+
+def dataset_dirs(scan: ScanResult) -> dict[str, dict[str, int]]:
+    dirs: dict[str, dict[str, int]] = {}
+    for record in scan.records:
+        entry = dirs.setdefault(
+            record.path.parent.name, {"n_repeats": record.repeats, "img_count": 0}
+        )
+        entry["img_count"] += 1
+    return dirs
+
+
+def training_metadata(
+    cfg: Config,
+    scan: ScanResult,
+    family: ModelFamily,
+    steps: int,
+    epochs: int,
+    started: float,
+    finished: float,
+) -> dict[str, str]:
+    train, adapter = cfg.train, cfg.adapter
+    te_lr = (train.text_encoder_lr or train.learning_rate) if adapter.text_encoder else 0.0
+    network_args = {"unet_targets": adapter.unet_targets, "init": adapter.init}
+    if adapter.text_encoder:
+        network_args["text_encoder_rank"] = adapter.text_encoder_rank or adapter.rank
+        network_args["text_encoder_alpha"] = adapter.text_encoder_alpha or adapter.alpha
+    resolution = cfg.data.resolution
+    return {
+        **network_metadata(adapter.rank, adapter.alpha, network_args),
+        "ss_output_name": cfg.name,
+        "ss_sd_model_name": cfg.model,
+        "ss_training_started_at": repr(started),
+        "ss_training_finished_at": repr(finished),
+        "ss_steps": str(steps),
+        "ss_max_train_steps": str(train.max_steps),
+        "ss_epoch": str(epochs),
+        "ss_learning_rate": format_number(train.learning_rate),
+        "ss_unet_lr": format_number(train.learning_rate),
+        "ss_text_encoder_lr": format_number(te_lr),
+        "ss_network_train_unet_only": str(not adapter.text_encoder),
+        "ss_lr_scheduler": train.lr_scheduler,
+        "ss_lr_warmup_steps": str(train.lr_warmup_steps),
+        "ss_optimizer": "torch.optim.AdamW",
+        "ss_mixed_precision": train.mixed_precision,
+        "ss_gradient_checkpointing": str(train.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": str(train.gradient_accumulation_steps),
+        "ss_batch_size_per_device": str(train.batch_size),
+        "ss_max_grad_norm": format_number(train.max_grad_norm),
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_num_train_images": str(sum(record.repeats for record in scan.records)),
+        "ss_caption_extension": cfg.data.caption_extension,
+        "ss_flip_aug": str(cfg.data.flip),
+        "ss_seed": str(cfg.seed),
+        "ss_clip_skip": "None",
+        "ss_noise_offset": "None",
+        "ss_min_snr_gamma": "None",
+        "ss_tag_frequency": json.dumps(tag_frequency(scan)),
+        "ss_dataset_dirs": json.dumps(dataset_dirs(scan)),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{family.modelspec_architecture}/lora",
+        "modelspec.implementation": "https://github.com/huggingface/diffusers",
+        "modelspec.title": cfg.name,
+        "modelspec.date": datetime.fromtimestamp(finished, tz=timezone.utc).isoformat(),
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "stylelora_version": __version__,
+    }

@@ -1,0 +1,144 @@
+"""Tiny random pipelines with the real families' layout, for the demo and the tests.
+
+They are saved with `save_pretrained` and loaded back through the same `from_pretrained` code a
+user's real model takes, so the whole path is exercised offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from stylelora.errors import UserError
+
+TINY_VERSION = 1  # bump when a builder changes, so cached folders are rebuilt
+SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    skip_prk_steps=True,
+    set_alpha_to_one=False,
+)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("STYLELORA_CACHE", Path.home() / ".cache" / "stylelora"))
+
+
+def write_tiny_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A CLIP tokenizer of single characters: real CLIP BPE files are too large to ship."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = [chr(c) for c in range(33, 127)]
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def tiny_text_encoder(vocab_size: int, hidden_act: str = "quick_gelu") -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act=hidden_act,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=32,
+    )
+    return CLIPTextModel(config)
+
+
+def tiny_vae() -> AutoencoderKL:
+    # Four blocks, so latents are 1/8 of the image side as in the real VAE.
+    return AutoencoderKL(
+        block_out_channels=(32, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def tiny_unet(cross_attention_dim: int = 32) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def build_tiny_sd15(folder: Path) -> DiffusionPipeline:
+    tokenizer = write_tiny_tokenizer(folder / "tokenizer")
+    return StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(len(tokenizer)),
+        tokenizer=tokenizer,
+        unet=tiny_unet(),
+        scheduler=PNDMScheduler(**SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+BUILDERS: dict[str, Callable[[Path], DiffusionPipeline]] = {"sd15": build_tiny_sd15}
+
+
+def make_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
+    """Write a complete diffusers-format tiny pipeline of `family` to `folder`, atomically."""
+    if family not in BUILDERS:
+        raise UserError(f"tiny model family {family!r}: choose one of {', '.join(BUILDERS)}")
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise UserError(f"{folder}: folder is not empty; choose a new folder for the tiny model")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        torch.manual_seed(seed)
+        BUILDERS[family](staging).save_pretrained(staging)
+        if folder.exists():
+            folder.rmdir()
+        staging.rename(folder)
+    except OSError:
+        # Another process may have built the same cached model first; theirs is as good.
+        if not (folder / "model_index.json").exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def tiny_model_path(family: str) -> Path:
+    """The cached tiny pipeline of `family`, built on first use."""
+    folder = cache_root() / "tiny" / f"{family}-v{TINY_VERSION}"
+    if not (folder / "model_index.json").exists():
+        make_tiny_model(family, folder)
+    return folder

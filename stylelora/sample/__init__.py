@@ -1,0 +1,1 @@
+"""Sampling: preview images while training, and rendering with a finished adapter."""

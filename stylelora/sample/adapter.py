@@ -1,0 +1,81 @@
+"""Render with a finished adapter file, loaded through diffusers' own LoRA loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+from safetensors import SafetensorError, safe_open
+
+from stylelora.errors import UserError
+from stylelora.export.atomic import atomic_path
+from stylelora.families import load_family
+from stylelora.families.base import ModelFamily
+from stylelora.sample.prompts import SamplePrompt
+from stylelora.sample.render import grid, render
+
+ADAPTER_NAME = "stylelora"
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except FileNotFoundError:
+        raise UserError(f"{path}: adapter file not found") from None
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path}: not a readable .safetensors file ({exc})") from None
+
+
+def apply_adapter(family: ModelFamily, path: Path, scale: float) -> None:
+    """Load a kohya-format adapter onto `family`'s pipeline at strength `scale`."""
+    trained_on = read_metadata(path).get("ss_base_model_version")
+    if trained_on and trained_on != family.kohya_base_version:
+        raise UserError(
+            f"{path}: adapter was trained for {trained_on}, "
+            f"but the model is {family.name} ({family.kohya_base_version})"
+        )
+    try:
+        family.pipe.load_lora_weights(str(path), adapter_name=ADAPTER_NAME)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(
+            f"{path}: cannot apply this adapter to a {family.name} model ({exc})"
+        ) from None
+    family.pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+
+
+def render_with_adapter(
+    model: str,
+    adapter: Path | None,
+    prompt: str,
+    out: Path,
+    negative: str = "",
+    scale: float = 1.0,
+    seed: int = 0,
+    steps: int = 20,
+    guidance: float = 7.5,
+    size: tuple[int | None, int | None] = (None, None),
+    compare: bool = False,
+) -> Image.Image:
+    """Render `prompt` with `adapter` at `scale`; with `compare`, the base image to its left."""
+    if compare and adapter is None:
+        raise UserError("--compare needs --adapter")
+    family = load_family(model)
+    side = family.default_resolution
+    request = SamplePrompt(
+        prompt=prompt,
+        negative_prompt=negative,
+        width=size[0] or side,
+        height=size[1] or side,
+        seed=seed,
+        guidance_scale=guidance,
+        steps=steps,
+    )
+    images = [render(family.pipe, request)] if compare or adapter is None else []
+    if adapter is not None:
+        apply_adapter(family, adapter, scale)
+        images.append(render(family.pipe, request))
+    sheet = grid(images, columns=len(images))
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format="PNG")
+    return sheet

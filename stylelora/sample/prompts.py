@@ -1,0 +1,68 @@
+"""Sample prompts in kohya's syntax: `a prompt --n neg --w 512 --h 512 --d 42 --l 7.5 --s 28`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from stylelora.errors import UserError
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    seed: int = 0
+    guidance_scale: float = 7.5
+    steps: int = 20
+
+
+FLAGS = {
+    "n": ("negative_prompt", str),
+    "w": ("width", int),
+    "h": ("height", int),
+    "d": ("seed", int),
+    "l": ("guidance_scale", float),
+    "s": ("steps", int),
+}
+FLAG = re.compile(r"(?:^|\s)--([a-z]+)(?=\s|$)")
+
+
+def parse_prompt_line(line: str, defaults: SamplePrompt) -> SamplePrompt:
+    """One prompt line; flags override `defaults`. ValueError says which flag is wrong."""
+    parts = FLAG.split(line.strip())
+    prompt, flags = parts[0].strip(), parts[1:]
+    if not prompt:
+        raise ValueError("the line has flags but no prompt")
+    result = replace(defaults, prompt=prompt)
+    for flag, value in zip(flags[::2], flags[1::2], strict=True):
+        if flag not in FLAGS:
+            raise ValueError(f"unknown flag --{flag} (known: {', '.join('--' + f for f in FLAGS)})")
+        field, kind = FLAGS[flag]
+        try:
+            result = replace(result, **{field: kind(value.strip())})
+        except ValueError:
+            raise ValueError(f"--{flag} needs a {kind.__name__}, got {value.strip()!r}") from None
+    return result
+
+
+def parse_prompt_file(path: Path, defaults: SamplePrompt) -> list[SamplePrompt]:
+    """Every non-empty, non-`#` line of `path`; errors name the file and line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"sample.prompts_file {path}: file not found") from None
+    except UnicodeDecodeError:
+        raise UserError(f"sample.prompts_file {path}: not UTF-8 text") from None
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            prompts.append(parse_prompt_line(line, defaults))
+        except ValueError as exc:
+            raise UserError(f"{path}:{number}: {exc}") from None
+    return prompts

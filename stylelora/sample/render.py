@@ -1,0 +1,77 @@
+"""Render images from a pipeline with fixed seeds, and lay them out in grids."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
+from PIL import Image
+
+from stylelora.sample.prompts import SamplePrompt
+
+SCHEDULERS = {
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "ddim": DDIMScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+}
+
+
+def preview_pipeline(pipe: DiffusionPipeline, scheduler: str = "default") -> DiffusionPipeline:
+    """A pipeline sharing `pipe`'s modules (adapters included), with the chosen scheduler."""
+    if scheduler == "default":
+        return pipe
+    sampler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+    preview = type(pipe).from_pipe(pipe, scheduler=sampler)
+    preview.set_progress_bar_config(disable=True)
+    return preview
+
+
+def render(pipe: DiffusionPipeline, prompt: SamplePrompt, output_type: str = "pil"):
+    """One image for `prompt`; the seed fixes it whatever the device."""
+    generator = torch.Generator().manual_seed(prompt.seed)
+    result = pipe(
+        prompt.prompt,
+        negative_prompt=prompt.negative_prompt or None,
+        width=prompt.width,
+        height=prompt.height,
+        num_inference_steps=prompt.steps,
+        guidance_scale=prompt.guidance_scale,
+        generator=generator,
+        output_type=output_type,
+    )
+    return result.images[0]
+
+
+def render_all(pipe: DiffusionPipeline, prompts: list[SamplePrompt]) -> list[Image.Image]:
+    was_training = {
+        name: module.training
+        for name, module in pipe.components.items()
+        if isinstance(module, torch.nn.Module)
+    }
+    for name in was_training:
+        pipe.components[name].eval()
+    try:
+        return [render(pipe, prompt) for prompt in prompts]
+    finally:
+        for name, training in was_training.items():
+            pipe.components[name].train(training)
+
+
+def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Images left to right, top to bottom, each cell the size of the largest image."""
+    columns = columns or min(len(images), 4)
+    rows = math.ceil(len(images) / columns)
+    cell_w = max(image.width for image in images)
+    cell_h = max(image.height for image in images)
+    sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % columns) * cell_w, (i // columns) * cell_h))
+    return sheet

@@ -1,0 +1,1 @@
+"""Training: the accelerate loop, the denoising loss, optimizers and schedules."""

@@ -1,0 +1,65 @@
+"""The denoising loss: noise the latents, ask the UNet, compare with the family's target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from stylelora.families.base import ModelFamily
+
+
+@dataclass
+class NoisedBatch:
+    """Everything random about one step, drawn up front so it can be fixed for evaluation."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def draw_noise(
+    family: ModelFamily,
+    scheduler: DDPMScheduler,
+    pixels: torch.Tensor,
+    generator: torch.Generator,
+) -> NoisedBatch:
+    """Encode `pixels` and draw noise and timesteps from `generator` (a CPU generator)."""
+    with torch.no_grad():
+        latents = family.encode_images(pixels, generator).float()
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+    ).to(latents.device)
+    return NoisedBatch(latents, noise, timesteps)
+
+
+def denoising_loss(
+    family: ModelFamily,
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    noised: NoisedBatch,
+    batch: dict[str, Any],
+) -> torch.Tensor:
+    """Mean squared error between the UNet's prediction and the family's target."""
+    noisy = scheduler.add_noise(noised.latents, noised.noise, noised.timesteps)
+    text = family.encode_prompts(batch["captions"])
+    unet_dtype = next(unet.parameters()).dtype
+    prediction = unet(
+        noisy.to(unet_dtype), noised.timesteps, **family.unet_inputs(text, batch)
+    ).sample
+    target = prediction_target(scheduler, family.prediction_type, noised)
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def prediction_target(
+    scheduler: DDPMScheduler, prediction_type: str, noised: NoisedBatch
+) -> torch.Tensor:
+    if prediction_type == "epsilon":
+        return noised.noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(noised.latents, noised.noise, noised.timesteps)
+    raise ValueError(f"unsupported prediction type {prediction_type!r}")

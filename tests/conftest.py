@@ -1,0 +1,49 @@
+"""Shared fixtures: a private model cache (tiny models are built once per session), the demo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = ROOT / "configs" / "demo.toml"
+DEMO_DATA = ROOT / "datasets" / "demo-style"
+
+# Set before stylelora is imported anywhere, and inherited by CLI subprocesses.
+os.environ.setdefault("STYLELORA_CACHE", tempfile.mkdtemp(prefix="stylelora-test-cache-"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_dir() -> Path:
+    """The tiny SD1.5 diffusers folder, saved once and loaded by `from_pretrained` in tests."""
+    from stylelora.families.tiny import tiny_model_path
+
+    return tiny_model_path("sd15")
+
+
+@pytest.fixture()
+def demo_subset(tmp_path: Path):
+    """Copy the first `count` demo images (and captions) into a fresh folder."""
+
+    def copy(count: int, start: int = 0) -> Path:
+        folder = tmp_path / f"data-{start}-{count}"
+        folder.mkdir()
+        for image in sorted(DEMO_DATA.glob("*.png"))[start : start + count]:
+            shutil.copy(image, folder)
+            shutil.copy(image.with_suffix(".txt"), folder)
+        return folder
+
+    return copy
+
+
+def demo_config(tmp_path: Path, *overrides: str):
+    """The demo config, writing into `tmp_path`, with `key=value` overrides."""
+    from stylelora.config import load_config
+
+    cfg = load_config(DEMO_CONFIG, list(overrides))
+    cfg.output_dir = tmp_path / "run"
+    return cfg

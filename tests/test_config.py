@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+from conftest import DEMO_CONFIG, DEMO_DATA
+
+from stylelora.config import load_config
+from stylelora.errors import UserError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_demo_config_paths_resolve_against_the_config_folder():
+    cfg = load_config(DEMO_CONFIG)
+    assert cfg.data.dir.resolve() == DEMO_DATA.resolve()
+    assert cfg.sample.prompts_file.resolve() == (
+        DEMO_CONFIG.parents[1] / "samples" / "demo-prompts.txt"
+    )
+
+
+def test_overrides_parse_toml_values_and_dotted_keys():
+    cfg = load_config(
+        DEMO_CONFIG,
+        ["train.learning_rate=3e-4", "data.flip=true", "adapter.unet_targets=attention", "seed=7"],
+    )
+    assert cfg.train.learning_rate == 3e-4
+    assert cfg.data.flip is True
+    assert cfg.adapter.unet_targets == "attention"
+    assert cfg.seed == 7
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (
+            "train.lr_scheduler=linear",
+            "train.lr_scheduler: Input should be 'constant' or 'cosine' (got 'linear')",
+        ),
+        ("train.learning_rate=-1", "train.learning_rate: Input should be greater than 0"),
+        ("train.lerning_rate=1e-4", "train.lerning_rate: unknown key"),
+        ("adapter.rank=0", "adapter.rank: Input should be greater than 0"),
+    ],
+)
+def test_bad_values_name_the_key(override, expected):
+    with pytest.raises(UserError) as info:
+        load_config(DEMO_CONFIG, [override])
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_required_key_and_bad_toml(tmp_path):
+    with pytest.raises(UserError, match=r"data: required key is missing"):
+        load_config(write(tmp_path, 'name = "x"\nmodel = "tiny:sd15"\n'))
+    with pytest.raises(UserError, match=r"c.toml: not valid TOML"):
+        load_config(write(tmp_path, "name = \n"))
+    with pytest.raises(UserError, match=r"nope.toml: config file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_set_without_equals_is_an_error():
+    with pytest.raises(UserError, match=r"--set 'train.max_steps': expected key=value"):
+        load_config(DEMO_CONFIG, ["train.max_steps"])
+
+
+def test_prompts_and_prompts_file_together_are_refused():
+    with pytest.raises(UserError, match="sample.prompts or sample.prompts_file, not both"):
+        load_config(DEMO_CONFIG, ['sample.prompts=["a"]'])
