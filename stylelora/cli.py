@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.set_defaults(run=run_sample)
 
+    dataset = commands.add_parser("dataset", help="inspect a training dataset")
+    dataset_commands = dataset.add_subparsers(dest="dataset_command", required=True)
+    check = dataset_commands.add_parser(
+        "check", help="scan a folder: counts, captions, buckets and every unusable file"
+    )
+    check.add_argument("dir", type=Path, help="dataset folder")
+    check.add_argument("--config", type=Path, help="TOML config whose [data] options apply")
+    check.set_defaults(run=run_dataset_check)
+
     tiny = commands.add_parser(
         "make-tiny-model", help="write a tiny random diffusers pipeline (for demos and tests)"
     )
@@ -84,6 +93,21 @@ def run_sample(args: argparse.Namespace) -> None:
         compare=args.compare,
     )
     print(f"wrote {args.out}")
+
+
+def run_dataset_check(args: argparse.Namespace) -> None:
+    from stylelora.config import DataConfig, load_config
+    from stylelora.data.dataset import ImageCaptionDataset
+    from stylelora.data.report import data_options, describe, scan_dataset
+
+    if args.config:
+        cfg = load_config(args.config, [f"data.dir={str(args.dir)!r}"])
+        data, seed = cfg.data, cfg.seed
+    else:
+        data, seed = DataConfig(dir=args.dir), 0
+    scan = scan_dataset(data)
+    dataset = ImageCaptionDataset(scan.records, data_options(data, seed))
+    print("\n".join(describe(scan, dataset, data)))
 
 
 def run_make_tiny_model(args: argparse.Namespace) -> None:

@@ -19,6 +19,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
+ColorByte = Annotated[int, Field(ge=0, le=255)]
 
 
 class Section(BaseModel):
@@ -34,6 +35,62 @@ class DataConfig(Section):
     repeats: PositiveInt = 1
     trigger_word: str = ""
     num_workers: NonNegInt = 0
+    strict: bool = False
+    shuffle_caption: bool = False
+    keep_tokens: NonNegInt = 0
+    caption_dropout_rate: Probability = 0.0
+    caption_tag_dropout_rate: Probability = 0.0
+    alpha_background: tuple[ColorByte, ColorByte, ColorByte] = (255, 255, 255)
+    enable_buckets: bool = True
+    bucket_step: PositiveInt = 64
+    min_bucket_side: PositiveInt | None = None
+    max_bucket_side: PositiveInt | None = None
+    bucket_no_upscale: bool = False
+    cache_latents: bool = False
+    cache_text_encoder_outputs: bool = False
+    cache_dir: Path | None = None
+
+    @property
+    def caption_randomness(self) -> bool:
+        """Whether a caption can read differently from one draw to the next."""
+        return bool(
+            self.shuffle_caption or self.caption_dropout_rate or self.caption_tag_dropout_rate
+        )
+
+    def bucket_sides(self) -> tuple[int, int]:
+        """(min, max) bucket side; unset, kohya's 256 and 1024 at 512 px, scaled below that."""
+        step = self.bucket_step
+        low = self.min_bucket_side or max(step, min(256, self.resolution // 2 // step * step))
+        high = self.max_bucket_side or max(self.resolution, min(1024, 2 * self.resolution))
+        return low, high
+
+    @model_validator(mode="after")
+    def _buckets_fit(self) -> DataConfig:
+        if self.bucket_step % 8:
+            raise ValueError(f"data.bucket_step: must be a multiple of 8 (got {self.bucket_step})")
+        if not self.enable_buckets:
+            return self
+        low, high = self.bucket_sides()
+        if self.resolution % self.bucket_step:
+            raise ValueError(
+                f"data.resolution {self.resolution} must be a multiple of data.bucket_step "
+                f"{self.bucket_step} (or set data.enable_buckets = false)"
+            )
+        if not low <= self.resolution <= high:
+            raise ValueError(
+                f"data.min_bucket_side {low} <= data.resolution {self.resolution} <= "
+                f"data.max_bucket_side {high} must hold"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cache_is_deterministic(self) -> DataConfig:
+        if self.cache_latents and not self.center_crop:
+            raise ValueError(
+                "data.cache_latents needs data.center_crop = true: a random crop differs "
+                "every draw, so its latents cannot be cached"
+            )
+        return self
 
 
 class AdapterConfig(Section):
@@ -114,7 +171,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise UserError(f"{path}: {describe_validation_error(exc)}") from None
 
 
-_PATH_KEYS = (("data", "dir"), ("sample", "prompts_file"), ("output_dir",))
+_PATH_KEYS = (
+    ("data", "dir"),
+    ("data", "cache_dir"),
+    ("sample", "prompts_file"),
+    ("output_dir",),
+)
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:

@@ -2,19 +2,21 @@
 
 Batches come from a sampler whose order is a pure function of (seed, epoch): a run can be
 repeated exactly, and resumed from any position. Each item is addressed by (index, epoch), so
-per-draw randomness (flip, crop) is derived from the same seed without hidden global state.
+per-draw randomness (crop, flip, caption) is derived from the same seed without hidden global
+state, always drawn in that order and only for the options that are on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from stylelora.data.captions import with_trigger
+from stylelora.data.buckets import Size, closest_bucket, no_upscale_bucket
+from stylelora.data.captions import CaptionOptions, process_caption
 from stylelora.data.images import load_rgb, resize_and_crop, to_tensor
 from stylelora.data.scan import ImageRecord
 
@@ -36,48 +38,78 @@ class DataOptions:
     flip: bool = False
     trigger_word: str = ""
     seed: int = 0
+    captions: CaptionOptions | None = None  # None: the trigger word only
+    buckets: tuple[Size, ...] = ()  # empty: every image trains at resolution x resolution
+    bucket_no_upscale: bool = False
+    bucket_step: int = 64
+    alpha_background: tuple[int, int, int] = (255, 255, 255)
+
+
+# (index, flipped) -> precomputed tensors of that image (e.g. latents) that replace its pixels
+TensorCache = Mapping[tuple[int, bool], dict[str, torch.Tensor]]
 
 
 class ImageCaptionDataset(Dataset):
     def __init__(self, records: list[ImageRecord], options: DataOptions):
         self.records = records
         self.options = options
+        self.captions = options.captions or CaptionOptions(trigger_word=options.trigger_word)
+        self.buckets = [self._assign_bucket(record) for record in records]
+        self.cache: TensorCache | None = None
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def bucket(self, index: int) -> tuple[int, int]:
-        """The (width, height) this image trains at."""
-        return (self.options.resolution, self.options.resolution)
+    def _assign_bucket(self, record: ImageRecord) -> Size:
+        options = self.options
+        if not options.buckets or 0 in record.size:
+            return (options.resolution, options.resolution)
+        if options.bucket_no_upscale:
+            return no_upscale_bucket(record.size, options.resolution, options.bucket_step)
+        return closest_bucket(record.size, list(options.buckets))
 
-    def __getitem__(self, key: ItemKey) -> dict[str, Any]:
-        index, epoch = key
-        record = self.records[index]
-        rng = derived_generator(self.options.seed, epoch, index)
-        image = load_rgb(record.path)
+    def bucket(self, index: int) -> Size:
+        """The (width, height) this image trains at."""
+        return self.buckets[index]
+
+    def pixels(self, index: int, offset: tuple[float, float]) -> dict[str, Any]:
+        """The image cropped to its bucket, unflipped, with its SDXL size conditioning."""
+        image = load_rgb(self.records[index].path, self.options.alpha_background)
         original_size = (image.height, image.width)
-        offset = (
-            (0.5, 0.5) if self.options.center_crop else tuple(torch.rand(2, generator=rng).tolist())
-        )
         image, crop_top_left = resize_and_crop(image, self.bucket(index), offset)
-        pixels = to_tensor(image)
-        if self.options.flip and torch.rand(1, generator=rng).item() < 0.5:
-            pixels = pixels.flip(-1)
         return {
-            "pixel_values": pixels,
-            "caption": with_trigger(record.caption, self.options.trigger_word),
+            "pixel_values": to_tensor(image),
             "original_size": original_size,
             "crop_top_left": crop_top_left,
         }
 
+    def __getitem__(self, key: ItemKey) -> dict[str, Any]:
+        index, epoch = key
+        rng = derived_generator(self.options.seed, epoch, index)
+        offset = (
+            (0.5, 0.5) if self.options.center_crop else tuple(torch.rand(2, generator=rng).tolist())
+        )
+        flipped = self.options.flip and torch.rand(1, generator=rng).item() < 0.5
+        if self.cache is not None:
+            item = dict(self.cache[(index, flipped)])
+        else:
+            item = self.pixels(index, offset)
+            if flipped:
+                item["pixel_values"] = item["pixel_values"].flip(-1)
+        item["caption"] = process_caption(self.records[index].caption, self.captions, rng)
+        return item
+
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+    batch: dict[str, Any] = {
         "captions": [item["caption"] for item in items],
         "original_sizes": [item["original_size"] for item in items],
         "crop_top_lefts": [item["crop_top_left"] for item in items],
     }
+    for key in ("pixel_values", "latent_mean", "latent_std"):
+        if key in items[0]:
+            batch[key] = torch.stack([item[key] for item in items])
+    return batch
 
 
 class BucketBatchSampler:
@@ -94,7 +126,7 @@ class BucketBatchSampler:
 
     def batches(self, epoch: int) -> list[list[ItemKey]]:
         rng = derived_generator(self.seed, epoch)
-        by_bucket: dict[tuple[int, int], list[int]] = {}
+        by_bucket: dict[Size, list[int]] = {}
         for index, record in enumerate(self.dataset.records):
             by_bucket.setdefault(self.dataset.bucket(index), []).extend([index] * record.repeats)
         batches = []

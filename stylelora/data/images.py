@@ -8,32 +8,59 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# Above this many pixels an image is refused as a likely decompression bomb (PIL's own limit).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+_SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
-def image_problem(path: Path) -> str | None:
-    """Why `path` cannot be trained on, or None; cheap: reads the header and checks the data."""
+
+def inspect_image(path: Path) -> tuple[tuple[int, int], str | None]:
+    """(upright width, height) and why `path` cannot be trained on, or None.
+
+    Decodes the whole image once: `verify()` misses a truncated JPEG, `load()` does not.
+    """
+    size = (0, 0)
     try:
         if path.stat().st_size == 0:
-            return "empty file"
+            return size, "empty file"
         with Image.open(path) as image:
-            image.verify()
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                return size, f"too large ({width}x{height} pixels, limit {MAX_PIXELS})"
+            image.load()
+            orientation = image.getexif().get(0x0112)
+            size = (height, width) if orientation in _SWAPS_SIDES else (width, height)
     except UnidentifiedImageError:
-        return "not an image"
+        return size, "not an image"
     except Image.DecompressionBombError as exc:
-        return f"too large ({exc})"
+        return size, f"too large ({exc})"
     except (OSError, SyntaxError, ValueError) as exc:
-        return f"damaged image ({exc})"
-    return None
+        return size, f"damaged image ({exc})"
+    return size, None
 
 
 def load_rgb(path: Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """The image upright (EXIF orientation applied) in RGB, transparency composited."""
+    """The image upright (EXIF orientation applied) in 8-bit RGB, transparency composited."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        if image.mode in _SIXTEEN_BIT or image.mode == "F":
+            image = to_8bit(image)
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
             rgba = image.convert("RGBA")
-            canvas = Image.new("RGBA", rgba.size, background + (255,))
+            canvas = Image.new("RGBA", rgba.size, tuple(background) + (255,))
             return Image.alpha_composite(canvas, rgba).convert("RGB")
         return image.convert("RGB")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit (or float) grey image scaled to 8 bit; PIL's own convert would clip at 255."""
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        top = 1.0 if array.max() <= 1.0 else 255.0
+    else:
+        top = 65535.0 if array.max() > 255 or image.mode != "I" else 255.0
+    scaled = np.clip(np.rint(array / top * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
 
 
 def resize_and_crop(

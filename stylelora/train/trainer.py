@@ -21,12 +21,12 @@ from stylelora.adapters.inject import inject_adapters
 from stylelora.config import Config
 from stylelora.data.dataset import (
     BucketBatchSampler,
-    DataOptions,
     ImageCaptionDataset,
     collate,
     derived_generator,
 )
-from stylelora.data.scan import ScanResult, scan_folder
+from stylelora.data.report import data_options, describe, scan_dataset
+from stylelora.data.scan import ScanResult
 from stylelora.errors import UserError
 from stylelora.export.atomic import atomic_path
 from stylelora.export.lora_file import save_lora_file
@@ -52,7 +52,8 @@ class RunResult:
 def train(cfg: Config) -> RunResult:
     """Train the adapter `cfg` describes and write it to `<output_dir>/<name>.safetensors`."""
     started = time.time()
-    scan = scan_folder(cfg.data.dir, cfg.data.caption_extension, cfg.data.repeats)
+    scan = scan_dataset(cfg.data)
+    dataset = ImageCaptionDataset(scan.records, data_options(cfg.data, cfg.seed))
     prompts = sample_prompts(cfg)
     check_writable(cfg.output_dir)
     write_run_config(cfg)
@@ -61,7 +62,7 @@ def train(cfg: Config) -> RunResult:
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
     )
-    report_dataset(accelerator, scan, cfg)
+    report_dataset(accelerator, scan, dataset, cfg)
     family = load_family(cfg.model, dtype=WEIGHT_DTYPES[cfg.train.mixed_precision])
     family.pipe.to(accelerator.device)
     configure_attention(family, cfg.train.attention)
@@ -72,7 +73,6 @@ def train(cfg: Config) -> RunResult:
 
     optimizer = build_optimizer(parameter_groups(adapted, cfg.train), cfg.train)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
-    dataset = ImageCaptionDataset(scan.records, data_options(cfg))
     sampler = BucketBatchSampler(dataset, cfg.train.batch_size, cfg.seed)
     loader = DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers
@@ -153,32 +153,17 @@ def check_writable(folder: Path) -> None:
     (folder / ".write-test").unlink()
 
 
-def report_dataset(accelerator: Accelerator, scan: ScanResult, cfg: Config) -> None:
-    images = len(scan.records)
-    draws = sum(record.repeats for record in scan.records)
+def report_dataset(
+    accelerator: Accelerator, scan: ScanResult, dataset: ImageCaptionDataset, cfg: Config
+) -> None:
     global_batch = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     global_batch *= accelerator.num_processes
-    accelerator.print(f"dataset: {images} images, {draws} draws per epoch, from {cfg.data.dir}")
-    if scan.missing_captions:
-        accelerator.print(
-            f"  {scan.missing_captions} images have no caption: using the folder name"
-        )
-    for path, reason in scan.problems:
-        accelerator.print(f"  skipped {path}: {reason}")
+    for line in describe(scan, dataset, cfg.data):
+        accelerator.print(line)
     accelerator.print(
         f"global batch {global_batch} ({accelerator.num_processes} process(es) x batch "
         f"{cfg.train.batch_size} x accumulation {cfg.train.gradient_accumulation_steps}), "
         f"learning rate {cfg.train.learning_rate:g}"
-    )
-
-
-def data_options(cfg: Config) -> DataOptions:
-    return DataOptions(
-        resolution=cfg.data.resolution,
-        center_crop=cfg.data.center_crop,
-        flip=cfg.data.flip,
-        trigger_word=cfg.data.trigger_word,
-        seed=cfg.seed,
     )
 
 
