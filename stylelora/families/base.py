@@ -64,6 +64,19 @@ class ModelFamily:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
+    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels in [-1, 1] to the VAE posterior's (mean, std), unscaled: what a cache keeps."""
+        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return posterior.mean, posterior.std
+
+    def sample_latents(
+        self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Scaled latents from a cached posterior; the same draw `encode_images` makes."""
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (mean + std * noise - shift) * self.vae.config.scaling_factor
+
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """Captions to the UNet's text conditioning, through the pipeline's own encoder code."""
         embeds, _ = self.pipe.encode_prompt(

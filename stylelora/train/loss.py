@@ -24,17 +24,28 @@ class NoisedBatch:
 def draw_noise(
     family: ModelFamily,
     scheduler: DDPMScheduler,
-    pixels: torch.Tensor,
+    pixels: torch.Tensor | dict[str, Any],
     generator: torch.Generator,
 ) -> NoisedBatch:
-    """Encode `pixels` and draw noise and timesteps from `generator` (a CPU generator)."""
+    """Encode `pixels` (or a batch: its pixels or cached posterior), then draw noise and
+    timesteps from `generator` (a CPU generator)."""
     with torch.no_grad():
-        latents = family.encode_images(pixels, generator).float()
+        latents = batch_latents(family, pixels, generator).float()
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     timesteps = torch.randint(
         0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
     ).to(latents.device)
     return NoisedBatch(latents, noise, timesteps)
+
+
+def batch_latents(
+    family: ModelFamily, pixels: torch.Tensor | dict[str, Any], generator: torch.Generator
+) -> torch.Tensor:
+    if isinstance(pixels, torch.Tensor):
+        return family.encode_images(pixels, generator)
+    if "latent_mean" in pixels:
+        return family.sample_latents(pixels["latent_mean"], pixels["latent_std"], generator)
+    return family.encode_images(pixels["pixel_values"], generator)
 
 
 def denoising_loss(
@@ -46,7 +57,7 @@ def denoising_loss(
 ) -> torch.Tensor:
     """Mean squared error between the UNet's prediction and the family's target."""
     noisy = scheduler.add_noise(noised.latents, noised.noise, noised.timesteps)
-    text = family.encode_prompts(batch["captions"])
+    text = batch["text"] if "text" in batch else family.encode_prompts(batch["captions"])
     unet_dtype = next(unet.parameters()).dtype
     prediction = unet(
         noisy.to(unet_dtype), noised.timesteps, **family.unet_inputs(text, batch)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from stylelora.adapters.inject import inject_adapters
 from stylelora.config import Config
+from stylelora.data.captions import with_trigger
 from stylelora.data.dataset import (
     BucketBatchSampler,
     ImageCaptionDataset,
@@ -35,6 +36,7 @@ from stylelora.families import load_family
 from stylelora.families.base import ModelFamily
 from stylelora.sample.prompts import SamplePrompt, parse_prompt_file
 from stylelora.sample.render import grid, preview_pipeline, render_all
+from stylelora.train.cache import TextCache, cache_latents
 from stylelora.train.loss import denoising_loss, draw_noise
 from stylelora.train.optim import build_lr_scheduler, build_optimizer, parameter_groups
 
@@ -73,6 +75,7 @@ def train(cfg: Config) -> RunResult:
 
     optimizer = build_optimizer(parameter_groups(adapted, cfg.train), cfg.train)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
+    text_cache = prepare_caches(accelerator, family, dataset, cfg, bool(prompts))
     sampler = BucketBatchSampler(dataset, cfg.train.batch_size, cfg.seed)
     loader = DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers
@@ -93,7 +96,9 @@ def train(cfg: Config) -> RunResult:
         for batch in loader:
             with accelerator.accumulate(*models):
                 generator = derived_generator(cfg.seed, draws, accelerator.process_index)
-                noised = draw_noise(family, noise_scheduler, batch["pixel_values"], generator)
+                if text_cache:
+                    batch["text"] = text_cache.encode(batch["captions"])
+                noised = draw_noise(family, noise_scheduler, batch, generator)
                 loss = denoising_loss(family, unet, noise_scheduler, noised, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
@@ -165,6 +170,43 @@ def report_dataset(
         f"{cfg.train.batch_size} x accumulation {cfg.train.gradient_accumulation_steps}), "
         f"learning rate {cfg.train.learning_rate:g}"
     )
+
+
+def latents_cache_dir(cfg: Config) -> Path:
+    return cfg.data.cache_dir or cfg.data.dir / ".stylelora-cache"
+
+
+def prepare_caches(
+    accelerator: Accelerator,
+    family: ModelFamily,
+    dataset: ImageCaptionDataset,
+    cfg: Config,
+    previews: bool,
+) -> TextCache | None:
+    """Fill the latents cache and the text cache where the config asks and allows them."""
+    say = accelerator.print
+    if cfg.data.cache_latents:
+        folder = latents_cache_dir(cfg)
+        stats = cache_latents(
+            family, dataset, folder, cfg.train.batch_size, accelerator.is_local_main_process
+        )
+        say(f"latents cache {folder}: {stats.encoded} encoded, {stats.reused} reused")
+        if previews:
+            say("  the VAE stays on the device: the previews decode with it")
+        elif accelerator.device.type != "cpu":
+            family.vae.to("cpu")
+            say("  the VAE moved to the CPU: nothing needs it on the device any more")
+    if not cfg.data.cache_text_encoder_outputs:
+        return None
+    if cfg.adapter.text_encoder:
+        say("text cache off: adapter.text_encoder trains the text encoder")
+        return None
+    if cfg.data.caption_randomness:
+        say("text cache off: shuffle_caption or caption dropout changes the captions every draw")
+        return None
+    captions = [with_trigger(r.caption, cfg.data.trigger_word) for r in dataset.records]
+    say(f"text cache: {len(set(captions))} distinct captions encoded once")
+    return TextCache(family, captions)
 
 
 def configure_attention(family: ModelFamily, attention: str) -> None:

@@ -1,0 +1,151 @@
+"""Caches of what the frozen model computes from the data: VAE latents on disk, captions in memory.
+
+A latent entry is one safetensors file named by a hash of everything that changes it: the image
+file's bytes, its bucket, the crop (centre: a cache needs a fixed crop), the flip, the alpha
+background, and the VAE (its config, a few weight tensors, its dtype). A changed image or
+setting misses the cache and is encoded again; the rest is reused across runs.
+
+An entry keeps the posterior's mean and std, not a sample: each step still samples the latents
+with that step's generator, so a cached run draws what an uncached one draws and the posterior's
+noise stays part of training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from stylelora.data.dataset import ImageCaptionDataset
+from stylelora.export.atomic import atomic_path
+from stylelora.families.base import ModelFamily
+
+Entry = tuple[int, bool]  # (index into the dataset, flipped)
+
+
+@dataclass
+class CacheStats:
+    encoded: int = 0
+    reused: int = 0
+
+
+def vae_identity(vae: torch.nn.Module) -> str:
+    """A fingerprint of the VAE: its config, its dtype and the bytes of a few weight tensors."""
+    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    params = list(vae.parameters())
+    for param in (params[0], params[len(params) // 2], params[-1]):
+        digest.update(str(param.dtype).encode())
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def entry_name(dataset: ImageCaptionDataset, index: int, flipped: bool, vae_id: str) -> str:
+    key = {
+        "file": file_digest(dataset.records[index].path),
+        "bucket": dataset.bucket(index),
+        "crop": "centre",
+        "flipped": flipped,
+        "background": dataset.options.alpha_background,
+        "vae": vae_id,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest() + ".safetensors"
+
+
+def cache_latents(
+    family: ModelFamily,
+    dataset: ImageCaptionDataset,
+    cache_dir: Path,
+    batch_size: int,
+    show_progress: bool = True,
+) -> CacheStats:
+    """Encode what the cache lacks, in batches of one bucket, then hand every entry to
+    `dataset.cache`, which from then on serves latents instead of pixels."""
+    vae_id = vae_identity(family.vae)
+    flips = (False, True) if dataset.options.flip else (False,)
+    files = {
+        (index, flipped): cache_dir / entry_name(dataset, index, flipped, vae_id)
+        for index in range(len(dataset))
+        for flipped in flips
+    }
+    missing = [entry for entry, path in files.items() if not path.is_file()]
+    stats = CacheStats(encoded=len(missing), reused=len(files) - len(missing))
+    progress = tqdm(total=len(missing), desc="caching latents", disable=not show_progress)
+    for batch in bucket_batches(dataset, missing, batch_size):
+        encode_and_save(family, dataset, batch, files)
+        progress.update(len(batch))
+    progress.close()
+    dataset.cache = {entry: read_entry(path) for entry, path in files.items()}
+    return stats
+
+
+def bucket_batches(
+    dataset: ImageCaptionDataset, entries: list[Entry], batch_size: int
+) -> list[list[Entry]]:
+    by_bucket: dict[tuple[int, int], list[Entry]] = {}
+    for entry in entries:
+        by_bucket.setdefault(dataset.bucket(entry[0]), []).append(entry)
+    return [
+        group[start : start + batch_size]
+        for group in by_bucket.values()
+        for start in range(0, len(group), batch_size)
+    ]
+
+
+@torch.no_grad()
+def encode_and_save(
+    family: ModelFamily,
+    dataset: ImageCaptionDataset,
+    batch: list[Entry],
+    files: dict[Entry, Path],
+) -> None:
+    items = [dataset.pixels(index, (0.5, 0.5)) for index, _ in batch]
+    pixels = torch.stack(
+        [
+            item["pixel_values"].flip(-1) if flipped else item["pixel_values"]
+            for item, (_, flipped) in zip(items, batch, strict=True)
+        ]
+    ).to(family.vae.device)
+    means, stds = family.encode_posterior(pixels)
+    for row, (entry, item) in enumerate(zip(batch, items, strict=True)):
+        tensors = {
+            "latent_mean": means[row].contiguous().cpu(),
+            "latent_std": stds[row].contiguous().cpu(),
+            "original_size": torch.tensor(item["original_size"]),
+            "crop_top_left": torch.tensor(item["crop_top_left"]),
+        }
+        with atomic_path(files[entry]) as tmp:
+            save_file(tensors, str(tmp))
+
+
+def read_entry(path: Path) -> dict:
+    tensors = load_file(str(path))
+    return {
+        "latent_mean": tensors["latent_mean"],
+        "latent_std": tensors["latent_std"],
+        "original_size": tuple(tensors["original_size"].tolist()),
+        "crop_top_left": tuple(tensors["crop_top_left"].tolist()),
+    }
+
+
+class TextCache:
+    """Each distinct caption encoded once, for frozen text encoders and captions that never vary."""
+
+    def __init__(self, family: ModelFamily, captions: list[str]):
+        self.family = family
+        self.outputs: dict[str, dict[str, torch.Tensor]] = {}
+        with torch.no_grad():
+            for caption in dict.fromkeys(captions):
+                self.outputs[caption] = family.encode_prompts([caption])
+
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        rows = [self.outputs[caption] for caption in captions]
+        return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
