@@ -187,9 +187,10 @@ def prepare_caches(
     say = accelerator.print
     if cfg.data.cache_latents:
         folder = latents_cache_dir(cfg)
-        stats = cache_latents(
-            family, dataset, folder, cfg.train.batch_size, accelerator.is_local_main_process
-        )
+        with accelerator.main_process_first():  # the others then find the entries written
+            stats = cache_latents(
+                family, dataset, folder, cfg.train.batch_size, accelerator.is_local_main_process
+            )
         say(f"latents cache {folder}: {stats.encoded} encoded, {stats.reused} reused")
         if previews:
             say("  the VAE stays on the device: the previews decode with it")
