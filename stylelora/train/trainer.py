@@ -207,7 +207,12 @@ def prepare_caches(
         return None
     captions = [with_trigger(r.caption, cfg.data.trigger_word) for r in dataset.records]
     say(f"text cache: {len(set(captions))} distinct captions encoded once")
-    return TextCache(family, captions)
+    cache = TextCache(family, captions)
+    if not previews and accelerator.device.type != "cpu":
+        for encoder in family.text_encoders().values():
+            encoder.to("cpu")
+        say("  the text encoders moved to the CPU: nothing needs them on the device any more")
+    return cache
 
 
 def configure_attention(family: ModelFamily, attention: str) -> None:
