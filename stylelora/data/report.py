@@ -21,7 +21,12 @@ def scan_dataset(data: DataConfig) -> ScanResult:
     if data.enable_buckets:
         min_side = data.bucket_step if data.bucket_no_upscale else data.bucket_sides()[0]
     return scan_folder(
-        data.dir, data.caption_extension, data.repeats, min_side=min_side, strict=data.strict
+        data.dir,
+        data.caption_extension,
+        data.repeats,
+        min_side=min_side,
+        strict=data.strict,
+        trigger_word=data.trigger_word,
     )
 
 
@@ -59,7 +64,8 @@ def describe(scan: ScanResult, dataset: ImageCaptionDataset, data: DataConfig) -
     lines.append(f"captions: {captioned}/{len(records)} images have one")
     if scan.missing_captions:
         lines.append(
-            f"  {scan.missing_captions} images have no caption: using their concept (folder) name"
+            f"  {scan.missing_captions} images have no caption: "
+            "using their concept name (or the trigger word outside N_concept folders)"
         )
     kind = "aspect buckets" if data.enable_buckets else "buckets (bucketing off)"
     lines.append(f"{kind} (width x height: images):")

@@ -84,11 +84,14 @@ def scan_folder(
     *,
     min_side: int = 0,
     strict: bool = False,
+    trigger_word: str = "",
 ) -> ScanResult:
     """Every usable image under `root` with its caption; unusable files are listed with why.
 
     `min_side`: an image smaller than this on both sides fits no bucket and is skipped.
     `strict`: any unusable file is an error instead.
+    An image with no caption is captioned with its `N_concept` name, else the trigger word,
+    else its folder's name.
     """
     root = Path(root)
     if not root.is_dir():
@@ -116,7 +119,8 @@ def scan_folder(
             caption = metadata[path.parent].get(path.name)
         if caption is None:
             result.missing_captions += 1
-            caption = concept
+            in_concept = path.parent != root and REPEATS_FOLDER.match(path.parent.name)
+            caption = concept if in_concept or not trigger_word else trigger_word
         result.records.append(ImageRecord(path, caption, times, concept, size))
     if strict and result.problems:
         path, why = result.problems[0]

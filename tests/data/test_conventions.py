@@ -28,6 +28,15 @@ def test_metadata_jsonl_captions_and_caption_files_win(tmp_path):
     assert scan.missing_captions == 1
 
 
+def test_a_missing_caption_falls_back_to_concept_then_trigger_word(tmp_path):
+    (tmp_path / "2_dog").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "2_dog" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    scan = scan_folder(tmp_path, trigger_word="zqx")
+    assert [r.caption for r in scan.records] == ["dog", "zqx"]
+    assert scan.missing_captions == 2
+
+
 def test_a_broken_metadata_line_names_the_file_and_line(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n{oops\n')
