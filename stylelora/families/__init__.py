@@ -9,10 +9,12 @@ from diffusers import DiffusionPipeline
 
 from stylelora.errors import UserError
 from stylelora.families.base import ModelFamily
+from stylelora.families.sd2 import SD2
 from stylelora.families.sd15 import SD15
+from stylelora.families.sdxl import SDXL
 from stylelora.families.tiny import tiny_model_path
 
-FAMILIES: list[type[ModelFamily]] = [SD15]
+FAMILIES: list[type[ModelFamily]] = [SD15, SD2, SDXL]
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
@@ -53,10 +55,16 @@ def detect_family(pipe: DiffusionPipeline, clip_skip: int | None = None) -> Mode
 
 
 def load_family(
-    model: str, dtype: torch.dtype = torch.float32, clip_skip: int | None = None
+    model: str,
+    dtype: torch.dtype = torch.float32,
+    clip_skip: int | None = None,
+    prediction_type: str = "auto",
+    zero_terminal_snr: bool = False,
 ) -> ModelFamily:
     """Load `model` and wrap it in the family object the rest of stylelora talks to."""
-    return detect_family(load_pipeline(model, dtype), clip_skip=clip_skip)
+    family = detect_family(load_pipeline(model, dtype), clip_skip=clip_skip)
+    family.set_schedule(prediction_type, zero_terminal_snr)
+    return family
 
 
 __all__ = ["FAMILIES", "ModelFamily", "detect_family", "load_family", "load_pipeline"]
