@@ -85,7 +85,7 @@ class Config(Section):
     model: str = Field(
         description='A hub id, a diffusers folder, a single-file checkpoint, or "tiny:sd15".'
     )
-    model_config: Path | None = Field(
+    single_file_config: Path | None = Field(
         default=None, description="Diffusers folder of component configs for a single file."
     )
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
@@ -122,7 +122,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise UserError(f"{path}: {describe_validation_error(exc)}") from None
 
 
-_PATH_KEYS = (("data", "dir"), ("sample", "prompts_file"), ("output_dir",), ("model_config",))
+_PATH_KEYS = (("data", "dir"), ("sample", "prompts_file"), ("output_dir",), ("single_file_config",))
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:

@@ -69,7 +69,7 @@ def train(cfg: Config) -> RunResult:
         clip_skip=cfg.clip_skip - 1 if cfg.clip_skip else None,  # kohya's 2 is diffusers' 1
         prediction_type=cfg.prediction_type,
         zero_terminal_snr=cfg.train.zero_terminal_snr,
-        config=str(cfg.model_config) if cfg.model_config else None,
+        config=str(cfg.single_file_config) if cfg.single_file_config else None,
     )
     family.pipe.to(accelerator.device)
     family.cast_vae(weight_dtype)
