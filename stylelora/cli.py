@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=run_train)
 
     sample = commands.add_parser("sample", help="render an image with an adapter")
-    sample.add_argument("--model", required=True, help='base model: hub id, folder, or "tiny:sd15"')
+    sample.add_argument(
+        "--model", required=True, help='base model: hub id, folder, single file, or "tiny:sdxl"'
+    )
     sample.add_argument("--adapter", type=Path, help="kohya-format .safetensors adapter")
     sample.add_argument("--prompt", required=True)
     sample.add_argument("--negative", default="", help="negative prompt")
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser(
         "make-tiny-model", help="write a tiny random diffusers pipeline (for demos and tests)"
     )
-    tiny.add_argument("--family", default="sd15", help="model family (sd15)")
+    tiny.add_argument("--family", default="sd15", help="model family: sd15, sd2v or sdxl")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("folder", type=Path)
     tiny.set_defaults(run=run_make_tiny_model)

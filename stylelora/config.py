@@ -121,6 +121,7 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     attention: Literal["sdpa", "xformers"] = "sdpa"
     gradient_checkpointing: bool = False
+    zero_terminal_snr: bool = False
 
 
 class SampleConfig(Section):
@@ -138,7 +139,14 @@ class SampleConfig(Section):
 
 class Config(Section):
     name: Annotated[str, Field(min_length=1, pattern=r"^[\w.\-]+$")]
-    model: str = Field(description='A hub id, a local diffusers folder, or "tiny:sd15".')
+    model: str = Field(
+        description='A hub id, a diffusers folder, a single-file checkpoint, or "tiny:sd15".'
+    )
+    single_file_config: Path | None = Field(
+        default=None, description="Diffusers folder of component configs for a single file."
+    )
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    clip_skip: PositiveInt | None = None
     output_dir: Path = Path("output")
     seed: int = 0
     data: DataConfig
@@ -176,6 +184,7 @@ _PATH_KEYS = (
     ("data", "cache_dir"),
     ("sample", "prompts_file"),
     ("output_dir",),
+    ("single_file_config",),
 )
 
 

@@ -77,18 +77,33 @@ def test_sample_compare_puts_base_and_adapted_side_by_side(demo_run, tmp_path):
     assert np.abs(pixels[:, :64] - pixels[:, 64:]).max() > 0
 
 
-def test_make_tiny_model_writes_a_loadable_diffusers_folder(tmp_path):
+@pytest.mark.parametrize(
+    ("family", "pipeline"),
+    [
+        ("sd15", "StableDiffusionPipeline"),
+        ("sd2v", "StableDiffusionPipeline"),
+        ("sdxl", "StableDiffusionXLPipeline"),
+    ],
+)
+def test_make_tiny_model_writes_a_loadable_diffusers_folder(tmp_path, family, pipeline):
     folder = tmp_path / "tiny"
-    result = run("make-tiny-model", "--family", "sd15", str(folder))
+    result = run("make-tiny-model", "--family", family, str(folder))
     assert result.returncode == 0, result.stderr
     parts = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"]
     parts += ["tokenizer/vocab.json", "scheduler/scheduler_config.json"]
+    if family == "sdxl":
+        parts += ["text_encoder_2/config.json", "tokenizer_2/vocab.json"]
     for part in parts:
         assert (folder / part).is_file(), part
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(folder)
-    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert type(pipe).__name__ == pipeline
+
+
+def test_make_tiny_model_names_the_families_it_knows(tmp_path):
+    result = run("make-tiny-model", "--family", "sd3", str(tmp_path / "tiny"))
+    assert_one_line_error(result, "'sd3'", "sd15, sd2v, sdxl")
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -31,7 +31,10 @@ def peft_to_kohya(
 ) -> dict[str, torch.Tensor]:
     """kohya tensors for the adapters in `module`; `kohya_name(prefix, path)` names each one."""
     tensors: dict[str, torch.Tensor] = {}
-    state = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
+    # No embedding check: it looks the base model up on the hub, and no embeddings are adapted.
+    state = get_peft_model_state_dict(
+        module, adapter_name=ADAPTER_NAME, save_embedding_layers=False
+    )
     for key, value in state.items():
         module_path, _, rest = key.rpartition(".lora_")
         part = "lora_" + rest.split(".")[0]

@@ -2,43 +2,109 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors import SafetensorError, safe_open
 
 from stylelora.errors import UserError
 from stylelora.families.base import ModelFamily
+from stylelora.families.sd2 import SD2
 from stylelora.families.sd15 import SD15
+from stylelora.families.sdxl import SDXL
+from stylelora.families.skeletons import skeleton_dir
 from stylelora.families.tiny import tiny_model_path
 
-FAMILIES: list[type[ModelFamily]] = [SD15]
+FAMILIES: list[type[ModelFamily]] = [SD15, SD2, SDXL]
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
-    """A diffusers pipeline from `tiny:<family>`, a local diffusers folder, or a hub id."""
+# A single file's family, told by a key only that family's checkpoints have, in this order.
+SINGLE_FILE_MARKERS = (
+    ("conditioner.embedders.1.", "sdxl", StableDiffusionXLPipeline),
+    ("cond_stage_model.model.", "sd21v", StableDiffusionPipeline),  # OpenCLIP: SD2.x
+    ("cond_stage_model.transformer.", "sd15", StableDiffusionPipeline),
+)
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def load_pipeline(
+    model: str, dtype: torch.dtype = torch.float32, config: str | None = None
+) -> DiffusionPipeline:
+    """A diffusers pipeline from `tiny:<family>`, a local diffusers folder, a single-file
+    checkpoint (`config`: a diffusers folder of component configs, default the family's
+    skeleton), or a hub id."""
     if model.startswith("tiny:"):
         source = str(tiny_model_path(model.removeprefix("tiny:")))
     else:
         source = model
         path = Path(model).expanduser()
         if path.is_file():
-            raise UserError(
-                f"{model}: single-file checkpoints are not supported yet; "
-                "convert it to a diffusers folder first"
-            )
+            return load_single_file(path, dtype, config)
         if path.is_dir():
             if not (path / "model_index.json").exists():
                 raise UserError(f"{model}: not a diffusers model folder (no model_index.json)")
             source = str(path)
-        elif model.startswith((".", "/", "~")):
-            raise UserError(f"{model}: model folder not found")
+        elif model.startswith((".", "/", "~")) or model.endswith(SINGLE_FILE_SUFFIXES):
+            raise UserError(f"{model}: model file or folder not found")
     try:
         pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
     except OSError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"model {model!r}: could not load it as a local folder or hub id ({first_line})"
+        ) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def checkpoint_keys(path: Path) -> list[str]:
+    """Tensor names of a .safetensors or .ckpt file, without unpickling any code."""
+    if path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise UserError(f"{path}: single-file models must be .safetensors or .ckpt")
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                return list(handle.keys())
+        state = torch.load(path, map_location="meta", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}: not a readable weights-only checkpoint ({first_line})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    return list(state)
+
+
+def single_file_family(path: Path) -> tuple[str, type[DiffusionPipeline]]:
+    """The skeleton name and pipeline class of an AUTOMATIC1111-layout checkpoint."""
+    keys = checkpoint_keys(path)
+    if any(key.startswith("model.diffusion_model.") for key in keys):
+        for marker, skeleton, pipeline in SINGLE_FILE_MARKERS:
+            if any(key.startswith(marker) for key in keys):
+                return skeleton, pipeline
+    raise UserError(
+        f"{path}: not an SD1.x, SD2.x or SDXL checkpoint in AUTOMATIC1111 layout "
+        "(no model.diffusion_model.* with cond_stage_model.* or conditioner.* keys)"
+    )
+
+
+def load_single_file(path: Path, dtype: torch.dtype, config: str | None) -> DiffusionPipeline:
+    """Load a single file offline, with component configs from `config` or the skeleton.
+
+    diffusers reads .ckpt files with torch.load(weights_only=True), as checkpoint_keys does.
+    """
+    skeleton, pipeline = single_file_family(path)
+    try:
+        pipe = pipeline.from_single_file(
+            str(path),
+            config=str(config or skeleton_dir(skeleton)),
+            local_files_only=True,
+            torch_dtype=dtype,
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(
+            f"{path}: could not load this {skeleton} checkpoint ({first_line})"
         ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -53,10 +119,17 @@ def detect_family(pipe: DiffusionPipeline, clip_skip: int | None = None) -> Mode
 
 
 def load_family(
-    model: str, dtype: torch.dtype = torch.float32, clip_skip: int | None = None
+    model: str,
+    dtype: torch.dtype = torch.float32,
+    clip_skip: int | None = None,
+    prediction_type: str = "auto",
+    zero_terminal_snr: bool = False,
+    config: str | None = None,
 ) -> ModelFamily:
     """Load `model` and wrap it in the family object the rest of stylelora talks to."""
-    return detect_family(load_pipeline(model, dtype), clip_skip=clip_skip)
+    family = detect_family(load_pipeline(model, dtype, config), clip_skip=clip_skip)
+    family.set_schedule(prediction_type, zero_terminal_snr)
+    return family
 
 
 __all__ = ["FAMILIES", "ModelFamily", "detect_family", "load_family", "load_pipeline"]

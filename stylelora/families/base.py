@@ -7,10 +7,13 @@ how kohya names the adapted modules.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
+
+from stylelora.errors import UserError
 
 
 class ModelFamily:
@@ -19,12 +22,15 @@ class ModelFamily:
     name: ClassVar[str]
     # The `ss_base_model_version` AUTOMATIC1111 and ComfyUI read to tell families apart.
     kohya_base_version: ClassVar[str]
+    # Every `ss_base_model_version` whose adapters fit this family's modules.
+    kohya_versions: ClassVar[tuple[str, ...]]
     # The SAI model-spec architecture id (`modelspec.architecture`, with "/lora" appended).
     modelspec_architecture: ClassVar[str]
     # kohya key prefix -> pipeline attribute of each text encoder.
     text_encoder_attrs: ClassVar[dict[str, str]] = {"lora_te": "text_encoder"}
 
     def __init__(self, pipe: DiffusionPipeline, clip_skip: int | None = None):
+        """`clip_skip` counts as diffusers does: 1 takes the penultimate layer's output."""
         self.pipe = pipe
         self.clip_skip = clip_skip
 
@@ -39,6 +45,45 @@ class ModelFamily:
     @property
     def vae(self) -> torch.nn.Module:
         return self.pipe.vae
+
+    def vae_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the VAE runs in when the other weights are in `weight_dtype`."""
+        return weight_dtype
+
+    def cast_vae(self, weight_dtype: torch.dtype) -> None:
+        """Put the VAE in `vae_dtype`; latents of another dtype are cast on their way in."""
+        dtype = self.vae_dtype(weight_dtype)
+        self.vae.to(dtype=dtype)
+        if dtype == weight_dtype:
+            return
+        # The pipelines decode latents in the UNet's dtype; the VAE's first layer takes them.
+        first = self.vae.post_quant_conv or self.vae.decoder.conv_in
+        first.register_forward_pre_hook(lambda _, args: tuple(a.to(dtype) for a in args))
+
+    def set_schedule(self, prediction_type: str = "auto", zero_terminal_snr: bool = False) -> None:
+        """Override the scheduler's prediction type; rescale its betas to zero terminal SNR.
+
+        The training scheduler and the previews both build on the pipeline's scheduler config,
+        so changing it here changes both.
+        """
+        scheduler = self.pipe.scheduler
+        if prediction_type != "auto":
+            scheduler = type(scheduler).from_config(
+                scheduler.config, prediction_type=prediction_type
+            )
+        if zero_terminal_snr:
+            if scheduler.config.get("prediction_type") != "v_prediction":
+                raise UserError(
+                    "train.zero_terminal_snr needs a v-prediction model "
+                    '(set prediction_type = "v_prediction")'
+                )
+            cls = type(scheduler)
+            if "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
+                cls = DDIMScheduler
+            scheduler = cls.from_config(
+                scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
+            )
+        self.pipe.scheduler = scheduler
 
     def text_encoders(self) -> dict[str, torch.nn.Module]:
         """Text encoders keyed by their kohya prefix."""
@@ -79,14 +124,31 @@ class ModelFamily:
 
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """Captions to the UNet's text conditioning, through the pipeline's own encoder code."""
+        if self.clip_skip:
+            return {"encoder_hidden_states": self.skipped_embeds(captions)}
         embeds, _ = self.pipe.encode_prompt(
             captions,
             device=self.unet.device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=False,
-            clip_skip=self.clip_skip,
         )
         return {"encoder_hidden_states": embeds}
+
+    def skipped_embeds(self, captions: list[str]) -> torch.Tensor:
+        """What diffusers' encode_prompt gives with `clip_skip`, computed here because its own
+        code reaches for `text_encoder.text_model`, which transformers 5's CLIPTextModel lacks.
+        """
+        tokenizer, encoder = self.pipe.tokenizer, self.pipe.text_encoder
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.unet.device)
+        hidden = encoder(ids, output_hidden_states=True).hidden_states[-(self.clip_skip + 1)]
+        text_model = getattr(encoder, "text_model", encoder)
+        return text_model.final_layer_norm(hidden)
 
     def unet_inputs(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
         """Keyword arguments for the UNet beyond the noisy latents and timesteps."""

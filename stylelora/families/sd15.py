@@ -10,6 +10,7 @@ from stylelora.families.base import ModelFamily
 class SD15(ModelFamily):
     name = "sd15"
     kohya_base_version = "sd_v1"
+    kohya_versions = ("sd_v1",)
     modelspec_architecture = "stable-diffusion-v1"
 
     @classmethod

@@ -16,16 +16,24 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     DiffusionPipeline,
+    EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 from stylelora.errors import UserError
 
-TINY_VERSION = 1  # bump when a builder changes, so cached folders are rebuilt
+TINY_VERSION = 2  # bump when a builder changes, so cached folders are rebuilt
 SCHEDULER = dict(
     beta_start=0.00085,
     beta_end=0.012,
@@ -53,8 +61,8 @@ def write_tiny_tokenizer(folder: Path) -> CLIPTokenizer:
     return tokenizer
 
 
-def tiny_text_encoder(vocab_size: int, hidden_act: str = "quick_gelu") -> CLIPTextModel:
-    config = CLIPTextConfig(
+def tiny_text_config(vocab_size: int, hidden_act: str = "quick_gelu") -> CLIPTextConfig:
+    return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
@@ -67,10 +75,13 @@ def tiny_text_encoder(vocab_size: int, hidden_act: str = "quick_gelu") -> CLIPTe
         pad_token_id=1,
         projection_dim=32,
     )
-    return CLIPTextModel(config)
 
 
-def tiny_vae() -> AutoencoderKL:
+def tiny_text_encoder(vocab_size: int, hidden_act: str = "quick_gelu") -> CLIPTextModel:
+    return CLIPTextModel(tiny_text_config(vocab_size, hidden_act))
+
+
+def tiny_vae(**config) -> AutoencoderKL:
     # Four blocks, so latents are 1/8 of the image side as in the real VAE.
     return AutoencoderKL(
         block_out_channels=(32, 32, 32, 32),
@@ -79,6 +90,7 @@ def tiny_vae() -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=64,
+        **config,
     )
 
 
@@ -109,7 +121,79 @@ def build_tiny_sd15(folder: Path) -> DiffusionPipeline:
     )
 
 
-BUILDERS: dict[str, Callable[[Path], DiffusionPipeline]] = {"sd15": build_tiny_sd15}
+def build_tiny_sd2v(folder: Path) -> DiffusionPipeline:
+    """SD2.x-v layout: gelu (OpenCLIP) text encoder, linear projections, v-prediction."""
+    tokenizer = write_tiny_tokenizer(folder / "tokenizer")
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=8,
+    )
+    scheduler = DDIMScheduler(
+        **{k: v for k, v in SCHEDULER.items() if k != "skip_prk_steps"},
+        clip_sample=False,
+        prediction_type="v_prediction",
+    )
+    return StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(len(tokenizer), hidden_act="gelu"),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_sdxl(folder: Path) -> DiffusionPipeline:
+    """SDXL layout: CLIP and OpenCLIP-with-projection text encoders, size/crop time ids."""
+    tokenizer = write_tiny_tokenizer(folder / "tokenizer")
+    tokenizer_2 = write_tiny_tokenizer(folder / "tokenizer_2")
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(len(tokenizer_2), "gelu"))
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=64,  # both encoders' hidden states side by side
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + text_encoder_2.config.projection_dim,
+        norm_num_groups=8,
+    )
+    scheduler = EulerDiscreteScheduler(
+        **{k: v for k, v in SCHEDULER.items() if k not in ("skip_prk_steps", "set_alpha_to_one")},
+        timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(scaling_factor=0.13025, force_upcast=True),
+        text_encoder=tiny_text_encoder(len(tokenizer)),
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+BUILDERS: dict[str, Callable[[Path], DiffusionPipeline]] = {
+    "sd15": build_tiny_sd15,
+    "sd2v": build_tiny_sd2v,
+    "sdxl": build_tiny_sdxl,
+}
 
 
 def make_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:

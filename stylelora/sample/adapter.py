@@ -9,7 +9,7 @@ from safetensors import SafetensorError, safe_open
 
 from stylelora.errors import UserError
 from stylelora.export.atomic import atomic_path
-from stylelora.families import load_family
+from stylelora.families import FAMILIES, load_family
 from stylelora.families.base import ModelFamily
 from stylelora.sample.prompts import SamplePrompt
 from stylelora.sample.render import grid, render
@@ -27,14 +27,37 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise UserError(f"{path}: not a readable .safetensors file ({exc})") from None
 
 
+def text_encoder_prefixes(path: Path) -> set[str]:
+    """The kohya text-encoder prefixes (`lora_te`, `lora_te1`, ...) the file's keys use."""
+    known = {prefix for cls in FAMILIES for prefix in cls.text_encoder_attrs}
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+    return {p for p in known if any(key.startswith(p + "_") for key in keys)}
+
+
+def check_family(family: ModelFamily, path: Path) -> None:
+    """Refuse an adapter made for another family, by its metadata or else by its key names."""
+    trained_on = read_metadata(path).get("ss_base_model_version")
+    if trained_on:
+        if trained_on not in family.kohya_versions:
+            raise UserError(
+                f"{path}: adapter was trained for {trained_on}, "
+                f"but the model is {family.name} ({family.kohya_base_version})"
+            )
+        return
+    prefixes = text_encoder_prefixes(path)
+    if prefixes - set(family.text_encoder_attrs):
+        owners = [cls.name for cls in FAMILIES if prefixes <= set(cls.text_encoder_attrs)]
+        keys = "/".join(f"{p}_" for p in sorted(prefixes))
+        raise UserError(
+            f"{path}: adapter has {keys} keys (a {' or '.join(owners) or 'unknown'} adapter), "
+            f"but the model is {family.name}"
+        )
+
+
 def apply_adapter(family: ModelFamily, path: Path, scale: float) -> None:
     """Load a kohya-format adapter onto `family`'s pipeline at strength `scale`."""
-    trained_on = read_metadata(path).get("ss_base_model_version")
-    if trained_on and trained_on != family.kohya_base_version:
-        raise UserError(
-            f"{path}: adapter was trained for {trained_on}, "
-            f"but the model is {family.name} ({family.kohya_base_version})"
-        )
+    check_family(family, path)
     try:
         family.pipe.load_lora_weights(str(path), adapter_name=ADAPTER_NAME)
     except (ValueError, KeyError, RuntimeError) as exc:

@@ -65,8 +65,17 @@ def train(cfg: Config) -> RunResult:
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
     )
     report_dataset(accelerator, scan, dataset, cfg)
-    family = load_family(cfg.model, dtype=WEIGHT_DTYPES[cfg.train.mixed_precision])
+    weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
+    family = load_family(
+        cfg.model,
+        dtype=weight_dtype,
+        clip_skip=cfg.clip_skip - 1 if cfg.clip_skip else None,  # kohya's 2 is diffusers' 1
+        prediction_type=cfg.prediction_type,
+        zero_terminal_snr=cfg.train.zero_terminal_snr,
+        config=str(cfg.single_file_config) if cfg.single_file_config else None,
+    )
     family.pipe.to(accelerator.device)
+    family.cast_vae(weight_dtype)
     configure_attention(family, cfg.train.attention)
     set_seed(cfg.seed)  # PEFT draws the adapters' initial weights from torch's global RNG
     adapted = inject_adapters(family, cfg.adapter)

@@ -1,0 +1,98 @@
+"""Single-file checkpoints: the family is told from the tensor names, loading stays offline,
+and a .ckpt is never unpickled beyond plain tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors.torch import save_file
+
+from stylelora.errors import UserError
+from stylelora.families import load_family, load_pipeline, single_file_family
+from stylelora.families.skeletons import skeleton_dir
+from stylelora.families.tiny import tiny_model_path
+
+UNET = "model.diffusion_model.input_blocks.0.0.weight"
+MARKERS = {
+    "sd15": "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+    "sd21v": "cond_stage_model.model.ln_final.weight",
+    "sdxl": "conditioner.embedders.1.model.ln_final.weight",
+}
+
+
+class Payload:
+    """Stands for code in a pickle: torch.load(weights_only=True) must not rebuild it."""
+
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
+def checkpoint(folder, skeleton: str, suffix: str = ".safetensors"):
+    tensors = {UNET: torch.zeros(1), MARKERS[skeleton]: torch.zeros(1)}
+    if skeleton == "sdxl":
+        tensors["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] = (
+            torch.zeros(1)
+        )
+    path = folder / f"{skeleton}{suffix}"
+    if suffix == ".safetensors":
+        save_file(tensors, path)
+    else:
+        torch.save({"state_dict": tensors, "global_step": 1}, path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+@pytest.mark.parametrize(
+    ("skeleton", "pipeline"),
+    [
+        ("sd15", StableDiffusionPipeline),
+        ("sd21v", StableDiffusionPipeline),
+        ("sdxl", StableDiffusionXLPipeline),
+    ],
+)
+def test_family_of_a_single_file_is_told_from_its_keys(tmp_path, skeleton, pipeline, suffix):
+    assert single_file_family(checkpoint(tmp_path, skeleton, suffix)) == (skeleton, pipeline)
+
+
+def test_file_of_no_known_family_is_one_clear_line(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"transformer.blocks.0.weight": torch.zeros(1)}, path)
+    with pytest.raises(UserError, match="not an SD1.x, SD2.x or SDXL checkpoint") as error:
+        load_pipeline(str(path))
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_ckpt_with_code_in_its_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {UNET: torch.zeros(1)}, "hook": Payload()}, path)
+    with pytest.raises(UserError, match="not a readable weights-only checkpoint"):
+        load_pipeline(str(path))
+
+
+def test_other_suffixes_are_refused(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"x")
+    with pytest.raises(UserError, match=r"must be \.safetensors or \.ckpt"):
+        load_pipeline(str(path))
+
+
+@pytest.mark.parametrize(("skeleton", "tiny"), [("sdxl", "sdxl"), ("sd21v", "sd2v")])
+def test_single_file_loads_offline_with_the_family_skeleton(tmp_path, monkeypatch, skeleton, tiny):
+    """The file goes to from_single_file with the skeleton as config and no hub access."""
+    calls = []
+
+    def from_single_file(cls, path, **kwargs):
+        calls.append((cls, path, kwargs))
+        return DiffusionPipeline.from_pretrained(tiny_model_path(tiny))
+
+    for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline):
+        monkeypatch.setattr(cls, "from_single_file", classmethod(from_single_file))
+    path = checkpoint(tmp_path, skeleton)
+    family = load_family(str(path), prediction_type="epsilon")
+    ((cls, called_path, kwargs),) = calls
+    assert called_path == str(path)
+    assert kwargs["config"] == str(skeleton_dir(skeleton))
+    assert kwargs["local_files_only"] is True
+    assert family.name == {"sdxl": "sdxl", "sd21v": "sd2"}[skeleton]
+    assert family.prediction_type == "epsilon"  # the override reaches single files too
