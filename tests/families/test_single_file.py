@@ -3,6 +3,7 @@ and a .ckpt is never unpickled beyond plain tensors."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -12,6 +13,8 @@ from stylelora.errors import UserError
 from stylelora.families import load_family, load_pipeline, single_file_family
 from stylelora.families.skeletons import skeleton_dir
 from stylelora.families.tiny import tiny_model_path
+from stylelora.sample.prompts import SamplePrompt
+from stylelora.sample.render import render
 
 UNET = "model.diffusion_model.input_blocks.0.0.weight"
 MARKERS = {
@@ -96,3 +99,19 @@ def test_single_file_loads_offline_with_the_family_skeleton(tmp_path, monkeypatc
     assert kwargs["local_files_only"] is True
     assert family.name == {"sdxl": "sdxl", "sd21v": "sd2"}[skeleton]
     assert family.prediction_type == "epsilon"  # the override reaches single files too
+
+
+def test_sd15_single_file_renders_what_its_diffusers_folder_renders(tmp_path):
+    from a1111 import sd1_checkpoint
+
+    folder = tiny_model_path("sd15")
+    source = DiffusionPipeline.from_pretrained(folder)
+    path = tmp_path / "tiny-sd15.safetensors"
+    save_file(sd1_checkpoint(source), path)
+    family = load_family(str(path), config=str(folder))
+    assert family.name == "sd15"
+    prompt = SamplePrompt("a fish", width=64, height=64, seed=3, steps=3, guidance_scale=5.0)
+    source.set_progress_bar_config(disable=True)
+    ours = render(family.pipe, prompt, output_type="np")
+    theirs = render(source, prompt, output_type="np")
+    assert np.abs(ours - theirs).max() < 1e-4
