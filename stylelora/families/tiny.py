@@ -94,17 +94,19 @@ def tiny_vae(**config) -> AutoencoderKL:
     )
 
 
-def tiny_unet(cross_attention_dim: int = 32) -> UNet2DConditionModel:
-    return UNet2DConditionModel(
+def tiny_unet(**layout) -> UNet2DConditionModel:
+    """The SD1.5 layout at tiny size; `layout` changes what another family's UNet differs in."""
+    base = dict(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=8,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
+        cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=8,
     )
+    return UNet2DConditionModel(**{**base, **layout})
 
 
 def build_tiny_sd15(folder: Path) -> DiffusionPipeline:
@@ -124,18 +126,7 @@ def build_tiny_sd15(folder: Path) -> DiffusionPipeline:
 def build_tiny_sd2v(folder: Path) -> DiffusionPipeline:
     """SD2.x-v layout: gelu (OpenCLIP) text encoder, linear projections, v-prediction."""
     tokenizer = write_tiny_tokenizer(folder / "tokenizer")
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        upcast_attention=True,
-        norm_num_groups=8,
-    )
+    unet = tiny_unet(attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
     scheduler = DDIMScheduler(
         **{k: v for k, v in SCHEDULER.items() if k != "skip_prk_steps"},
         clip_sample=False,
@@ -159,10 +150,7 @@ def build_tiny_sdxl(folder: Path) -> DiffusionPipeline:
     tokenizer_2 = write_tiny_tokenizer(folder / "tokenizer_2")
     text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(len(tokenizer_2), "gelu"))
     time_dim = 8
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=8,
+    unet = tiny_unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2),
@@ -172,7 +160,6 @@ def build_tiny_sdxl(folder: Path) -> DiffusionPipeline:
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + text_encoder_2.config.projection_dim,
-        norm_num_groups=8,
     )
     scheduler = EulerDiscreteScheduler(
         **{k: v for k, v in SCHEDULER.items() if k not in ("skip_prk_steps", "set_alpha_to_one")},
