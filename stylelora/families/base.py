@@ -28,6 +28,10 @@ class ModelFamily:
     modelspec_architecture: ClassVar[str]
     # kohya key prefix -> pipeline attribute of each text encoder.
     text_encoder_attrs: ClassVar[dict[str, str]] = {"lora_te": "text_encoder"}
+    # Pipeline attribute of each text encoder -> (key prefix, layout) in an AUTOMATIC1111 file.
+    single_file_text_encoders: ClassVar[dict[str, tuple[str, str]]] = {
+        "text_encoder": ("cond_stage_model.transformer.", "clip")
+    }
 
     def __init__(self, pipe: DiffusionPipeline, clip_skip: int | None = None):
         """`clip_skip` counts as diffusers does: 1 takes the penultimate layer's output."""

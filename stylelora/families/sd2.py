@@ -10,6 +10,7 @@ from stylelora.families.base import ModelFamily
 class SD2(ModelFamily):
     name = "sd2"
     kohya_versions = ("sd_v2", "sd_v2_v")
+    single_file_text_encoders = {"text_encoder": ("cond_stage_model.model.", "openclip")}
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 
 from stylelora.families.base import ModelFamily
-
-DOWN = re.compile(r"^down_blocks\.(\d+)\.attentions\.(\d+)\.")
-UP = re.compile(r"^up_blocks\.(\d+)\.attentions\.(\d+)\.")
-MID = "mid_block.attentions.0."
+from stylelora.families.ldm import original_unet_path
 
 
 class SDXL(ModelFamily):
@@ -21,6 +17,10 @@ class SDXL(ModelFamily):
     kohya_versions = ("sdxl_base_v1-0",)
     modelspec_architecture = "stable-diffusion-xl-v1-base"
     text_encoder_attrs = {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
+    single_file_text_encoders = {
+        "text_encoder": ("conditioner.embedders.0.transformer.", "clip"),
+        "text_encoder_2": ("conditioner.embedders.1.model.", "openclip"),
+    }
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
@@ -58,23 +58,5 @@ class SDXL(ModelFamily):
 
     def kohya_name(self, prefix: str, module_path: str) -> str:
         if prefix == "lora_unet":
-            module_path = sgm_path(module_path, self.unet.config.layers_per_block)
+            module_path = original_unet_path(module_path, self.unet.config)
         return super().kohya_name(prefix, module_path)
-
-
-def sgm_path(path: str, layers_per_block: int) -> str:
-    """The original (sgm) UNet path kohya writes for an SDXL transformer-block module.
-
-    Each down block holds `layers_per_block` layers plus a downsampler, each up block one more
-    layer, and input block 0 is conv_in: hence the offsets (3i+j+1 and 3i+j on the real SDXL).
-    """
-    step = layers_per_block + 1
-    if match := DOWN.match(path):
-        i, j = int(match[1]), int(match[2])
-        return f"input_blocks.{step * i + j + 1}.1." + path[match.end() :]
-    if match := UP.match(path):
-        i, j = int(match[1]), int(match[2])
-        return f"output_blocks.{step * i + j}.1." + path[match.end() :]
-    if path.startswith(MID):
-        return "middle_block.1." + path[len(MID) :]
-    raise ValueError(f"no sgm name for UNet module {path!r}")

@@ -33,7 +33,7 @@ from transformers import (
 
 from stylelora.errors import UserError
 
-TINY_VERSION = 2  # bump when a builder changes, so cached folders are rebuilt
+TINY_VERSION = 3  # bump when a builder changes, so cached folders are rebuilt
 SCHEDULER = dict(
     beta_start=0.00085,
     beta_end=0.012,
@@ -61,11 +61,13 @@ def write_tiny_tokenizer(folder: Path) -> CLIPTokenizer:
     return tokenizer
 
 
-def tiny_text_config(vocab_size: int, hidden_act: str = "quick_gelu") -> CLIPTextConfig:
+def tiny_text_config(
+    vocab_size: int, hidden_act: str = "quick_gelu", hidden_size: int = 32
+) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
@@ -148,13 +150,16 @@ def build_tiny_sdxl(folder: Path) -> DiffusionPipeline:
     """SDXL layout: CLIP and OpenCLIP-with-projection text encoders, size/crop time ids."""
     tokenizer = write_tiny_tokenizer(folder / "tokenizer")
     tokenizer_2 = write_tiny_tokenizer(folder / "tokenizer_2")
-    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(len(tokenizer_2), "gelu"))
+    # Widths differ as in the real model (768, 1280): single-file loading tells them apart so.
+    text_encoder_2 = CLIPTextModelWithProjection(
+        tiny_text_config(len(tokenizer_2), "gelu", hidden_size=48)
+    )
     time_dim = 8
     unet = tiny_unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2),
-        cross_attention_dim=64,  # both encoders' hidden states side by side
+        cross_attention_dim=32 + 48,  # both encoders' hidden states side by side
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -14,7 +15,8 @@ from stylelora.adapters.inject import inject_adapters
 from stylelora.config import AdapterConfig
 from stylelora.errors import UserError
 from stylelora.families import load_family
-from stylelora.families.sdxl import sgm_path
+from stylelora.families.ldm import original_unet_path
+from stylelora.families.skeletons import skeleton_dir
 from stylelora.sample.prompts import SamplePrompt
 from stylelora.sample.render import render
 from stylelora.train.trainer import train
@@ -75,35 +77,47 @@ def test_sdxl_time_ids_are_built_per_image():
     assert inputs["encoder_hidden_states"].shape[-1] == family.unet.config.cross_attention_dim
 
 
+def real_sdxl_unet_config() -> dict:
+    return json.loads((skeleton_dir("sdxl") / "unet" / "config.json").read_text())
+
+
 @pytest.mark.parametrize(
     ("path", "sgm"),
     [
         ("down_blocks.1.attentions.0.proj_in", "input_blocks.4.1.proj_in"),
-        ("down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k", None),
+        (
+            "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k",
+            "input_blocks.8.1.transformer_blocks.9.attn2.to_k",
+        ),
         ("up_blocks.0.attentions.2.proj_out", "output_blocks.2.1.proj_out"),
-        ("up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q", None),
-        ("mid_block.attentions.0.transformer_blocks.3.ff.net.2", None),
+        (
+            "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q",
+            "output_blocks.4.1.transformer_blocks.0.attn1.to_q",
+        ),
+        (
+            "mid_block.attentions.0.transformer_blocks.3.ff.net.2",
+            "middle_block.1.transformer_blocks.3.ff.net.2",
+        ),
+        # Outside the transformer blocks (LoCon), as the keys of the released SDXL checkpoint.
+        ("down_blocks.0.resnets.0.conv1", "input_blocks.1.0.in_layers.2"),
+        ("down_blocks.0.downsamplers.0.conv", "input_blocks.3.0.op"),
+        ("down_blocks.1.resnets.0.conv_shortcut", "input_blocks.4.0.skip_connection"),
+        ("up_blocks.0.upsamplers.0.conv", "output_blocks.2.2.conv"),
+        ("up_blocks.1.upsamplers.0.conv", "output_blocks.5.2.conv"),
+        ("up_blocks.2.resnets.2.conv2", "output_blocks.8.0.out_layers.3"),
+        ("mid_block.resnets.1.time_emb_proj", "middle_block.2.emb_layers.1"),
+        ("add_embedding.linear_1", "label_emb.0.0"),
+        ("conv_in", "input_blocks.0.0"),
     ],
 )
 def test_sgm_names_of_the_real_sdxl(path, sgm):
-    """layers_per_block = 2: input_blocks.{3i+j+1}.1, output_blocks.{3i+j}.1, middle_block.1."""
-    expected = {
-        "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k": (
-            "input_blocks.8.1.transformer_blocks.9.attn2.to_k"
-        ),
-        "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q": (
-            "output_blocks.4.1.transformer_blocks.0.attn1.to_q"
-        ),
-        "mid_block.attentions.0.transformer_blocks.3.ff.net.2": (
-            "middle_block.1.transformer_blocks.3.ff.net.2"
-        ),
-    }
-    assert sgm_path(path, layers_per_block=2) == (sgm or expected[path])
+    """layers_per_block = 2: input_blocks.{3i+j+1}, output_blocks.{3i+j}, middle_block.{0,1,2}."""
+    assert original_unet_path(path, real_sdxl_unet_config()) == sgm
 
 
-def test_sgm_names_refuse_modules_outside_transformer_blocks():
-    with pytest.raises(ValueError, match="no sgm name"):
-        sgm_path("down_blocks.0.resnets.0.conv1", 2)
+def test_a_path_outside_the_unet_layout_has_no_sgm_name():
+    with pytest.raises(ValueError, match="no original"):
+        original_unet_path("down_blocks.9.resnets.0.conv1", real_sdxl_unet_config())
 
 
 @pytest.mark.parametrize("tiny", ["sd2v", "sdxl"])
