@@ -34,6 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--model", required=True, help='base model: hub id, folder, single file, or "tiny:sdxl"'
     )
+    sample.add_argument(
+        "--model-config",
+        type=Path,
+        help="diffusers folder of component configs for a single-file model "
+        "(default: the family's bundled configs)",
+    )
+    sample.add_argument(
+        "--prediction-type",
+        choices=["auto", "epsilon", "v_prediction"],
+        default="auto",
+        help="override the model's prediction type (auto: its scheduler config)",
+    )
+    sample.add_argument(
+        "--clip-skip", type=int, help="as kohya and AUTOMATIC1111 count it: 2 = penultimate layer"
+    )
     sample.add_argument("--adapter", type=Path, help="kohya-format .safetensors adapter")
     sample.add_argument("--prompt", required=True)
     sample.add_argument("--negative", default="", help="negative prompt")
@@ -79,21 +94,31 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> None:
+    from stylelora.families import load_family
     from stylelora.sample.adapter import render_with_adapter
+    from stylelora.sample.prompts import SamplePrompt
 
-    render_with_adapter(
-        model=args.model,
-        adapter=args.adapter,
-        prompt=args.prompt,
-        negative=args.negative,
-        scale=args.scale,
-        seed=args.seed,
-        steps=args.steps,
-        guidance=args.guidance,
-        size=(args.width, args.height),
-        out=args.out,
-        compare=args.compare,
+    if args.clip_skip is not None and args.clip_skip < 1:
+        raise UserError(f"--clip-skip {args.clip_skip}: must be 1 or more (2 = penultimate)")
+    family = load_family(
+        args.model,
+        clip_skip=args.clip_skip - 1 if args.clip_skip else None,
+        prediction_type=args.prediction_type,
+        config=str(args.model_config) if args.model_config else None,
     )
+    for note in family.notes:
+        print(note)
+    side = family.default_resolution
+    request = SamplePrompt(
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        width=args.width or side,
+        height=args.height or side,
+        seed=args.seed,
+        guidance_scale=args.guidance,
+        steps=args.steps,
+    )
+    render_with_adapter(family, args.adapter, request, args.out, args.scale, args.compare)
     print(f"wrote {args.out}")
 
 

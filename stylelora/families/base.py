@@ -36,7 +36,9 @@ class ModelFamily:
     def __init__(self, pipe: DiffusionPipeline, clip_skip: int | None = None):
         """`clip_skip` counts as diffusers does: 1 takes the penultimate layer's output."""
         self.pipe = pipe
-        self.clip_skip = clip_skip
+        self.clip_skip = clip_skip or None
+        # Things the user should hear about this model and config, said once at start.
+        self.notes: list[str] = []
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
@@ -153,6 +155,18 @@ class ModelFamily:
         hidden = encoder(ids, output_hidden_states=True).hidden_states[-(self.clip_skip + 1)]
         text_model = getattr(encoder, "text_model", encoder)
         return text_model.final_layer_norm(hidden)
+
+    def pipeline_text_kwargs(self, prompt: str, negative: str) -> dict[str, Any]:
+        """The text arguments of a pipeline call that conditions as training does.
+
+        With clip_skip the embeddings are made here, for the negative prompt too (as kohya's
+        and AUTOMATIC1111's samplers do); diffusers would skip layers for the prompt only.
+        """
+        if not self.clip_skip:
+            return {"prompt": prompt, "negative_prompt": negative or None}
+        with torch.no_grad():
+            embeds = self.encode_prompts([prompt, negative])["encoder_hidden_states"]
+        return {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
 
     def unet_inputs(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
         """Keyword arguments for the UNet beyond the noisy latents and timesteps."""

@@ -22,6 +22,16 @@ class SDXL(ModelFamily):
         "text_encoder_2": ("conditioner.embedders.1.model.", "openclip"),
     }
 
+    def __init__(self, pipe: DiffusionPipeline, clip_skip: int | None = None):
+        super().__init__(pipe)
+        if clip_skip:
+            # SDXL already conditions on both encoders' penultimate layers; kohya's trainer and
+            # AUTOMATIC1111 ignore clip skip for it, so adapters trained here match theirs.
+            self.notes.append(
+                f"clip_skip = {clip_skip + 1} is ignored for SDXL, as kohya and AUTOMATIC1111 "
+                "do: SDXL already uses the penultimate layers"
+            )
+
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
         return isinstance(pipe, StableDiffusionXLPipeline)
@@ -36,7 +46,6 @@ class SDXL(ModelFamily):
             device=self.unet.device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=False,
-            clip_skip=self.clip_skip,
         )
         return {"encoder_hidden_states": embeds, "text_embeds": pooled}
 

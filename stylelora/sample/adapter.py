@@ -9,7 +9,7 @@ from safetensors import SafetensorError, safe_open
 
 from stylelora.errors import UserError
 from stylelora.export.atomic import atomic_path
-from stylelora.families import FAMILIES, load_family
+from stylelora.families import FAMILIES
 from stylelora.families.base import ModelFamily
 from stylelora.sample.prompts import SamplePrompt
 from stylelora.sample.render import grid, render
@@ -68,36 +68,20 @@ def apply_adapter(family: ModelFamily, path: Path, scale: float) -> None:
 
 
 def render_with_adapter(
-    model: str,
+    family: ModelFamily,
     adapter: Path | None,
-    prompt: str,
+    request: SamplePrompt,
     out: Path,
-    negative: str = "",
     scale: float = 1.0,
-    seed: int = 0,
-    steps: int = 20,
-    guidance: float = 7.5,
-    size: tuple[int | None, int | None] = (None, None),
     compare: bool = False,
 ) -> Image.Image:
-    """Render `prompt` with `adapter` at `scale`; with `compare`, the base image to its left."""
+    """Render `request` with `adapter` at `scale`; with `compare`, the base image to its left."""
     if compare and adapter is None:
         raise UserError("--compare needs --adapter")
-    family = load_family(model)
-    side = family.default_resolution
-    request = SamplePrompt(
-        prompt=prompt,
-        negative_prompt=negative,
-        width=size[0] or side,
-        height=size[1] or side,
-        seed=seed,
-        guidance_scale=guidance,
-        steps=steps,
-    )
-    images = [render(family.pipe, request)] if compare or adapter is None else []
+    images = [render(family.pipe, request, family=family)] if compare or adapter is None else []
     if adapter is not None:
         apply_adapter(family, adapter, scale)
-        images.append(render(family.pipe, request))
+        images.append(render(family.pipe, request, family=family))
     sheet = grid(images, columns=len(images))
     with atomic_path(out) as tmp:
         sheet.save(tmp, format="PNG")

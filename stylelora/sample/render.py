@@ -14,6 +14,7 @@ from diffusers import (
 )
 from PIL import Image
 
+from stylelora.families.base import ModelFamily
 from stylelora.sample.prompts import SamplePrompt
 
 SCHEDULERS = {
@@ -34,12 +35,23 @@ def preview_pipeline(pipe: DiffusionPipeline, scheduler: str = "default") -> Dif
     return preview
 
 
-def render(pipe: DiffusionPipeline, prompt: SamplePrompt, output_type: str = "pil"):
-    """One image for `prompt`; the seed fixes it whatever the device."""
+def render(
+    pipe: DiffusionPipeline,
+    prompt: SamplePrompt,
+    output_type: str = "pil",
+    family: ModelFamily | None = None,
+):
+    """One image for `prompt`; the seed fixes it whatever the device.
+
+    With `family`, the prompt is encoded as that family trains (clip skip included).
+    """
+    if family is None:
+        text = {"prompt": prompt.prompt, "negative_prompt": prompt.negative_prompt or None}
+    else:
+        text = family.pipeline_text_kwargs(prompt.prompt, prompt.negative_prompt)
     generator = torch.Generator().manual_seed(prompt.seed)
     result = pipe(
-        prompt.prompt,
-        negative_prompt=prompt.negative_prompt or None,
+        **text,
         width=prompt.width,
         height=prompt.height,
         num_inference_steps=prompt.steps,
@@ -50,7 +62,9 @@ def render(pipe: DiffusionPipeline, prompt: SamplePrompt, output_type: str = "pi
     return result.images[0]
 
 
-def render_all(pipe: DiffusionPipeline, prompts: list[SamplePrompt]) -> list[Image.Image]:
+def render_all(
+    pipe: DiffusionPipeline, prompts: list[SamplePrompt], family: ModelFamily | None = None
+) -> list[Image.Image]:
     was_training = {
         name: module.training
         for name, module in pipe.components.items()
@@ -59,7 +73,7 @@ def render_all(pipe: DiffusionPipeline, prompts: list[SamplePrompt]) -> list[Ima
     for name in was_training:
         pipe.components[name].eval()
     try:
-        return [render(pipe, prompt) for prompt in prompts]
+        return [render(pipe, prompt, family=family) for prompt in prompts]
     finally:
         for name, training in was_training.items():
             pipe.components[name].train(training)

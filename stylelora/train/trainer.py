@@ -74,6 +74,8 @@ def train(cfg: Config) -> RunResult:
         zero_terminal_snr=cfg.train.zero_terminal_snr,
         config=str(cfg.single_file_config) if cfg.single_file_config else None,
     )
+    for note in family.notes:
+        accelerator.print(note)
     family.pipe.to(accelerator.device)
     family.cast_vae(weight_dtype)
     configure_attention(family, cfg.train.attention)
@@ -266,7 +268,7 @@ def write_preview(
     written = []
     if accelerator.is_main_process:
         pipe = preview_pipeline(family.pipe, cfg.sample.scheduler)
-        sheet = grid(render_all(pipe, prompts))
+        sheet = grid(render_all(pipe, prompts, family))
         path = cfg.output_dir / "samples" / f"{cfg.name}_{step:06d}.png"
         with atomic_path(path) as tmp:
             sheet.save(tmp, format="PNG")
