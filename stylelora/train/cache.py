@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from stylelora.data.dataset import ImageCaptionDataset
+from stylelora.errors import UserError
 from stylelora.export.atomic import atomic_path
 from stylelora.families.base import ModelFamily
 
@@ -83,7 +86,7 @@ def cache_latents(
         encode_and_save(family, dataset, batch, files)
         progress.update(len(batch))
     progress.close()
-    dataset.cache = {entry: read_entry(path) for entry, path in files.items()}
+    dataset.cache = CachedEntries(files)
     return stats
 
 
@@ -126,8 +129,31 @@ def encode_and_save(
             save_file(tensors, str(tmp))
 
 
+class CachedEntries(Mapping):
+    """Entries read from disk when a batch asks for them, so a large dataset's latents never
+    sit in memory all at once (reading one small file is quick next to a training step)."""
+
+    def __init__(self, files: dict[Entry, Path]):
+        self.files = files
+
+    def __getitem__(self, entry: Entry) -> dict:
+        return read_entry(self.files[entry])
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
 def read_entry(path: Path) -> dict:
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise UserError(
+            f"{path}: latents cache entry unreadable ({exc}); delete the cache folder "
+            "and run again to rebuild it"
+        ) from None
     return {
         "latent_mean": tensors["latent_mean"],
         "latent_std": tensors["latent_std"],

@@ -11,6 +11,7 @@ from PIL import Image
 from stylelora.data.dataset import ImageCaptionDataset, collate, derived_generator
 from stylelora.data.report import data_options
 from stylelora.data.scan import scan_folder
+from stylelora.errors import UserError
 from stylelora.families import detect_family
 from stylelora.train.cache import TextCache, cache_latents
 from stylelora.train.loss import batch_latents
@@ -73,6 +74,19 @@ def test_cached_latents_draw_what_encoding_draws(family, demo_subset, tmp_path):
     from_cache = batch_latents(family, collate([cached[k] for k in keys]), derived_generator(9))
     assert "pixel_values" not in cached[keys[0]]
     torch.testing.assert_close(from_cache, from_pixels, atol=1e-5, rtol=1e-4)
+
+
+def test_entries_are_read_from_disk_when_asked_for(family, demo_subset, tmp_path):
+    """Nothing is held in memory: an entry removed after caching is missed, by name."""
+    data = demo_subset(2)
+    dataset = dataset_for(tmp_path, data)
+    cache_latents(family, dataset, tmp_path / "cache", 4, False)
+    assert dataset[(1, 0)]["latent_mean"].shape == (4, 8, 8)
+    gone = dataset.cache.files[(0, False)]
+    gone.unlink()
+    with pytest.raises(UserError, match="latents cache entry unreadable.*delete the cache folder"):
+        dataset[(0, 0)]
+    assert str(gone) in str(pytest.raises(UserError, dataset.__getitem__, (0, 0)).value)
 
 
 def test_text_cache_matches_encoding(family):
