@@ -110,9 +110,14 @@ class TrainConfig(Section):
     gradient_accumulation_steps: PositiveInt = 1
     learning_rate: PositiveFloat = 1e-4
     text_encoder_lr: PositiveFloat | None = None
-    lr_scheduler: Literal["constant", "cosine"] = "constant"
+    lr_scheduler: Literal["constant", "cosine", "cosine_with_restarts", "linear", "polynomial"] = (
+        "constant"
+    )
     lr_warmup_steps: NonNegInt = 0
-    optimizer: Literal["adamw"] = "adamw"
+    lr_cycles: PositiveInt = 1  # cosine_with_restarts: how many hard restarts
+    lr_power: PositiveFloat = 1.0  # polynomial: the decay's power (1: linear)
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion8bit"] = "adamw"
+    optimizer_args: dict[str, Any] = Field(default_factory=dict)
     adam_beta1: Probability = 0.9
     adam_beta2: Probability = 0.999
     adam_epsilon: PositiveFloat = 1e-8
@@ -121,6 +126,7 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     attention: Literal["sdpa", "xformers"] = "sdpa"
     gradient_checkpointing: bool = False
+    quantize_base: Literal["no", "nf4", "int8"] = "no"
     zero_terminal_snr: bool = False
 
 

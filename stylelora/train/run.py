@@ -1,0 +1,364 @@
+"""A training run's set-up, and one training step: what the loop and the benchmarks share.
+
+`build_run(cfg)` loads and places the model (quantized, mixed precision, checkpointing),
+injects the adapters, fills the caches, parks what the step no longer needs off the
+accelerator, and prepares the rest with accelerate; `training_step` is one micro-batch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, send_to_device, set_seed
+from diffusers import DDPMScheduler
+from torch.utils.data import DataLoader
+
+from stylelora.adapters.inject import adapter_parameters, inject_adapters
+from stylelora.config import Config
+from stylelora.data.captions import with_trigger
+from stylelora.data.dataset import (
+    BucketBatchSampler,
+    ImageCaptionDataset,
+    collate,
+    derived_generator,
+)
+from stylelora.data.report import data_options, describe, scan_dataset
+from stylelora.data.scan import ScanResult
+from stylelora.errors import UserError
+from stylelora.export.atomic import atomic_path
+from stylelora.families import load_family
+from stylelora.families.base import ModelFamily
+from stylelora.sample.prompts import SamplePrompt, parse_prompt_file
+from stylelora.train.cache import TextCache, cache_latents
+from stylelora.train.loss import denoising_loss, draw_noise
+from stylelora.train.optim import (
+    build_lr_scheduler,
+    build_optimizer,
+    check_optimizer,
+    parameter_groups,
+)
+from stylelora.train.quantize import quantize_base
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NON_REENTRANT = {"use_reentrant": False}
+
+
+@dataclass
+class TrainingRun:
+    """Everything a training step and the loop around it use."""
+
+    cfg: Config
+    accelerator: Accelerator
+    family: ModelFamily
+    adapted: dict[str, torch.nn.Module]  # kohya prefix -> adapted component, unwrapped
+    unet: torch.nn.Module  # the UNet as accelerate prepared it (DDP-wrapped with several)
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: BucketBatchSampler
+    loader: DataLoader
+    noise_scheduler: DDPMScheduler
+    text_cache: TextCache | None
+    idle: list[torch.nn.Module]  # frozen modules parked off the accelerator between previews
+    scan: ScanResult
+    prompts: list[SamplePrompt]
+    started: float
+
+
+def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
+    """Set up the run `cfg` describes; `family`: an already loaded model instead of cfg.model."""
+    started = time.time()
+    check_optimizer(cfg.train)
+    scan = scan_dataset(cfg.data)
+    dataset = ImageCaptionDataset(scan.records, data_options(cfg.data, cfg.seed))
+    prompts = sample_prompts(cfg)
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+    )
+    check_platform(accelerator, cfg)
+    if accelerator.is_main_process:
+        check_writable(cfg.output_dir)
+        write_run_config(cfg)
+    report_dataset(accelerator, scan, dataset, cfg)
+    family = family or load_model(cfg)
+    place_model(family, cfg, accelerator)
+    set_seed(cfg.seed)  # PEFT draws the adapters' initial weights from torch's global RNG
+    adapted = inject_adapters(family, cfg.adapter)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(adapted)
+    optimizer = build_optimizer(parameter_groups(adapted, cfg.train), cfg.train)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
+    text_cache = prepare_caches(accelerator, family, dataset, cfg)
+    idle = park_idle_modules(accelerator, family, cfg, text_cache)
+    sampler = BucketBatchSampler(
+        dataset,
+        cfg.train.batch_size,
+        cfg.seed,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
+    # Sharded by the sampler, not by accelerate: see BucketBatchSampler.
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers
+    )
+    # Only the UNet is wrapped: the pipeline calls the text encoders itself, so a DDP wrapper
+    # around them would never run; their gradients are averaged in average_text_encoder_grads.
+    unet, optimizer = accelerator.prepare(adapted["lora_unet"], optimizer)
+    for module in adapted.values():
+        module.train()
+    return TrainingRun(
+        cfg=cfg,
+        accelerator=accelerator,
+        family=family,
+        adapted=adapted,
+        unet=unet,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        sampler=sampler,
+        loader=loader,
+        noise_scheduler=family.noise_scheduler(),
+        text_cache=text_cache,
+        idle=idle,
+        scan=scan,
+        prompts=prompts,
+        started=started,
+    )
+
+
+def training_step(run: TrainingRun, batch: dict[str, Any], draws: int) -> torch.Tensor:
+    """One micro-batch: loss and backward, and on a step's last micro-batch the optimizer step.
+
+    Each sample's noise comes from (seed, draws, its place in the global batch), so a step
+    draws the same noise whether one process trains the global batch or several share it.
+    """
+    accelerator, cfg = run.accelerator, run.cfg
+    with accelerator.accumulate(run.unet):
+        batch = send_to_device(batch, accelerator.device)
+        first = accelerator.process_index * cfg.train.batch_size
+        generators = [
+            derived_generator(cfg.seed, draws, first + i) for i in range(len(batch["captions"]))
+        ]
+        if run.text_cache:
+            batch["text"] = run.text_cache.encode(batch["captions"])
+        noised = draw_noise(run.family, run.noise_scheduler, batch, generators)
+        with accelerator.autocast():  # covers the text encoders, which are not prepared
+            loss = denoising_loss(run.family, run.unet, run.noise_scheduler, noised, batch)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            average_text_encoder_grads(run)
+            if cfg.train.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(
+                    optimizer_params(run.optimizer), cfg.train.max_grad_norm
+                )
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def average_text_encoder_grads(run: TrainingRun) -> None:
+    """Average the text-encoder adapters' gradients over the processes, in one all-reduce."""
+    if run.accelerator.num_processes == 1:
+        return
+    grads = [
+        param.grad
+        for prefix, module in run.adapted.items()
+        if prefix != "lora_unet"
+        for param in adapter_parameters(module)
+        if param.grad is not None
+    ]
+    if not grads:
+        return
+    flat = torch.cat([grad.flatten() for grad in grads])
+    torch.distributed.all_reduce(flat)  # a sum: gloo has no average
+    flat /= run.accelerator.num_processes
+    for grad, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        grad.copy_(part.view_as(grad))
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def check_platform(accelerator: Accelerator, cfg: Config) -> None:
+    """Refuse, in one line each, what this machine or launch cannot do."""
+    if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError(
+            "train.mixed_precision = 'fp16' needs a GPU (its loss scaling runs there); "
+            "use 'bf16' or 'no' on the CPU"
+        )
+    sharded = (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if accelerator.distributed_type in sharded and cfg.adapter.text_encoder:
+        raise UserError(
+            "adapter.text_encoder: text-encoder adapters train only under plain multi-GPU (DDP), "
+            f"not {accelerator.distributed_type.value}"
+        )
+
+
+def load_model(cfg: Config) -> ModelFamily:
+    return load_family(
+        cfg.model,
+        dtype=WEIGHT_DTYPES[cfg.train.mixed_precision],
+        clip_skip=cfg.clip_skip - 1 if cfg.clip_skip else None,  # kohya's 2 is diffusers' 1
+        prediction_type=cfg.prediction_type,
+        zero_terminal_snr=cfg.train.zero_terminal_snr,
+        config=str(cfg.single_file_config) if cfg.single_file_config else None,
+    )
+
+
+def place_model(family: ModelFamily, cfg: Config, accelerator: Accelerator) -> None:
+    """Quantize the frozen base where asked, move it to the device, set dtypes and attention."""
+    weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
+    bases = {"lora_unet": family.unet, **family.text_encoders()}
+    counts = quantize_base(bases, cfg.train.quantize_base, weight_dtype, accelerator.device)
+    if counts:
+        layers = ", ".join(f"{prefix} {count}" for prefix, count in counts.items())
+        accelerator.print(f"base quantized to {cfg.train.quantize_base}: Linear layers {layers}")
+    family.pipe.to(accelerator.device)
+    family.cast_vae(weight_dtype)
+    configure_attention(family, cfg.train.attention)
+
+
+def configure_attention(family: ModelFamily, attention: str) -> None:
+    """PyTorch SDPA is diffusers' default; xformers only where it can run."""
+    if attention != "xformers":
+        return
+    if not torch.cuda.is_available():
+        raise UserError("train.attention = 'xformers' needs a CUDA GPU; use 'sdpa' here")
+    try:
+        family.unet.enable_xformers_memory_efficient_attention()
+    except (ImportError, ModuleNotFoundError, ValueError, NotImplementedError) as exc:
+        raise UserError(
+            f"train.attention = 'xformers' is unavailable ({exc}); use 'sdpa'"
+        ) from None
+
+
+def enable_gradient_checkpointing(adapted: dict[str, torch.nn.Module]) -> None:
+    """Non-reentrant checkpointing: the reentrant kind gives adapters inside a checkpointed
+    layer no gradient when the layer's input does not require one (frozen embeddings)."""
+    for prefix, module in adapted.items():
+        if prefix == "lora_unet":
+            module.enable_gradient_checkpointing()
+        elif hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs=NON_REENTRANT)
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
+
+
+def sample_prompts(cfg: Config) -> list[SamplePrompt]:
+    """The preview prompts, read and checked before any model is loaded."""
+    side = cfg.data.resolution
+    defaults = SamplePrompt(
+        prompt="",
+        negative_prompt=cfg.sample.negative_prompt,
+        width=cfg.sample.width or side,
+        height=cfg.sample.height or side,
+        seed=cfg.sample.seed,
+        guidance_scale=cfg.sample.guidance_scale,
+        steps=cfg.sample.num_inference_steps,
+    )
+    if cfg.sample.prompts_file:
+        return parse_prompt_file(cfg.sample.prompts_file, defaults)
+    return [SamplePrompt(**{**defaults.__dict__, "prompt": p}) for p in cfg.sample.prompts]
+
+
+def check_writable(folder: Path) -> None:
+    with atomic_path(folder / ".write-test") as probe:
+        probe.write_bytes(b"ok")
+    (folder / ".write-test").unlink()
+
+
+def write_run_config(cfg: Config) -> None:
+    with atomic_path(cfg.output_dir / "config.json") as tmp:
+        tmp.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+
+
+def report_dataset(
+    accelerator: Accelerator, scan: ScanResult, dataset: ImageCaptionDataset, cfg: Config
+) -> None:
+    global_batch = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+    global_batch *= accelerator.num_processes
+    for line in describe(scan, dataset, cfg.data):
+        accelerator.print(line)
+    accelerator.print(
+        f"global batch {global_batch} ({accelerator.num_processes} process(es) x batch "
+        f"{cfg.train.batch_size} x accumulation {cfg.train.gradient_accumulation_steps}), "
+        f"learning rate {cfg.train.learning_rate:g}"
+    )
+
+
+def latents_cache_dir(cfg: Config) -> Path:
+    return cfg.data.cache_dir or cfg.data.dir / ".stylelora-cache"
+
+
+def prepare_caches(
+    accelerator: Accelerator, family: ModelFamily, dataset: ImageCaptionDataset, cfg: Config
+) -> TextCache | None:
+    """Fill the latents cache and the text cache where the config asks and allows them."""
+    say = accelerator.print
+    if cfg.data.cache_latents:
+        folder = latents_cache_dir(cfg)
+        with accelerator.main_process_first():  # the others then find the entries written
+            stats = cache_latents(
+                family, dataset, folder, cfg.train.batch_size, accelerator.is_local_main_process
+            )
+        say(f"latents cache {folder}: {stats.encoded} encoded, {stats.reused} reused")
+    if not cfg.data.cache_text_encoder_outputs:
+        return None
+    if cfg.adapter.text_encoder:
+        say("text cache off: adapter.text_encoder trains the text encoder")
+        return None
+    if cfg.data.caption_randomness:
+        say("text cache off: shuffle_caption or caption dropout changes the captions every draw")
+        return None
+    captions = [with_trigger(r.caption, cfg.data.trigger_word) for r in dataset.records]
+    say(f"text cache: {len(set(captions))} distinct captions encoded once")
+    return TextCache(family, captions)
+
+
+def idle_modules(
+    family: ModelFamily, cfg: Config, text_cache: TextCache | None
+) -> list[torch.nn.Module]:
+    """Frozen modules the training step no longer calls once the caches are filled."""
+    idle = [family.vae] if cfg.data.cache_latents else []
+    if text_cache is not None:
+        idle += list(family.text_encoders().values())
+    return idle
+
+
+def park_idle_modules(
+    accelerator: Accelerator, family: ModelFamily, cfg: Config, text_cache: TextCache | None
+) -> list[torch.nn.Module]:
+    """Move the idle modules to the CPU; `visiting` brings them back for previews."""
+    idle = idle_modules(family, cfg, text_cache)
+    if idle and accelerator.device.type != "cpu":
+        for module in idle:
+            module.to("cpu")
+        torch.cuda.empty_cache()
+        parked = [("the VAE", cfg.data.cache_latents), ("the text encoders", text_cache)]
+        names = " and ".join(name for name, cached in parked if cached)
+        accelerator.print(f"{names} moved to the CPU; previews bring them back while they render")
+    return idle
+
+
+@contextmanager
+def visiting(modules: list[torch.nn.Module], device: torch.device) -> Iterator[None]:
+    """Put `modules` on `device` for the block, and back on the CPU after it."""
+    if device.type == "cpu" or not modules:
+        yield
+        return
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to("cpu")
+        torch.cuda.empty_cache()
