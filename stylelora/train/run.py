@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, send_to_device, set_seed
 from diffusers import DDPMScheduler
 from torch.utils.data import DataLoader
@@ -79,6 +80,9 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
     scan = scan_dataset(cfg.data)
     dataset = ImageCaptionDataset(scan.records, data_options(cfg.data, cfg.seed))
     prompts = sample_prompts(cfg)
+    # accelerate keeps one mixed-precision setting per process; a second run (tests, the
+    # benchmark) may ask for another. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
