@@ -86,6 +86,7 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        cpu=not has_accelerator(),  # accelerate joins CPU ranks (torchrun, gloo) only if told
     )
     check_platform(accelerator, cfg)
     if accelerator.is_main_process:
@@ -189,6 +190,12 @@ def average_text_encoder_grads(run: TrainingRun) -> None:
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def has_accelerator() -> bool:
+    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, ROCm, MPS, XPU, ...
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
 
 
 def check_platform(accelerator: Accelerator, cfg: Config) -> None:
