@@ -36,7 +36,8 @@ from stylelora.families import detect_family, load_family
 from stylelora.families.base import ModelFamily
 from stylelora.families.skeletons import skeleton_dir
 from stylelora.train.loss import draw_noise
-from stylelora.train.run import WEIGHT_DTYPES, TrainingRun, build_run, training_step
+from stylelora.train.placement import WEIGHT_DTYPES
+from stylelora.train.run import TrainingRun, build_run, training_step
 
 SKELETONS = {"sd15": "sd15", "sdxl": "sdxl"}
 

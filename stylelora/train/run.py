@@ -46,10 +46,13 @@ from stylelora.train.optim import (
     check_optimizer,
     parameter_groups,
 )
-from stylelora.train.quantize import quantize_base
-
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-NON_REENTRANT = {"use_reentrant": False}
+from stylelora.train.placement import (
+    WEIGHT_DTYPES,
+    enable_gradient_checkpointing,
+    has_accelerator,
+    park_idle_modules,
+    place_model,
+)
 
 
 @dataclass
@@ -192,12 +195,6 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Paramete
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def has_accelerator() -> bool:
-    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, ROCm, MPS, XPU, ...
-        return torch.accelerator.is_available()
-    return torch.cuda.is_available()
-
-
 def check_platform(accelerator: Accelerator, cfg: Config) -> None:
     """Refuse, in one line each, what this machine or launch cannot do."""
     if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -222,45 +219,6 @@ def load_model(cfg: Config) -> ModelFamily:
         zero_terminal_snr=cfg.train.zero_terminal_snr,
         config=str(cfg.single_file_config) if cfg.single_file_config else None,
     )
-
-
-def place_model(family: ModelFamily, cfg: Config, accelerator: Accelerator) -> None:
-    """Quantize the frozen base where asked, move it to the device, set dtypes and attention."""
-    weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
-    bases = {"lora_unet": family.unet, **family.text_encoders()}
-    counts = quantize_base(bases, cfg.train.quantize_base, weight_dtype, accelerator.device)
-    if counts:
-        layers = ", ".join(f"{prefix} {count}" for prefix, count in counts.items())
-        accelerator.print(f"base quantized to {cfg.train.quantize_base}: Linear layers {layers}")
-    family.pipe.to(accelerator.device)
-    family.cast_vae(weight_dtype)
-    configure_attention(family, cfg.train.attention)
-
-
-def configure_attention(family: ModelFamily, attention: str) -> None:
-    """PyTorch SDPA is diffusers' default; xformers only where it can run."""
-    if attention != "xformers":
-        return
-    if not torch.cuda.is_available():
-        raise UserError("train.attention = 'xformers' needs a CUDA GPU; use 'sdpa' here")
-    try:
-        family.unet.enable_xformers_memory_efficient_attention()
-    except (ImportError, ModuleNotFoundError, ValueError, NotImplementedError) as exc:
-        raise UserError(
-            f"train.attention = 'xformers' is unavailable ({exc}); use 'sdpa'"
-        ) from None
-
-
-def enable_gradient_checkpointing(adapted: dict[str, torch.nn.Module]) -> None:
-    """Non-reentrant checkpointing: the reentrant kind gives adapters inside a checkpointed
-    layer no gradient when the layer's input does not require one (frozen embeddings)."""
-    for prefix, module in adapted.items():
-        if prefix == "lora_unet":
-            module.enable_gradient_checkpointing()
-        elif hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5
-            module.activation_checkpointing_enable(activation_checkpointing_kwargs=NON_REENTRANT)
-        else:
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
 
 
 def sample_prompts(cfg: Config) -> list[SamplePrompt]:
@@ -334,42 +292,14 @@ def prepare_caches(
     return TextCache(family, captions)
 
 
-def idle_modules(
-    family: ModelFamily, cfg: Config, text_cache: TextCache | None
-) -> list[torch.nn.Module]:
-    """Frozen modules the training step no longer calls once the caches are filled."""
-    idle = [family.vae] if cfg.data.cache_latents else []
-    if text_cache is not None:
-        idle += list(family.text_encoders().values())
-    return idle
-
-
-def park_idle_modules(
-    accelerator: Accelerator, family: ModelFamily, cfg: Config, text_cache: TextCache | None
-) -> list[torch.nn.Module]:
-    """Move the idle modules to the CPU; `visiting` brings them back for previews."""
-    idle = idle_modules(family, cfg, text_cache)
-    if idle and accelerator.device.type != "cpu":
-        for module in idle:
-            module.to("cpu")
-        torch.cuda.empty_cache()
-        parked = [("the VAE", cfg.data.cache_latents), ("the text encoders", text_cache)]
-        names = " and ".join(name for name, cached in parked if cached)
-        accelerator.print(f"{names} moved to the CPU; previews bring them back while they render")
-    return idle
-
-
 @contextmanager
-def visiting(modules: list[torch.nn.Module], device: torch.device) -> Iterator[None]:
-    """Put `modules` on `device` for the block, and back on the CPU after it."""
-    if device.type == "cpu" or not modules:
+def full_adapter_weights(run: TrainingRun) -> Iterator[None]:
+    """FSDP keeps each process's shard of the parameters only: gather them (every process
+    takes part) while the main process reads the adapters out. A no-op otherwise."""
+    if run.accelerator.distributed_type != DistributedType.FSDP:
         yield
         return
-    for module in modules:
-        module.to(device)
-    try:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(run.unet, writeback=False):
         yield
-    finally:
-        for module in modules:
-            module.to("cpu")
-        torch.cuda.empty_cache()

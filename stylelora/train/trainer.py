@@ -17,7 +17,13 @@ from stylelora.export.atomic import atomic_path
 from stylelora.export.lora_file import save_lora_file
 from stylelora.export.metadata import training_metadata
 from stylelora.sample.render import grid, preview_pipeline, render_all
-from stylelora.train.run import TrainingRun, build_run, training_step, visiting
+from stylelora.train.placement import visiting
+from stylelora.train.run import (
+    TrainingRun,
+    build_run,
+    full_adapter_weights,
+    training_step,
+)
 
 
 @dataclass
@@ -64,10 +70,13 @@ def train(cfg: Config) -> RunResult:
     progress.close()
 
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        metadata = training_metadata(cfg, scan, family, result.steps, epoch, started, time.time())
-        save_lora_file(result.adapter_path, family, adapted, metadata)
-        accelerator.print(f"saved {result.adapter_path}")
+    with full_adapter_weights(run):
+        if accelerator.is_main_process:
+            metadata = training_metadata(
+                cfg, scan, family, result.steps, epoch, started, time.time()
+            )
+            save_lora_file(result.adapter_path, family, adapted, metadata)
+            accelerator.print(f"saved {result.adapter_path}")
     accelerator.end_training()
     return result
 
