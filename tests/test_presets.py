@@ -53,3 +53,14 @@ def test_an_unknown_preset_is_named_with_the_known_ones(tmp_path):
     user.write_text('preset = "sd15-2gb"\nname = "m"\nmodel = "tiny:sd15"\n[data]\ndir = "."\n')
     with pytest.raises(UserError, match=r"^preset: no preset 'sd15-2gb' \(known: sd15-4gb, "):
         load_config(user)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("multi-gpu", "MULTI_GPU"), ("deepspeed-zero2", "DEEPSPEED"), ("fsdp", "FSDP")],
+)
+def test_accelerate_configs_parse(name, kind):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.value == kind and config.num_processes == 2
