@@ -7,6 +7,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from tiny_runs import adapter_tensors, overfit, tiny_run
 
 from stylelora.errors import UserError
+from stylelora.train.trainer import write_preview
 
 
 def test_bf16_keeps_adapters_and_optimizer_state_in_fp32(tiny_sd15_dir, demo_subset, tmp_path):
@@ -62,3 +63,26 @@ def test_sdpa_is_the_default_and_xformers_is_refused_on_the_cpu(
     assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors)
     with pytest.raises(UserError, match=r"^train.attention = 'xformers' needs a CUDA GPU"):
         tiny_run(tmp_path / "x", tiny_sd15_dir, demo_subset(1, 1), "train.attention='xformers'")
+
+
+def test_cached_away_modules_are_parked_and_previews_still_render(
+    tiny_sd15_dir, demo_subset, tmp_path
+):
+    data = demo_subset(2)
+    run = tiny_run(
+        tmp_path,
+        tiny_sd15_dir,
+        data,
+        "data.cache_latents=true",
+        "data.cache_text_encoder_outputs=true",
+        "sample.num_inference_steps=2",
+        prompts=("zqxstyle, a house",),
+    )
+    assert run.idle == [run.family.vae, run.family.pipe.text_encoder]
+    overfit(run, 1)
+    (preview,) = write_preview(run, 1)
+    assert preview.is_file()
+    only_text = tiny_run(
+        tmp_path / "b", tiny_sd15_dir, data, "data.cache_text_encoder_outputs=true"
+    )
+    assert only_text.idle == [only_text.family.pipe.text_encoder]

@@ -10,7 +10,9 @@ from conftest import demo_config
 from stylelora.train.run import TrainingRun, build_run, training_step
 
 
-def tiny_run(tmp_path: Path, model_dir: Path, data: Path, *overrides: str) -> TrainingRun:
+def tiny_run(
+    tmp_path: Path, model_dir: Path, data: Path, *overrides: str, prompts: tuple[str, ...] = ()
+) -> TrainingRun:
     cfg = demo_config(
         tmp_path,
         f"model={str(model_dir)!r}",
@@ -21,6 +23,7 @@ def tiny_run(tmp_path: Path, model_dir: Path, data: Path, *overrides: str) -> Tr
         *overrides,
     )
     cfg.sample.prompts_file = None
+    cfg.sample.prompts = list(prompts)
     return build_run(cfg)
 
 
