@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from stylelora.errors import UserError
 
+# The VRAM presets: complete configs, also layered under a user's file by `preset = "<name>"`.
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -110,9 +113,14 @@ class TrainConfig(Section):
     gradient_accumulation_steps: PositiveInt = 1
     learning_rate: PositiveFloat = 1e-4
     text_encoder_lr: PositiveFloat | None = None
-    lr_scheduler: Literal["constant", "cosine"] = "constant"
+    lr_scheduler: Literal["constant", "cosine", "cosine_with_restarts", "linear", "polynomial"] = (
+        "constant"
+    )
     lr_warmup_steps: NonNegInt = 0
-    optimizer: Literal["adamw"] = "adamw"
+    lr_cycles: PositiveInt = 1  # cosine_with_restarts: how many hard restarts
+    lr_power: PositiveFloat = 1.0  # polynomial: the decay's power (1: linear)
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion8bit"] = "adamw"
+    optimizer_args: dict[str, Any] = Field(default_factory=dict)
     adam_beta1: Probability = 0.9
     adam_beta2: Probability = 0.999
     adam_epsilon: PositiveFloat = 1e-8
@@ -121,6 +129,7 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     attention: Literal["sdpa", "xformers"] = "sdpa"
     gradient_checkpointing: bool = False
+    quantize_base: Literal["no", "nf4", "int8"] = "no"
     zero_terminal_snr: bool = False
 
 
@@ -138,6 +147,9 @@ class SampleConfig(Section):
 
 
 class Config(Section):
+    preset: str | None = Field(
+        default=None, description="A VRAM preset in configs/ (or a TOML path) this file overrides."
+    )
     name: Annotated[str, Field(min_length=1, pattern=r"^[\w.\-]+$")]
     model: str = Field(
         description='A hub id, a diffusers folder, a single-file checkpoint, or "tiny:sd15".'
@@ -164,6 +176,18 @@ class Config(Section):
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a TOML config, apply `key=value` overrides, validate; UserError names what is wrong."""
     path = Path(path)
+    raw = _read_toml(path)
+    for item in overrides:
+        _apply_override(raw, item)
+    raw = _layer_preset(raw, path.parent)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"{path}: {describe_validation_error(exc)}") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The file's table, with its relative paths resolved against its folder."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -171,12 +195,39 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
     _resolve_paths(raw, path.parent)
-    for item in overrides:
-        _apply_override(raw, item)
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as exc:
-        raise UserError(f"{path}: {describe_validation_error(exc)}") from None
+    return raw
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*-*gb.toml"))
+
+
+def preset_path(preset: str, base: Path) -> Path:
+    """A preset's file: a name from configs/ (`sdxl-8gb`) or a TOML path (relative to `base`)."""
+    if preset.endswith(".toml"):
+        return base / preset
+    if preset in preset_names():
+        return PRESETS_DIR / f"{preset}.toml"
+    known = ", ".join(preset_names()) or f"none in {PRESETS_DIR}"
+    raise UserError(f"preset: no preset {preset!r} (known: {known})")
+
+
+def _layer_preset(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """The preset's keys under the user's: the user's file and --set win, section by section."""
+    preset = raw.get("preset")
+    if preset is None:
+        return raw
+    if not isinstance(preset, str):
+        raise UserError(f"preset: expected a preset name or a .toml path (got {preset!r})")
+    layered = _read_toml(preset_path(preset, base))
+    if "preset" in layered:
+        raise UserError(f"preset: {preset!r} names another preset; presets do not chain")
+    for key, value in raw.items():
+        if isinstance(value, dict) and isinstance(layered.get(key), dict):
+            layered[key] = {**layered[key], **value}
+        else:
+            layered[key] = value
+    return layered
 
 
 _PATH_KEYS = (

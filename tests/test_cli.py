@@ -115,8 +115,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 
 
 def test_bad_value_is_one_line_naming_the_key():
-    result = run("train", str(DEMO_CONFIG), "--set", "train.lr_scheduler=linear")
-    assert_one_line_error(result, "train.lr_scheduler", "'constant' or 'cosine'")
+    result = run("train", str(DEMO_CONFIG), "--set", "train.lr_scheduler=step")
+    assert_one_line_error(result, "train.lr_scheduler", "'linear' or 'polynomial' (got 'step')")
 
 
 def test_unknown_key_is_one_line_naming_the_key():

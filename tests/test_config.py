@@ -36,8 +36,9 @@ def test_overrides_parse_toml_values_and_dotted_keys():
     "override, expected",
     [
         (
-            "train.lr_scheduler=linear",
-            "train.lr_scheduler: Input should be 'constant' or 'cosine' (got 'linear')",
+            "train.lr_scheduler=step",
+            "train.lr_scheduler: Input should be 'constant', 'cosine', 'cosine_with_restarts', "
+            "'linear' or 'polynomial' (got 'step')",
         ),
         ("train.learning_rate=-1", "train.learning_rate: Input should be greater than 0"),
         ("train.lerning_rate=1e-4", "train.lerning_rate: unknown key"),

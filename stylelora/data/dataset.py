@@ -113,19 +113,35 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class BucketBatchSampler:
-    """Shuffled batches, each from one bucket; every image appears `repeats` times an epoch."""
+    """Shuffled batches, each from one bucket; every image appears `repeats` times an epoch.
 
-    def __init__(self, dataset: ImageCaptionDataset, batch_size: int, seed: int):
+    With several processes each global batch (`batch_size` x `num_replicas` samples of one
+    bucket) is cut into one slice per process, so a step trains on the same samples however
+    many processes share it; a bucket's short last batch repeats its own samples to fill up.
+    """
+
+    def __init__(
+        self,
+        dataset: ImageCaptionDataset,
+        batch_size: int,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def batches(self, epoch: int) -> list[list[ItemKey]]:
+        """The global batches of `epoch`, in order."""
         rng = derived_generator(self.seed, epoch)
+        size = self.batch_size * self.num_replicas
         by_bucket: dict[Size, list[int]] = {}
         for index, record in enumerate(self.dataset.records):
             by_bucket.setdefault(self.dataset.bucket(index), []).extend([index] * record.repeats)
@@ -134,13 +150,20 @@ class BucketBatchSampler:
             indices = by_bucket[bucket]
             order = torch.randperm(len(indices), generator=rng).tolist()
             shuffled = [indices[i] for i in order]
-            for start in range(0, len(shuffled), self.batch_size):
-                batches.append([(i, epoch) for i in shuffled[start : start + self.batch_size]])
+            for start in range(0, len(shuffled), size):
+                batches.append([(i, epoch) for i in shuffled[start : start + size]])
         order = torch.randperm(len(batches), generator=rng).tolist()
         return [batches[i] for i in order]
 
+    def shard(self, batch: list[ItemKey]) -> list[ItemKey]:
+        """This process's slice of a global batch."""
+        if self.num_replicas == 1:
+            return batch
+        full = [batch[i % len(batch)] for i in range(self.batch_size * self.num_replicas)]
+        return full[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
     def __iter__(self) -> Iterator[list[ItemKey]]:
-        return iter(self.batches(self.epoch))
+        return iter([self.shard(batch) for batch in self.batches(self.epoch)])
 
     def __len__(self) -> int:
         return len(self.batches(self.epoch))

@@ -12,8 +12,12 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
 
 from stylelora.errors import UserError
+
+# One CPU generator for a whole batch, or one per sample.
+Generators = torch.Generator | list[torch.Generator]
 
 
 class ModelFamily:
@@ -109,7 +113,7 @@ class ModelFamily:
     def default_resolution(self) -> int:
         return self.unet.config.sample_size * self.pipe.vae_scale_factor
 
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor, generator: Generators) -> torch.Tensor:
         """Pixels in [-1, 1] to scaled latents, sampling the VAE posterior with `generator`."""
         latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample(generator)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
@@ -121,10 +125,10 @@ class ModelFamily:
         return posterior.mean, posterior.std
 
     def sample_latents(
-        self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator
+        self, mean: torch.Tensor, std: torch.Tensor, generator: Generators
     ) -> torch.Tensor:
         """Scaled latents from a cached posterior; the same draw `encode_images` makes."""
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        noise = randn_tensor(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (mean + std * noise - shift) * self.vae.config.scaling_factor
 

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
 
-from stylelora.families.base import ModelFamily
+from stylelora.families.base import Generators, ModelFamily
 
 
 @dataclass
@@ -25,21 +26,24 @@ def draw_noise(
     family: ModelFamily,
     scheduler: DDPMScheduler,
     pixels: torch.Tensor | dict[str, Any],
-    generator: torch.Generator,
+    generator: Generators,
 ) -> NoisedBatch:
     """Encode `pixels` (or a batch: its pixels or cached posterior), then draw noise and
-    timesteps from `generator` (a CPU generator)."""
+    timesteps from `generator`: one CPU generator for the batch, or one per sample, which makes
+    each sample's draw independent of how a global batch is split between processes."""
     with torch.no_grad():
         latents = batch_latents(family, pixels, generator).float()
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
-    ).to(latents.device)
-    return NoisedBatch(latents, noise, timesteps)
+    noise = randn_tensor(latents.shape, generator=generator, dtype=torch.float32).to(latents)
+    steps = scheduler.config.num_train_timesteps
+    if isinstance(generator, list):
+        timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in generator])
+    else:
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator)
+    return NoisedBatch(latents, noise, timesteps.to(latents.device))
 
 
 def batch_latents(
-    family: ModelFamily, pixels: torch.Tensor | dict[str, Any], generator: torch.Generator
+    family: ModelFamily, pixels: torch.Tensor | dict[str, Any], generator: Generators
 ) -> torch.Tensor:
     if isinstance(pixels, torch.Tensor):
         return family.encode_images(pixels, generator)

@@ -1,6 +1,14 @@
-"""Optimizer and learning-rate schedule from the config."""
+"""Optimizer and learning-rate schedule from the config.
+
+Optimizers are named as kohya names them; each is built with the config's shared settings
+(betas, epsilon, weight decay) where it takes them, then `train.optimizer_args` on top.
+"""
 
 from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
 
 import torch
 from diffusers.optimization import get_scheduler
@@ -8,6 +16,66 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from stylelora.adapters.inject import adapter_parameters
 from stylelora.config import TrainConfig
+from stylelora.errors import UserError
+
+# name -> (module, class, pip extra that provides the module)
+OPTIMIZERS: dict[str, tuple[str, str, str | None]] = {
+    "adamw": ("torch.optim", "AdamW", None),
+    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"),
+    "lion8bit": ("bitsandbytes.optim", "Lion8bit", "bitsandbytes"),
+    "adafactor": ("transformers.optimization", "Adafactor", None),
+    "prodigy": ("prodigyopt", "Prodigy", "prodigy"),
+}
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    module, cls, extra = OPTIMIZERS[name]
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError:
+        raise UserError(
+            f"train.optimizer = {name!r} needs the {module.split('.')[0]} package: "
+            f"pip install 'stylelora[{extra}]'"
+        ) from None
+
+
+def accepted_args(cls: type) -> list[str]:
+    """The keyword arguments the optimizer's constructor takes, beyond params and lr."""
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [
+        p.name
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.name not in ("self", "params", "lr") and p.kind not in variadic
+    ]
+
+
+def check_optimizer(cfg: TrainConfig) -> type[torch.optim.Optimizer]:
+    """The optimizer class, once its package imports and every optimizer_args name is known."""
+    cls = optimizer_class(cfg.optimizer)
+    accepted = accepted_args(cls)
+    unknown = [name for name in cfg.optimizer_args if name not in accepted]
+    if unknown:
+        raise UserError(
+            f"train.optimizer_args: {cfg.optimizer} takes no argument {unknown[0]!r} "
+            f"(it takes: {', '.join(sorted(accepted))})"
+        )
+    return cls
+
+
+def default_args(cfg: TrainConfig) -> dict[str, Any]:
+    """What the config's shared keys mean for each optimizer."""
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if cfg.optimizer in ("adamw", "adamw8bit", "prodigy"):
+        return {"betas": betas, "eps": cfg.adam_epsilon, "weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "adafactor":
+        # A fixed learning rate, as kohya configures it; Adafactor's own schedule is opt-in.
+        return {
+            "scale_parameter": False,
+            "relative_step": False,
+            "warmup_init": False,
+            "weight_decay": cfg.weight_decay,
+        }
+    return {"weight_decay": cfg.weight_decay}  # lion8bit: Lion's own betas (0.9, 0.99)
 
 
 def parameter_groups(adapted: dict[str, torch.nn.Module], cfg: TrainConfig) -> list[dict]:
@@ -22,12 +90,11 @@ def parameter_groups(adapted: dict[str, torch.nn.Module], cfg: TrainConfig) -> l
 
 
 def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        groups,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_epsilon,
-        weight_decay=cfg.weight_decay,
-    )
+    cls = check_optimizer(cfg)
+    try:
+        return cls(groups, lr=cfg.learning_rate, **{**default_args(cfg), **cfg.optimizer_args})
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"train.optimizer_args: {cfg.optimizer} refused them ({exc})") from None
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> LRScheduler:
@@ -38,4 +105,6 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> LR
         optimizer,
         num_warmup_steps=cfg.lr_warmup_steps,
         num_training_steps=cfg.max_steps,
+        num_cycles=cfg.lr_cycles,
+        power=cfg.lr_power,
     )

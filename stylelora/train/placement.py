@@ -1,0 +1,105 @@
+"""Where the model's parts live and in which form: device, dtype, quantization, attention,
+gradient checkpointing; which frozen parts wait on the CPU between previews."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from accelerate import Accelerator
+
+from stylelora.config import Config
+from stylelora.errors import UserError
+from stylelora.families.base import ModelFamily
+from stylelora.train.cache import TextCache
+from stylelora.train.quantize import quantize_base
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NON_REENTRANT = {"use_reentrant": False}
+
+
+def has_accelerator() -> bool:
+    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, ROCm, MPS, XPU, ...
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def place_model(family: ModelFamily, cfg: Config, accelerator: Accelerator) -> None:
+    """Quantize the frozen base where asked, move it to the device, set dtypes and attention."""
+    weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
+    bases = {"lora_unet": family.unet, **family.text_encoders()}
+    counts = quantize_base(bases, cfg.train.quantize_base, weight_dtype, accelerator.device)
+    if counts:
+        layers = ", ".join(f"{prefix} {count}" for prefix, count in counts.items())
+        accelerator.print(f"base quantized to {cfg.train.quantize_base}: Linear layers {layers}")
+    family.pipe.to(accelerator.device)
+    family.cast_vae(weight_dtype)
+    configure_attention(family, cfg.train.attention)
+
+
+def configure_attention(family: ModelFamily, attention: str) -> None:
+    """PyTorch SDPA is diffusers' default; xformers only where it can run."""
+    if attention != "xformers":
+        return
+    if not torch.cuda.is_available():
+        raise UserError("train.attention = 'xformers' needs a CUDA GPU; use 'sdpa' here")
+    try:
+        family.unet.enable_xformers_memory_efficient_attention()
+    except (ImportError, ModuleNotFoundError, ValueError, NotImplementedError) as exc:
+        raise UserError(
+            f"train.attention = 'xformers' is unavailable ({exc}); use 'sdpa'"
+        ) from None
+
+
+def enable_gradient_checkpointing(adapted: dict[str, torch.nn.Module]) -> None:
+    """Non-reentrant checkpointing: the reentrant kind gives adapters inside a checkpointed
+    layer no gradient when the layer's input does not require one (frozen embeddings)."""
+    for prefix, module in adapted.items():
+        if prefix == "lora_unet":
+            module.enable_gradient_checkpointing()
+        elif hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs=NON_REENTRANT)
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=NON_REENTRANT)
+
+
+def idle_modules(
+    family: ModelFamily, cfg: Config, text_cache: TextCache | None
+) -> list[torch.nn.Module]:
+    """Frozen modules the training step no longer calls once the caches are filled."""
+    idle = [family.vae] if cfg.data.cache_latents else []
+    if text_cache is not None:
+        idle += list(family.text_encoders().values())
+    return idle
+
+
+def park_idle_modules(
+    accelerator: Accelerator, family: ModelFamily, cfg: Config, text_cache: TextCache | None
+) -> list[torch.nn.Module]:
+    """Move the idle modules to the CPU; `visiting` brings them back for previews."""
+    idle = idle_modules(family, cfg, text_cache)
+    if idle and accelerator.device.type != "cpu":
+        for module in idle:
+            module.to("cpu")
+        torch.cuda.empty_cache()
+        parked = [("the VAE", cfg.data.cache_latents), ("the text encoders", text_cache)]
+        names = " and ".join(name for name, cached in parked if cached)
+        accelerator.print(f"{names} moved to the CPU; previews bring them back while they render")
+    return idle
+
+
+@contextmanager
+def visiting(modules: list[torch.nn.Module], device: torch.device) -> Iterator[None]:
+    """Put `modules` on `device` for the block, and back on the CPU after it."""
+    if device.type == "cpu" or not modules:
+        yield
+        return
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to("cpu")
+        torch.cuda.empty_cache()

@@ -1,0 +1,89 @@
+"""A quantized frozen base (QLoRA): the UNet's and text encoders' Linear layers in NF4 or int8.
+
+diffusers' and transformers' `from_pretrained(quantization_config=...)` refuse to run without a
+GPU, and they cannot quantize a model that is already loaded (a single file, a tiny model). So
+the Linear layers of the loaded model are swapped here for bitsandbytes' `Linear4bit` /
+`Linear8bitLt`, one at a time (only one layer is ever held twice), before the adapters are
+injected; PEFT then wraps its LoRA layers around the quantized ones as it does for models
+loaded in 4 or 8 bit. Convolutions, norms and embeddings stay as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stylelora.errors import UserError
+
+# PEFT reads these model attributes to pick its bitsandbytes-aware LoRA layers.
+PEFT_FLAGS = {"nf4": "is_loaded_in_4bit", "int8": "is_loaded_in_8bit"}
+
+
+def import_bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UserError(
+            "train.quantize_base needs bitsandbytes: pip install 'stylelora[bitsandbytes]'"
+        ) from None
+    return bitsandbytes
+
+
+def quantized_linear(
+    linear: torch.nn.Linear, kind: str, compute_dtype: torch.dtype, device: torch.device
+) -> torch.nn.Module:
+    """A bitsandbytes copy of `linear`, quantized on `device` (where `.to` quantizes)."""
+    bnb = import_bitsandbytes()
+    has_bias = linear.bias is not None
+    weight = linear.weight.data
+    if kind == "nf4":
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=compute_dtype,
+            quant_type="nf4",
+            device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+    else:
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            has_fp16_weights=False,
+            device="meta",
+        )
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    if has_bias:
+        layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+    return layer.to(device)
+
+
+def quantize_linears(
+    model: torch.nn.Module, kind: str, compute_dtype: torch.dtype, device: torch.device
+) -> int:
+    """Replace `model`'s Linear layers in place; return how many were quantized."""
+    targets = [
+        (name, module) for name, module in model.named_modules() if type(module) is torch.nn.Linear
+    ]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, quantized_linear(linear, kind, compute_dtype, device))
+    setattr(model, PEFT_FLAGS[kind], True)
+    return len(targets)
+
+
+def quantize_base(
+    models: dict[str, torch.nn.Module],
+    kind: str,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, int]:
+    """Quantize each of `models` (keyed by kohya prefix); return the layer count of each."""
+    if kind == "no":
+        return {}
+    return {
+        prefix: quantize_linears(model, kind, compute_dtype, device)
+        for prefix, model in models.items()
+    }

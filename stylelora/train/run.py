@@ -1,0 +1,307 @@
+"""A training run's set-up, and one training step: what the loop and the benchmarks share.
+
+`build_run(cfg)` loads and places the model (quantized, mixed precision, checkpointing),
+injects the adapters, fills the caches, parks what the step no longer needs off the
+accelerator, and prepares the rest with accelerate; `training_step` is one micro-batch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, send_to_device, set_seed
+from diffusers import DDPMScheduler
+from torch.utils.data import DataLoader
+
+from stylelora.adapters.inject import adapter_parameters, inject_adapters
+from stylelora.config import Config
+from stylelora.data.captions import with_trigger
+from stylelora.data.dataset import (
+    BucketBatchSampler,
+    ImageCaptionDataset,
+    collate,
+    derived_generator,
+)
+from stylelora.data.report import data_options, describe, scan_dataset
+from stylelora.data.scan import ScanResult
+from stylelora.errors import UserError
+from stylelora.export.atomic import atomic_path
+from stylelora.families import load_family
+from stylelora.families.base import ModelFamily
+from stylelora.sample.prompts import SamplePrompt, parse_prompt_file
+from stylelora.train.cache import TextCache, cache_latents
+from stylelora.train.loss import denoising_loss, draw_noise
+from stylelora.train.optim import (
+    build_lr_scheduler,
+    build_optimizer,
+    check_optimizer,
+    parameter_groups,
+)
+from stylelora.train.placement import (
+    WEIGHT_DTYPES,
+    enable_gradient_checkpointing,
+    has_accelerator,
+    park_idle_modules,
+    place_model,
+)
+
+
+@dataclass
+class TrainingRun:
+    """Everything a training step and the loop around it use."""
+
+    cfg: Config
+    accelerator: Accelerator
+    family: ModelFamily
+    adapted: dict[str, torch.nn.Module]  # kohya prefix -> adapted component, unwrapped
+    unet: torch.nn.Module  # the UNet as accelerate prepared it (DDP-wrapped with several)
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: BucketBatchSampler
+    loader: DataLoader
+    noise_scheduler: DDPMScheduler
+    text_cache: TextCache | None
+    idle: list[torch.nn.Module]  # frozen modules parked off the accelerator between previews
+    scan: ScanResult
+    prompts: list[SamplePrompt]
+    started: float
+
+
+def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
+    """Set up the run `cfg` describes; `family`: an already loaded model instead of cfg.model."""
+    started = time.time()
+    check_optimizer(cfg.train)
+    scan = scan_dataset(cfg.data)
+    dataset = ImageCaptionDataset(scan.records, data_options(cfg.data, cfg.seed))
+    prompts = sample_prompts(cfg)
+    # accelerate keeps one mixed-precision setting per process; a second run (tests, the
+    # benchmark) may ask for another. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        cpu=not has_accelerator(),  # accelerate joins CPU ranks (torchrun, gloo) only if told
+    )
+    check_platform(accelerator, cfg)
+    if accelerator.is_main_process:
+        check_writable(cfg.output_dir)
+        write_run_config(cfg)
+    report_dataset(accelerator, scan, dataset, cfg)
+    family = family or load_model(cfg)
+    for note in family.notes:
+        accelerator.print(note)
+    place_model(family, cfg, accelerator)
+    set_seed(cfg.seed)  # PEFT draws the adapters' initial weights from torch's global RNG
+    adapted = inject_adapters(family, cfg.adapter)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(adapted)
+    optimizer = build_optimizer(parameter_groups(adapted, cfg.train), cfg.train)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
+    text_cache = prepare_caches(accelerator, family, dataset, cfg)
+    idle = park_idle_modules(accelerator, family, cfg, text_cache)
+    sampler = BucketBatchSampler(
+        dataset,
+        cfg.train.batch_size,
+        cfg.seed,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
+    # Sharded by the sampler, not by accelerate: see BucketBatchSampler.
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers
+    )
+    # Only the UNet is wrapped: the pipeline calls the text encoders itself, so a DDP wrapper
+    # around them would never run; their gradients are averaged in average_text_encoder_grads.
+    unet, optimizer = accelerator.prepare(adapted["lora_unet"], optimizer)
+    for module in adapted.values():
+        module.train()
+    return TrainingRun(
+        cfg=cfg,
+        accelerator=accelerator,
+        family=family,
+        adapted=adapted,
+        unet=unet,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        sampler=sampler,
+        loader=loader,
+        noise_scheduler=family.noise_scheduler(),
+        text_cache=text_cache,
+        idle=idle,
+        scan=scan,
+        prompts=prompts,
+        started=started,
+    )
+
+
+def training_step(run: TrainingRun, batch: dict[str, Any], draws: int) -> torch.Tensor:
+    """One micro-batch: loss and backward, and on a step's last micro-batch the optimizer step.
+
+    Each sample's noise comes from (seed, draws, its place in the global batch), so a step
+    draws the same noise whether one process trains the global batch or several share it.
+    """
+    accelerator, cfg = run.accelerator, run.cfg
+    with accelerator.accumulate(run.unet):
+        batch = send_to_device(batch, accelerator.device)
+        first = accelerator.process_index * cfg.train.batch_size
+        generators = [
+            derived_generator(cfg.seed, draws, first + i) for i in range(len(batch["captions"]))
+        ]
+        if run.text_cache:
+            batch["text"] = run.text_cache.encode(batch["captions"])
+        noised = draw_noise(run.family, run.noise_scheduler, batch, generators)
+        with accelerator.autocast():  # covers the text encoders, which are not prepared
+            loss = denoising_loss(run.family, run.unet, run.noise_scheduler, noised, batch)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            average_text_encoder_grads(run)
+            if cfg.train.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(
+                    optimizer_params(run.optimizer), cfg.train.max_grad_norm
+                )
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def average_text_encoder_grads(run: TrainingRun) -> None:
+    """Average the text-encoder adapters' gradients over the processes, in one all-reduce."""
+    if run.accelerator.num_processes == 1:
+        return
+    grads = [
+        param.grad
+        for prefix, module in run.adapted.items()
+        if prefix != "lora_unet"
+        for param in adapter_parameters(module)
+        if param.grad is not None
+    ]
+    if not grads:
+        return
+    flat = torch.cat([grad.flatten() for grad in grads])
+    torch.distributed.all_reduce(flat)  # a sum: gloo has no average
+    flat /= run.accelerator.num_processes
+    for grad, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        grad.copy_(part.view_as(grad))
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def check_platform(accelerator: Accelerator, cfg: Config) -> None:
+    """Refuse, in one line each, what this machine or launch cannot do."""
+    if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError(
+            "train.mixed_precision = 'fp16' needs a GPU (its loss scaling runs there); "
+            "use 'bf16' or 'no' on the CPU"
+        )
+    sharded = (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if accelerator.distributed_type in sharded and cfg.adapter.text_encoder:
+        raise UserError(
+            "adapter.text_encoder: text-encoder adapters train only under plain multi-GPU (DDP), "
+            f"not {accelerator.distributed_type.value}"
+        )
+
+
+def load_model(cfg: Config) -> ModelFamily:
+    return load_family(
+        cfg.model,
+        dtype=WEIGHT_DTYPES[cfg.train.mixed_precision],
+        clip_skip=cfg.clip_skip - 1 if cfg.clip_skip else None,  # kohya's 2 is diffusers' 1
+        prediction_type=cfg.prediction_type,
+        zero_terminal_snr=cfg.train.zero_terminal_snr,
+        config=str(cfg.single_file_config) if cfg.single_file_config else None,
+    )
+
+
+def sample_prompts(cfg: Config) -> list[SamplePrompt]:
+    """The preview prompts, read and checked before any model is loaded."""
+    side = cfg.data.resolution
+    defaults = SamplePrompt(
+        prompt="",
+        negative_prompt=cfg.sample.negative_prompt,
+        width=cfg.sample.width or side,
+        height=cfg.sample.height or side,
+        seed=cfg.sample.seed,
+        guidance_scale=cfg.sample.guidance_scale,
+        steps=cfg.sample.num_inference_steps,
+    )
+    if cfg.sample.prompts_file:
+        return parse_prompt_file(cfg.sample.prompts_file, defaults)
+    return [SamplePrompt(**{**defaults.__dict__, "prompt": p}) for p in cfg.sample.prompts]
+
+
+def check_writable(folder: Path) -> None:
+    with atomic_path(folder / ".write-test") as probe:
+        probe.write_bytes(b"ok")
+    (folder / ".write-test").unlink()
+
+
+def write_run_config(cfg: Config) -> None:
+    with atomic_path(cfg.output_dir / "config.json") as tmp:
+        tmp.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+
+
+def report_dataset(
+    accelerator: Accelerator, scan: ScanResult, dataset: ImageCaptionDataset, cfg: Config
+) -> None:
+    global_batch = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+    global_batch *= accelerator.num_processes
+    for line in describe(scan, dataset, cfg.data):
+        accelerator.print(line)
+    accelerator.print(
+        f"global batch {global_batch} ({accelerator.num_processes} process(es) x batch "
+        f"{cfg.train.batch_size} x accumulation {cfg.train.gradient_accumulation_steps}), "
+        f"learning rate {cfg.train.learning_rate:g}"
+    )
+
+
+def latents_cache_dir(cfg: Config) -> Path:
+    return cfg.data.cache_dir or cfg.data.dir / ".stylelora-cache"
+
+
+def prepare_caches(
+    accelerator: Accelerator, family: ModelFamily, dataset: ImageCaptionDataset, cfg: Config
+) -> TextCache | None:
+    """Fill the latents cache and the text cache where the config asks and allows them."""
+    say = accelerator.print
+    if cfg.data.cache_latents:
+        folder = latents_cache_dir(cfg)
+        with accelerator.main_process_first():  # the others then find the entries written
+            stats = cache_latents(
+                family, dataset, folder, cfg.train.batch_size, accelerator.is_local_main_process
+            )
+        say(f"latents cache {folder}: {stats.encoded} encoded, {stats.reused} reused")
+    if not cfg.data.cache_text_encoder_outputs:
+        return None
+    if cfg.adapter.text_encoder:
+        say("text cache off: adapter.text_encoder trains the text encoder")
+        return None
+    if cfg.data.caption_randomness:
+        say("text cache off: shuffle_caption or caption dropout changes the captions every draw")
+        return None
+    captions = [with_trigger(r.caption, cfg.data.trigger_word) for r in dataset.records]
+    say(f"text cache: {len(set(captions))} distinct captions encoded once")
+    return TextCache(family, captions)
+
+
+@contextmanager
+def full_adapter_weights(run: TrainingRun) -> Iterator[None]:
+    """FSDP keeps each process's shard of the parameters only: gather them (every process
+    takes part) while the main process reads the adapters out. A no-op otherwise."""
+    if run.accelerator.distributed_type != DistributedType.FSDP:
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(run.unet, writeback=False):
+        yield

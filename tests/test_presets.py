@@ -1,0 +1,66 @@
+"""The VRAM presets stay valid configs, and layer under a user's file."""
+
+import pytest
+from conftest import ROOT
+
+from stylelora.config import PRESETS_DIR, load_config, preset_names
+from stylelora.errors import UserError
+
+PRESETS = ["sd15-4gb", "sd15-8gb", "sdxl-6gb", "sdxl-8gb", "sdxl-12gb", "sdxl-24gb"]
+
+
+def test_every_preset_is_there():
+    assert PRESETS_DIR == ROOT / "configs"
+    assert preset_names() == sorted(PRESETS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_each_preset_loads_as_a_config(name, tmp_path):
+    cfg = load_config(
+        PRESETS_DIR / f"{name}.toml", [f"data.dir={str(tmp_path)!r}", "model='tiny:sd15'"]
+    )
+    assert cfg.data.dir == tmp_path and cfg.model == "tiny:sd15"
+    assert cfg.train.gradient_checkpointing and cfg.data.cache_latents
+    assert cfg.train.mixed_precision != "no"
+    side = 1024 if name.startswith("sdxl") else 512
+    assert cfg.data.resolution == side
+
+
+def test_a_user_config_overrides_its_preset_key_by_key(tmp_path):
+    user = tmp_path / "mine.toml"
+    user.write_text(
+        'preset = "sdxl-8gb"\nname = "mine"\nmodel = "tiny:sdxl"\n'
+        '[data]\ndir = "images"\n[train]\nbatch_size = 3\n'
+    )
+    cfg = load_config(user, ["adapter.rank=4"])
+    assert (cfg.name, cfg.model, cfg.preset) == ("mine", "tiny:sdxl", "sdxl-8gb")
+    assert cfg.data.dir == tmp_path / "images"  # relative to the user's file
+    assert cfg.data.resolution == 1024 and cfg.data.cache_text_encoder_outputs  # from the preset
+    assert cfg.train.batch_size == 3 and cfg.train.optimizer == "adamw8bit"
+    assert cfg.adapter.rank == 4 and cfg.adapter.alpha == 4.0
+
+
+def test_a_preset_from_the_command_line_and_a_preset_path(tmp_path):
+    user = tmp_path / "mine.toml"
+    user.write_text('name = "mine"\nmodel = "tiny:sd15"\n[data]\ndir = "."\n')
+    assert load_config(user, ["preset='sd15-4gb'"]).train.quantize_base == "nf4"
+    (tmp_path / "house.toml").write_text("[train]\nmax_steps = 7\n")
+    assert load_config(user, ["preset='house.toml'"]).train.max_steps == 7
+
+
+def test_an_unknown_preset_is_named_with_the_known_ones(tmp_path):
+    user = tmp_path / "mine.toml"
+    user.write_text('preset = "sd15-2gb"\nname = "m"\nmodel = "tiny:sd15"\n[data]\ndir = "."\n')
+    with pytest.raises(UserError, match=r"^preset: no preset 'sd15-2gb' \(known: sd15-4gb, "):
+        load_config(user)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("multi-gpu", "MULTI_GPU"), ("deepspeed-zero2", "DEEPSPEED"), ("fsdp", "FSDP")],
+)
+def test_accelerate_configs_parse(name, kind):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.value == kind and config.num_processes == 2

@@ -1,0 +1,71 @@
+"""QLoRA: adapters trained on an NF4 or int8 base, exported as a file a plain pipeline loads."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from peft.tuners.lora import bnb as peft_bnb
+from tiny_runs import overfit, tiny_run
+
+from stylelora.export.lora_file import save_lora_file
+from stylelora.train.quantize import quantize_linears
+
+LAYERS = {
+    "nf4": (bnb.nn.Linear4bit, peft_bnb.Linear4bit),
+    "int8": (bnb.nn.Linear8bitLt, peft_bnb.Linear8bitLt),
+}
+
+
+def unet_output(pipe: DiffusionPipeline) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    text = torch.randn(1, 77, 32, generator=generator)
+    with torch.no_grad():
+        return pipe.unet(latents, torch.tensor([500]), encoder_hidden_states=text).sample
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_adapters_learn_on_a_quantized_base_and_load_into_a_plain_pipeline(
+    kind, tiny_sd15_dir, demo_subset, tmp_path
+):
+    run = tiny_run(
+        tmp_path,
+        tiny_sd15_dir,
+        demo_subset(2),
+        f"train.quantize_base={kind!r}",
+        "adapter.text_encoder=true",
+        "train.learning_rate=1e-2",
+    )
+    base_layer, lora_layer = LAYERS[kind]
+    plain = [
+        name
+        for name, module in run.family.unet.named_modules()
+        if type(module) is torch.nn.Linear and ".lora_" not in name
+    ]
+    assert plain == []  # every base Linear is quantized; only the adapters are not
+    to_k = run.family.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k
+    assert isinstance(to_k, lora_layer) and isinstance(to_k.base_layer, base_layer)
+
+    losses = overfit(run, 6)
+    print(kind, [round(x, 4) for x in losses])
+    assert losses[-1] < 0.95 * losses[0]
+
+    path = save_lora_file(tmp_path / "q.safetensors", run.family, run.adapted, {})
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd15_dir)
+    before = unet_output(pipe)
+    pipe.load_lora_weights(str(path))
+    assert pipe.get_list_adapters() == {"unet": ["default_0"], "text_encoder": ["default_0"]}
+    assert not torch.allclose(unet_output(pipe), before, atol=1e-4)
+
+
+def test_quantizing_keeps_the_layer_close_to_the_original():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256))
+    reference = model[0].weight.detach().clone()
+    x = torch.randn(8, 256)
+    expected = model(x)
+    quantize_linears(model, "nf4", torch.float32, torch.device("cpu"))
+    assert isinstance(model[0], bnb.nn.Linear4bit) and model.is_loaded_in_4bit
+    error = (model(x) - expected).norm() / expected.norm()
+    assert error < 0.15  # NF4 keeps about 3 significant bits of each weight
+    assert model[0].weight.numel() < reference.numel()  # packed: two weights a byte
