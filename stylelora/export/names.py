@@ -8,6 +8,7 @@ names some trainers write (`lora_unet_down_blocks_1_attentions_0_...`).
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -78,5 +79,7 @@ def meta_family(skeleton: str) -> ModelFamily:
         for attr, cls in classes.items():
             if (folder / attr).is_dir():
                 parts[attr] = cls(CLIPTextConfig.from_pretrained(folder / attr))
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    parts["scheduler"] = SimpleNamespace(config=scheduler)
     family_cls = next(f for f in FAMILIES if f.name == SKELETON_FAMILY[skeleton])
     return family_cls(SimpleNamespace(**parts))
