@@ -63,6 +63,22 @@ class Adapter:
     def is_dora(self) -> bool:
         return any(m.dora_scale is not None for m in self.modules.values())
 
+    def with_uniform_alpha(self) -> Adapter:
+        """The same ΔW with one alpha (the largest rank) for every module, scale folded into up.
+
+        diffusers misreads a kohya file whose attention modules' alphas differ (its converted
+        alpha_pattern keys match no module, so the commonest alpha is used for all). DoRA modules
+        keep alpha = rank, which the UIs' DoRA formulas need.
+        """
+        if self.is_dora or not self.modules:
+            return self
+        alpha = float(max(m.rank for m in self.modules.values()))
+        modules = {
+            name: LoraModule(m.down, m.up * (m.alpha / alpha), alpha)
+            for name, m in self.modules.items()
+        }
+        return Adapter(modules, {**self.metadata, "ss_network_alpha": f"{alpha:g}"})
+
     def tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name, module in sorted(self.modules.items()):

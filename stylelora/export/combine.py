@@ -57,4 +57,4 @@ def combine_adapters(adapters: list[tuple[str, Adapter, float]]) -> Adapter:
             "stylelora_combined": ", ".join(f"{path}:{s:g}" for path, _, s in adapters),
         }
     )
-    return Adapter(modules, metadata)
+    return Adapter(modules, metadata).with_uniform_alpha()

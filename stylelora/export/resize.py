@@ -2,7 +2,8 @@
 
 Each module's ΔW = (alpha / rank) · up @ down is factored as U S Vᵀ; the first k singular pairs
 are kept, split as up = U √S, down = √S Vᵀ, with alpha = k so that the file's ΔW is that of the
-truncation. A DoRA module keeps its `dora_scale`. Kept energy is Σ_k S² / Σ S²; the error printed
+truncation (then one alpha for all, see Adapter.with_uniform_alpha). A DoRA module keeps its
+`dora_scale`. Kept energy is Σ_k S² / Σ S²; the error printed
 is ||ΔW − ΔW_k|| / ||ΔW|| (Frobenius), which is √(1 − energy).
 """
 
@@ -77,4 +78,4 @@ def resize_adapter(
         "ss_network_alpha": str(max(ranks, default=0)),
         "stylelora_resized": f"rank={rank}" if rank is not None else f"energy={energy}",
     }
-    return Adapter(modules, metadata), reports
+    return Adapter(modules, metadata).with_uniform_alpha(), reports

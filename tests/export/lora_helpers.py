@@ -42,6 +42,7 @@ def randomise(modules, seed: int = 0, scale: float = 0.5) -> None:
 def adapted_family(tiny: str, seed: int = 0, **options):
     """A tiny family with adapters injected as `options` say, their weights randomised."""
     family = load_family(str(tiny_model_path(tiny)))
+    torch.manual_seed(seed)  # PEFT draws the down weights from the global RNG
     adapted = inject_adapters(family, AdapterConfig(**options))
     randomise(adapted.values(), seed)
     return family, adapted
