@@ -60,7 +60,7 @@ def counted(values) -> str:
 
 def describe(path: Path, adapter: Adapter, fmt: str) -> list[str]:
     modules = adapter.modules
-    components = Counter(name.split("_")[1] for name in modules)
+    components = Counter("_".join(name.split("_")[:2]) for name in modules)
     lines = [
         f"file: {path} ({path.stat().st_size / 2**20:.2f} MiB)",
         f"format: {fmt}" + (" + DoRA (dora_scale)" if adapter.is_dora else ""),
