@@ -140,3 +140,38 @@ def test_dora_file_renders_our_image_and_the_uis_formula(tmp_path, tiny):
     plain = fresh_pipe(tiny)
     plain.load_lora_weights(str(path))
     assert max_diff(ours, rendered(plain)) > 1e-3
+
+
+def test_training_with_dora_locon_and_module_dropout_writes_a_working_file(
+    tiny_sd15_dir, demo_subset, tmp_path
+):
+    """The trainer runs with every variant on, and its file carries them."""
+    from conftest import demo_config
+
+    from stylelora.sample.adapter import apply_adapter
+    from stylelora.train.trainer import train
+
+    cfg = demo_config(
+        tmp_path,
+        f"model={str(tiny_sd15_dir)!r}",
+        f"data.dir={str(demo_subset(4))!r}",
+        "train.max_steps=3",
+        "train.gradient_checkpointing=true",
+        "sample.every_n_steps=0",
+        "adapter.unet_targets='full'",
+        "adapter.use_dora=true",
+        "adapter.module_dropout=0.3",
+        "adapter.dropout=0.1",
+        "adapter.conv_rank=2",
+    )
+    cfg.sample.prompts_file = None
+    cfg.sample.prompts = []
+    result = train(cfg)
+    adapter = read_adapter(result.adapter_path)
+    assert adapter.is_dora
+    assert {m.rank for m in adapter.modules.values()} == {2, cfg.adapter.rank}
+    assert '"dora_wd": true' in adapter.metadata["ss_network_args"]
+    family = detect_family(fresh_pipe("sd15"))
+    base = rendered(family.pipe)
+    apply_adapter(family, result.adapter_path, 1.0)
+    assert max_diff(rendered(family.pipe), base) > 1e-4
