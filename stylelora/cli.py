@@ -80,7 +80,48 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("folder", type=Path)
     tiny.set_defaults(run=run_make_tiny_model)
+    add_tool_commands(commands)
     return parser
+
+
+def add_tool_commands(commands) -> None:
+    """export, merge, resize, combine, inspect: see stylelora/export/tools.py."""
+    export = commands.add_parser("export", help="convert an adapter between formats")
+    export.add_argument("adapter", type=Path, help="kohya or diffusers-layout .safetensors")
+    export.add_argument("--format", choices=["kohya", "diffusers", "peft"], required=True)
+    export.add_argument("--out", type=Path, required=True, help="file (peft: a folder)")
+    export.add_argument(
+        "--model", help="base model whose module names to use (default: the family's)"
+    )
+    export.set_defaults(run=run_export)
+
+    merge = commands.add_parser("merge", help="merge adapters into a base model")
+    merge.add_argument("--model", required=True, help="base model, as for sample")
+    merge.add_argument("--model-config", type=Path, help="component configs for a single file")
+    merge.add_argument(
+        "--adapter", action="append", required=True, metavar="FILE[:STRENGTH]", help="repeatable"
+    )
+    merge.add_argument("--out", type=Path, required=True, help="folder, or FILE.safetensors")
+    merge.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    merge.set_defaults(run=run_merge)
+
+    resize = commands.add_parser("resize", help="reduce an adapter's rank by SVD")
+    resize.add_argument("adapter", type=Path)
+    size = resize.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, help="the same rank for every module")
+    size.add_argument("--energy", type=float, help="per module, keep this share (e.g. 0.99)")
+    resize.add_argument("--out", type=Path, required=True)
+    resize.set_defaults(run=run_resize)
+
+    combine = commands.add_parser("combine", help="combine adapters at strengths into one")
+    combine.add_argument("adapters", nargs="+", metavar="FILE[:STRENGTH]")
+    combine.add_argument("--out", type=Path, required=True)
+    combine.add_argument("--rank", type=int, help="reduce the combination to this rank by SVD")
+    combine.set_defaults(run=run_combine)
+
+    inspect = commands.add_parser("inspect", help="describe an adapter file, or what is broken")
+    inspect.add_argument("file", type=Path)
+    inspect.set_defaults(run=run_inspect)
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -142,6 +183,37 @@ def run_make_tiny_model(args: argparse.Namespace) -> None:
 
     make_tiny_model(args.family, args.folder, seed=args.seed)
     print(f"wrote a tiny {args.family} pipeline to {args.folder}")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from stylelora.export.tools import run_export as export
+
+    print(export(args.adapter, args.format, args.out, args.model))
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    from stylelora.export.tools import run_merge as merge
+
+    config = str(args.model_config) if args.model_config else None
+    print(merge(args.model, args.adapter, args.out, args.dtype, config))
+
+
+def run_resize(args: argparse.Namespace) -> None:
+    from stylelora.export.tools import run_resize as resize
+
+    print("\n".join(resize(args.adapter, args.rank, args.energy, args.out)))
+
+
+def run_combine(args: argparse.Namespace) -> None:
+    from stylelora.export.tools import run_combine as combine
+
+    print("\n".join(combine(args.adapters, args.out, args.rank)))
+
+
+def run_inspect(args: argparse.Namespace) -> None:
+    from stylelora.export.tools import run_inspect as inspect
+
+    print("\n".join(inspect(args.file)))
 
 
 def quiet_libraries() -> None:

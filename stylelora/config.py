@@ -99,12 +99,17 @@ class DataConfig(Section):
 class AdapterConfig(Section):
     rank: PositiveInt = 16
     alpha: PositiveFloat = 8.0
-    unet_targets: Literal["cross-attn", "attention"] = "cross-attn"
+    unet_targets: Literal["cross-attn", "attention", "attn-mlp", "full"] = "cross-attn"
     text_encoder: bool = False
     text_encoder_rank: PositiveInt | None = None
     text_encoder_alpha: PositiveFloat | None = None
     init: Literal["kaiming", "gaussian"] = "kaiming"
     dropout: Probability = 0.0
+    text_encoder_targets: Literal["attention", "attn-mlp"] = "attention"
+    conv_rank: PositiveInt | None = None  # 3x3 convolutions of the `full` preset; unset: rank
+    conv_alpha: PositiveFloat | None = None  # unset: alpha
+    use_dora: bool = False
+    module_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
 class TrainConfig(Section):

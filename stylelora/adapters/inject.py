@@ -5,34 +5,46 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig
 
+from stylelora.adapters.dora import use_column_dora
+from stylelora.adapters.dropout import add_module_dropout
+from stylelora.adapters.targets import (
+    TEXT_ENCODER_TARGETS,
+    UNET_TARGETS,
+    Targets,
+    unet_targets,
+)
 from stylelora.config import AdapterConfig
 from stylelora.families.base import ModelFamily
 
-ADAPTER_NAME = "default"
+__all__ = ["ADAPTER_NAME", "TEXT_ENCODER_TARGETS", "UNET_TARGETS", "inject_adapters"]
 
-# PEFT matches a target by module-path suffix.
-UNET_TARGETS: dict[str, list[str]] = {
-    "cross-attn": ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],
-    "attention": [
-        f"{attn}.{proj}"
-        for attn in ("attn1", "attn2")
-        for proj in ("to_q", "to_k", "to_v", "to_out.0")
-    ],
-}
-# q, k, v and out_proj together: AUTOMATIC1111 skips an OpenCLIP layer that lacks any of them.
-TEXT_ENCODER_TARGETS = [f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+ADAPTER_NAME = "default"
 
 PEFT_INIT = {"kaiming": True, "gaussian": "gaussian"}  # True: kohya's Kaiming-uniform down, zero up
 
 
-def lora_config(rank: int, alpha: float, targets: list[str], cfg: AdapterConfig) -> LoraConfig:
+def lora_config(
+    rank: int, alpha: float, targets: Targets, cfg: AdapterConfig, conv: tuple[int, float]
+) -> LoraConfig:
+    """PEFT's config; the 3x3 convolutions of `targets.conv` get rank and alpha `conv`."""
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,
-        target_modules=targets,
+        target_modules=targets.main + targets.conv,
+        rank_pattern={path: conv[0] for path in targets.conv},
+        alpha_pattern={path: conv[1] for path in targets.conv},
         init_lora_weights=PEFT_INIT[cfg.init],
         lora_dropout=cfg.dropout,
+        use_dora=cfg.use_dora,
     )
+
+
+def add_adapter(module: torch.nn.Module, config: LoraConfig, cfg: AdapterConfig) -> None:
+    """Inject one component's adapters, with the DoRA orientation and module dropout asked for."""
+    module.add_adapter(config, ADAPTER_NAME)
+    if cfg.use_dora:
+        use_column_dora(module, ADAPTER_NAME)
+    add_module_dropout(module, cfg.module_dropout)
 
 
 def inject_adapters(family: ModelFamily, cfg: AdapterConfig) -> dict[str, torch.nn.Module]:
@@ -47,14 +59,15 @@ def inject_adapters(family: ModelFamily, cfg: AdapterConfig) -> dict[str, torch.
         encoder.requires_grad_(False)
 
     adapted = {"lora_unet": family.unet}
-    family.unet.add_adapter(
-        lora_config(cfg.rank, cfg.alpha, UNET_TARGETS[cfg.unet_targets], cfg), ADAPTER_NAME
-    )
+    conv = (cfg.conv_rank or cfg.rank, cfg.conv_alpha or cfg.alpha)
+    targets = unet_targets(family.unet, cfg.unet_targets)
+    add_adapter(family.unet, lora_config(cfg.rank, cfg.alpha, targets, cfg, conv), cfg)
     if cfg.text_encoder:
         rank = cfg.text_encoder_rank or cfg.rank
         alpha = cfg.text_encoder_alpha or cfg.alpha
+        te_targets = Targets(main=TEXT_ENCODER_TARGETS[cfg.text_encoder_targets])
         for prefix, encoder in family.text_encoders().items():
-            encoder.add_adapter(lora_config(rank, alpha, TEXT_ENCODER_TARGETS, cfg), ADAPTER_NAME)
+            add_adapter(encoder, lora_config(rank, alpha, te_targets, cfg, conv), cfg)
             adapted[prefix] = encoder
     for module in adapted.values():
         for param in module.parameters():

@@ -2,7 +2,12 @@
 
 Per module: `<name>.lora_down.weight` (PEFT's lora_A), `<name>.lora_up.weight` (lora_B) and
 `<name>.alpha`. diffusers' `convert_state_dict_to_kohya` writes alpha = rank whatever the real
-alpha was, so the conversion is done here with the alpha PEFT actually trained with.
+alpha was, so the conversion is done here with the alpha PEFT actually trained with. Each
+module's rank is its tensors' (PEFT's rank_pattern gives LoCon's 3x3 convolutions their own).
+
+DoRA modules also get `<name>.dora_scale` (see adapters/dora.py). AUTOMATIC1111 applies
+alpha/rank after normalising `W + up @ down`, ComfyUI before, so a DoRA module is written with
+alpha/rank folded into `lora_up` and alpha = rank: both UIs then compute the weight trained here.
 """
 
 from __future__ import annotations
@@ -14,7 +19,11 @@ from peft import get_peft_model_state_dict
 
 from stylelora.adapters.inject import ADAPTER_NAME
 
-PEFT_TO_KOHYA = {"lora_A": "lora_down", "lora_B": "lora_up"}
+PEFT_TO_KOHYA = {
+    "lora_A": "lora_down",
+    "lora_B": "lora_up",
+    "lora_magnitude_vector": "dora_scale",
+}
 
 
 def module_alpha(module: torch.nn.Module, module_path: str) -> float:
@@ -30,17 +39,27 @@ def peft_to_kohya(
     module: torch.nn.Module, prefix: str, kohya_name: Callable[[str, str], str]
 ) -> dict[str, torch.Tensor]:
     """kohya tensors for the adapters in `module`; `kohya_name(prefix, path)` names each one."""
-    tensors: dict[str, torch.Tensor] = {}
     # No embedding check: it looks the base model up on the hub, and no embeddings are adapted.
     state = get_peft_model_state_dict(
         module, adapter_name=ADAPTER_NAME, save_embedding_layers=False
     )
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         module_path, _, rest = key.rpartition(".lora_")
         part = "lora_" + rest.split(".")[0]
         if part not in PEFT_TO_KOHYA:
             raise ValueError(f"unexpected adapter tensor {key!r}")
+        grouped.setdefault(module_path, {})[PEFT_TO_KOHYA[part]] = value.detach().float()
+    tensors: dict[str, torch.Tensor] = {}
+    for module_path, parts in grouped.items():
         name = kohya_name(prefix, module_path)
-        tensors[f"{name}.{PEFT_TO_KOHYA[part]}.weight"] = value.detach().float().contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(module_alpha(module, module_path))
+        alpha = module_alpha(module, module_path)
+        if "dora_scale" in parts:
+            rank = parts["lora_down"].shape[0]
+            parts["lora_up"] = parts["lora_up"] * (alpha / rank)
+            alpha = float(rank)
+        for part, value in parts.items():
+            suffix = part if part == "dora_scale" else f"{part}.weight"
+            tensors[f"{name}.{suffix}"] = value.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
     return tensors

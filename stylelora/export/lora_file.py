@@ -45,8 +45,16 @@ def save_lora_file(
     metadata: dict[str, str],
 ) -> Path:
     """Write the adapters of `adapted` as a kohya-format file, atomically."""
-    tensors = kohya_state_dict(family, adapted)
-    header = {**metadata, **family.metadata(), **file_hashes(tensors)}
+    return write_lora_tensors(
+        path, kohya_state_dict(family, adapted), {**metadata, **family.metadata()}
+    )
+
+
+def write_lora_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> Path:
+    """Write kohya tensors with `metadata` and fresh `sshs_*` hashes, atomically."""
+    header = {**metadata, **file_hashes(tensors)}
     bad = [key for key, value in header.items() if not isinstance(value, str)]
     if bad:
         raise TypeError(f"metadata values must be strings: {bad}")

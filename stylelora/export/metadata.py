@@ -34,6 +34,21 @@ def dataset_dirs(scan: ScanResult) -> dict[str, dict[str, int]]:
     return dirs
 
 
+def variant_args(adapter) -> dict:
+    """kohya's / LyCORIS's network_args names for LoCon, DoRA and the dropouts."""
+    args: dict = {}
+    if adapter.unet_targets == "full":
+        args["conv_dim"] = adapter.conv_rank or adapter.rank
+        args["conv_alpha"] = adapter.conv_alpha or adapter.alpha
+    if adapter.use_dora:
+        args["dora_wd"] = True
+    if adapter.dropout:
+        args["dropout"] = adapter.dropout
+    if adapter.module_dropout:
+        args["module_dropout"] = adapter.module_dropout
+    return args
+
+
 def training_metadata(
     cfg: Config,
     scan: ScanResult,
@@ -49,9 +64,13 @@ def training_metadata(
     if adapter.text_encoder:
         network_args["text_encoder_rank"] = adapter.text_encoder_rank or adapter.rank
         network_args["text_encoder_alpha"] = adapter.text_encoder_alpha or adapter.alpha
+        network_args["text_encoder_targets"] = adapter.text_encoder_targets
+    network_args.update(variant_args(adapter))
+    # DoRA files carry alpha = rank (the scale is folded into lora_up; see adapters/kohya.py).
+    alpha = adapter.rank if adapter.use_dora else adapter.alpha
     resolution = cfg.data.resolution
     return {
-        **network_metadata(adapter.rank, adapter.alpha, network_args),
+        **network_metadata(adapter.rank, alpha, network_args),
         "ss_output_name": cfg.name,
         "ss_sd_model_name": cfg.model,
         "ss_training_started_at": repr(started),

@@ -27,11 +27,15 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise UserError(f"{path}: not a readable .safetensors file ({exc})") from None
 
 
+def tensor_names(path: Path) -> list[str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
+
+
 def text_encoder_prefixes(path: Path) -> set[str]:
     """The kohya text-encoder prefixes (`lora_te`, `lora_te1`, ...) the file's keys use."""
     known = {prefix for cls in FAMILIES for prefix in cls.text_encoder_attrs}
-    with safe_open(str(path), framework="pt") as handle:
-        keys = list(handle.keys())
+    keys = tensor_names(path)
     return {p for p in known if any(key.startswith(p + "_") for key in keys)}
 
 
@@ -56,8 +60,18 @@ def check_family(family: ModelFamily, path: Path) -> None:
 
 
 def apply_adapter(family: ModelFamily, path: Path, scale: float) -> None:
-    """Load a kohya-format adapter onto `family`'s pipeline at strength `scale`."""
+    """Load a kohya-format adapter onto `family`'s pipeline at strength `scale`.
+
+    diffusers drops DoRA's `dora_scale`, so a DoRA file is added into the weights instead, with
+    the formula AUTOMATIC1111 and ComfyUI use (export/apply.py).
+    """
     check_family(family, path)
+    if any(key.endswith(".dora_scale") for key in tensor_names(path)):
+        from stylelora.adapters.state import read_adapter
+        from stylelora.export.apply import add_into_weights
+
+        add_into_weights(family, read_adapter(path), scale, str(path))
+        return
     try:
         family.pipe.load_lora_weights(str(path), adapter_name=ADAPTER_NAME)
     except (ValueError, KeyError, RuntimeError) as exc:

@@ -2,7 +2,8 @@
 exported file names every adapted module as kohya sd-scripts would, and diffusers' loader turns
 every key into a module of the model.
 
-The expected names in data/kohya_names_*.txt come from data/make_kohya_names.py, which derives
+The expected names in data/kohya_names_*.txt (and kohya_locon_names_*.txt for the `full`
+preset) come from data/make_kohya_names.py, which derives
 them from the JSON configs by kohya's rule, independently of stylelora's naming code.
 """
 
@@ -23,6 +24,7 @@ from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from stylelora.adapters.inject import UNET_TARGETS, inject_adapters
+from stylelora.adapters.targets import UNET_PRESETS
 from stylelora.config import AdapterConfig
 from stylelora.export.lora_file import kohya_state_dict
 from stylelora.families.sd2 import SD2
@@ -63,19 +65,32 @@ def module_names(keys) -> set[str]:
 
 
 def expected_names(name: str, unet_targets: str) -> set[str]:
-    """kohya's names, narrowed to what stylelora adapts: the preset's attention projections
-    in the UNet, and q/k/v/out_proj of every text-encoder attention layer."""
+    """kohya's names, narrowed to what the preset adapts: kohya's default (attn-mlp: everything
+    in the transformer blocks and the text encoders' attention and MLP), plus LoCon's ResNet and
+    sampler modules (full), or only the preset's attention projections and the text encoders'
+    q/k/v/out_proj."""
+    lines = (DATA / f"kohya_names_{name}.txt").read_text().split()
+    if unet_targets == "full":
+        lines += (DATA / f"kohya_locon_names_{name}.txt").read_text().split()
+    if unet_targets in ("attn-mlp", "full"):
+        return set(lines)
     unet = "|".join(re.escape(t.replace(".", "_")) for t in UNET_TARGETS[unet_targets])
     wanted = re.compile(rf"^lora_unet_.*_({unet})$|^lora_te\d?_.*_self_attn_(q|k|v|out)_proj$")
-    lines = (DATA / f"kohya_names_{name}.txt").read_text().split()
     return {line for line in lines if wanted.match(line)}
 
 
-@pytest.mark.parametrize("unet_targets", sorted(UNET_TARGETS))
+@pytest.mark.parametrize("unet_targets", UNET_PRESETS)
 def test_exported_names_are_kohyas(meta_model, unet_targets):
     name, pipe = meta_model
     family = FAMILIES[name](pipe)
-    cfg = AdapterConfig(rank=4, alpha=2, unet_targets=unet_targets, text_encoder=True)
+    te_targets = "attention" if unet_targets in UNET_TARGETS else "attn-mlp"
+    cfg = AdapterConfig(
+        rank=4,
+        alpha=2,
+        unet_targets=unet_targets,
+        text_encoder=True,
+        text_encoder_targets=te_targets,
+    )
     tensors = kohya_state_dict(family, inject_adapters(family, cfg))
     expected = expected_names(name, unet_targets)
     assert module_names(tensors) == expected
@@ -87,6 +102,7 @@ def test_diffusers_converts_every_key_to_a_module(meta_model):
     and each converted key names a module of the diffusers model."""
     name, pipe = meta_model
     lines = (DATA / f"kohya_names_{name}.txt").read_text().split()
+    lines += (DATA / f"kohya_locon_names_{name}.txt").read_text().split()
     state = {}
     for line in lines:
         state[f"{line}.lora_down.weight"] = torch.zeros(1, 1)

@@ -4,7 +4,12 @@ An independent re-implementation of kohya's rule (networks/lora.py, create_modul
 Linear or 1x1 Conv2d inside a Transformer2DModel (UNet) or a CLIPAttention / CLIPMLP (text
 encoder) is named prefix + "_" + its module path with "." replaced by "_". SDXL's UNet paths are
 the original (sgm) ones, counted here block by block as the sgm UNet builds them, not from a
-formula. Only the JSON configs are read. Run from the repository root:
+formula. Only the JSON configs are read.
+
+kohya_locon_names_<skeleton>.txt adds what LoCon (kohya's conv_dim, stylelora's `full` preset)
+adapts: every Linear / Conv2d inside a ResnetBlock2D, Downsample2D or Upsample2D (conv1, conv2,
+time_emb_proj, conv_shortcut where the channel count changes; the samplers' conv). Run from the
+repository root:
 
     python tests/families/data/make_kohya_names.py
 """
@@ -97,8 +102,74 @@ def names(skeleton: str) -> list[str]:
     return sorted(found)
 
 
+def resnet_channels(unet: dict) -> list[tuple[str, int, bool, bool]]:
+    """(part, level, has shortcut, has attention) of every ResNet block, in the order the
+    sgm UNet builds them; part is "down", "mid" or "up"."""
+    out = unet["block_out_channels"]
+    layers = unet["layers_per_block"]
+    found = []
+    for i, kind in enumerate(unet["down_block_types"]):
+        for j in range(layers):
+            channels_in = (out[i - 1] if i else out[0]) if j == 0 else out[i]
+            found.append(("down", i, channels_in != out[i], kind.startswith("CrossAttn")))
+    found += [("mid", 0, False, True)] * 2
+    for i, kind in enumerate(unet["up_block_types"]):
+        # An up block's ResNets take the skip connection's channels on top of their own.
+        found += [("up", i, True, kind.startswith("CrossAttn"))] * (layers + 1)
+    return found
+
+
+DIFFUSERS_RESNET = ("conv1", "conv2", "time_emb_proj")
+SGM_RESNET = ("in_layers.2", "out_layers.3", "emb_layers.1")
+
+
+def locon_diffusers(unet: dict) -> list[str]:
+    levels, layers = len(unet["block_out_channels"]), unet["layers_per_block"]
+    found, count = [], {"down": {}, "mid": {}, "up": {}}
+    for part, level, shortcut, _ in resnet_channels(unet):
+        j = count[part].setdefault(level, 0)
+        count[part][level] += 1
+        block = "mid_block" if part == "mid" else f"{part}_blocks.{level}"
+        modules = list(DIFFUSERS_RESNET) + (["conv_shortcut"] if shortcut else [])
+        found += [f"{block}.resnets.{j}.{m}" for m in modules]
+    for i in range(levels - 1):
+        found += [f"down_blocks.{i}.downsamplers.0.conv", f"up_blocks.{i}.upsamplers.0.conv"]
+    assert all(n < layers + 2 for c in count.values() for n in c.values())
+    return found
+
+
+def locon_sgm(unet: dict) -> list[str]:
+    levels, layers = len(unet["block_out_channels"]), unet["layers_per_block"]
+    found, block, ups, mids = [], {"down": 1, "up": 0}, 0, 0
+    for part, level, shortcut, attention in resnet_channels(unet):
+        modules = list(SGM_RESNET) + (["skip_connection"] if shortcut else [])
+        if part == "mid":
+            found += [f"middle_block.{2 * mids}.{m}" for m in modules]
+            mids += 1
+            continue
+        name = "input_blocks" if part == "down" else "output_blocks"
+        found += [f"{name}.{block[part]}.0.{m}" for m in modules]
+        if part == "down" and (block[part] - 1) % (layers + 1) == layers - 1 and level < levels - 1:
+            found.append(f"input_blocks.{block[part] + 1}.0.op")  # the downsampler's own block
+            block[part] += 1
+        if part == "up":
+            ups += 1
+            if ups % (layers + 1) == 0 and level < levels - 1:
+                found.append(f"output_blocks.{block[part]}.{2 if attention else 1}.conv")
+        block[part] += 1
+    return found
+
+
+def locon_names(skeleton: str) -> list[str]:
+    unet = json.loads((SKELETONS / skeleton / "unet" / "config.json").read_text())
+    walk = locon_sgm if skeleton == "sdxl" else locon_diffusers
+    return sorted(kohya("lora_unet", path) for path in walk(unet))
+
+
 if __name__ == "__main__":
     for skeleton in ("sd15", "sd21v", "sdxl"):
         lines = names(skeleton)
         (HERE / f"kohya_names_{skeleton}.txt").write_text("\n".join(lines) + "\n")
-        print(skeleton, len(lines))
+        locon = locon_names(skeleton)
+        (HERE / f"kohya_locon_names_{skeleton}.txt").write_text("\n".join(locon) + "\n")
+        print(skeleton, len(lines), len(locon))

@@ -1,0 +1,194 @@
+"""An adapter file in memory: kohya-named modules (down, up, alpha, dora_scale) and their checks.
+
+The tools (resize, combine, convert, merge, inspect) all read and write through this, so a file
+from kohya sd-scripts, LyCORIS or stylelora is handled the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from stylelora.errors import UserError
+
+PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+PARTS[".dora_scale"] = "dora_scale"
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: W' = W + strength * (alpha / rank) * up @ down (DoRA: see dora.py)."""
+
+    down: torch.Tensor  # (rank, in) or (rank, in, k, k)
+    up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
+    alpha: float
+    dora_scale: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.up.shape[0], *self.down.shape[1:])
+
+    def delta(self) -> torch.Tensor:
+        """(alpha / rank) * up @ down, in the adapted weight's shape, in fp32."""
+        product = self.up.float().flatten(1) @ self.down.float().flatten(1)
+        return (self.alpha / self.rank * product).reshape(self.weight_shape)
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        out = {
+            f"{name}.lora_down.weight": self.down.contiguous(),
+            f"{name}.lora_up.weight": self.up.contiguous(),
+            f"{name}.alpha": torch.tensor(float(self.alpha)),
+        }
+        if self.dora_scale is not None:
+            out[f"{name}.dora_scale"] = self.dora_scale.contiguous()
+        return out
+
+
+@dataclass
+class Adapter:
+    modules: dict[str, LoraModule]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_dora(self) -> bool:
+        return any(m.dora_scale is not None for m in self.modules.values())
+
+    def with_uniform_alpha(self) -> Adapter:
+        """The same ΔW with one alpha (the largest rank) for every module, scale folded into up.
+
+        diffusers misreads a kohya file whose attention modules' alphas differ (its converted
+        alpha_pattern keys match no module, so the commonest alpha is used for all). DoRA modules
+        keep alpha = rank, which the UIs' DoRA formulas need.
+        """
+        if self.is_dora or not self.modules:
+            return self
+        alpha = float(max(m.rank for m in self.modules.values()))
+        modules = {
+            name: LoraModule(m.down, m.up * (m.alpha / alpha), alpha)
+            for name, m in self.modules.items()
+        }
+        return Adapter(modules, {**self.metadata, "ss_network_alpha": f"{alpha:g}"})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, module in sorted(self.modules.items()):
+            out.update(module.tensors(name))
+        return out
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """(module name, part) of a kohya key, or None for a key of another kind."""
+    for suffix, part in PARTS.items():
+        if key.endswith(suffix):
+            return key.removesuffix(suffix), part
+    return None
+
+
+def pair_problems(name: str, parts: dict[str, torch.Tensor]) -> list[str]:
+    """What is wrong with one module's tensors, as short phrases naming it."""
+    if "down" not in parts or "up" not in parts:
+        missing = "lora_down" if "down" not in parts else "lora_up"
+        return [f"{name}: {missing}.weight is missing"]
+    down, up = parts["down"], parts["up"]
+    if down.dim() not in (2, 4) or up.dim() != down.dim():
+        return [f"{name}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} do not pair"]
+    if up.shape[1] != down.shape[0]:
+        return [
+            f"{name}: lora_up {tuple(up.shape)} has rank {up.shape[1]} but lora_down "
+            f"{tuple(down.shape)} has rank {down.shape[0]} (mismatched up/down pair)"
+        ]
+    if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+        return [f"{name}: holds NaN or infinite values"]
+    return []
+
+
+def modules_from_tensors(
+    tensors: dict[str, torch.Tensor],
+) -> tuple[dict[str, LoraModule], list[str]]:
+    """kohya modules from flat tensors, and the problems found (unknown keys, bad pairs)."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    problems = []
+    for key, value in tensors.items():
+        split = split_key(key)
+        if split is None:
+            problems.append(f"{key}: not a kohya LoRA tensor")
+            continue
+        grouped.setdefault(split[0], {})[split[1]] = value
+    modules = {}
+    for name, parts in sorted(grouped.items()):
+        found = pair_problems(name, parts)
+        problems += found
+        if found:
+            continue
+        alpha = float(parts["alpha"]) if "alpha" in parts else float(parts["down"].shape[0])
+        modules[name] = LoraModule(
+            parts["down"].float(), parts["up"].float(), alpha, parts.get("dora_scale")
+        )
+    return modules, problems
+
+
+def truncation_problem(path: Path) -> str | None:
+    """If the file is shorter than its safetensors header says, say which tensors are cut off."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"{path}: truncated ({size} bytes: not even a safetensors header)"
+        (length,) = struct.unpack("<Q", head)
+        if length > size:
+            return f"{path}: truncated inside its header ({size} bytes, header needs {length + 8})"
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+    ends = {k: v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"}
+    need = 8 + length + max(ends.values(), default=0)
+    cut = sorted(k for k, end in ends.items() if 8 + length + end > size)
+    if not cut:
+        return None
+    shown = ", ".join(cut[:3]) + (f" and {len(cut) - 3} more" if len(cut) > 3 else "")
+    return (
+        f"{path}: truncated: {size} of {need} bytes present; tensors cut off: {shown} "
+        "(download or copy the file again)"
+    )
+
+
+def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor and the metadata of a .safetensors file; a damaged file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: adapter file not found")
+    problem = truncation_problem(path)
+    if problem:
+        raise UserError(problem)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            names = list(handle.keys())
+            return {k: handle.get_tensor(k) for k in names}, handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable .safetensors file ({exc})") from None
+
+
+def read_adapter(path: str | Path) -> Adapter:
+    """A kohya-format adapter file; any problem in it is a UserError that names it."""
+    tensors, metadata = read_tensors(path)
+    if not any(key.startswith(KOHYA_PREFIXES) for key in tensors):
+        raise UserError(
+            f"{path}: not a kohya-format LoRA (no lora_unet_/lora_te_ keys); "
+            "convert it with `stylelora export --format kohya`"
+        )
+    modules, problems = modules_from_tensors(tensors)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise UserError(f"{path}: {problems[0]}{more}; run `stylelora inspect` for all")
+    return Adapter(modules, metadata)

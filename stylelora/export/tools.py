@@ -1,0 +1,103 @@
+"""What the adapter-tool subcommands do (cli.py only parses): export, merge, resize, combine,
+inspect. Each reads through adapters/state.py and writes atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stylelora.adapters.state import Adapter, read_adapter, read_tensors
+from stylelora.errors import UserError
+from stylelora.export.combine import combine_adapters
+from stylelora.export.convert import read_diffusers, write_diffusers, write_peft
+from stylelora.export.inspect import file_format, inspect_file
+from stylelora.export.lora_file import write_lora_tensors
+from stylelora.export.merge import merge_adapters, parse_weighted, save_merged
+from stylelora.export.names import CONTEXT_SKELETONS, meta_family
+from stylelora.export.resize import resize_adapter
+from stylelora.families.base import ModelFamily
+
+
+def naming_family(model: str | None, skeleton: str) -> ModelFamily:
+    """The model whose module paths kohya names map to: `--model`, or the real architecture."""
+    if model:
+        from stylelora.families import load_family
+
+        return load_family(model)
+    return meta_family(skeleton)
+
+
+def diffusers_skeleton(tensors: dict, metadata: dict[str, str]) -> str:
+    version = metadata.get("ss_base_model_version", "")
+    if version.startswith("sdxl") or any(k.startswith("text_encoder_2.") for k in tensors):
+        return "sdxl"
+    if version.startswith("sd_v2"):
+        return "sd21v"
+    widths = [v.shape[1] for k, v in tensors.items() if "attn2.to_k.lora_A" in k]
+    return CONTEXT_SKELETONS.get(widths[0], "sd15") if widths else "sd15"
+
+
+def load_any(path: Path, model: str | None) -> tuple[Adapter, str]:
+    """A kohya or diffusers-layout file as kohya modules, and the format it was in."""
+    tensors, metadata = read_tensors(path)
+    fmt = file_format(list(tensors))
+    if fmt == "kohya":
+        return read_adapter(path), fmt
+    if fmt == "diffusers":
+        family = naming_family(model, diffusers_skeleton(tensors, metadata))
+        return read_diffusers(path, family), fmt
+    raise UserError(f"{path}: neither a kohya nor a diffusers LoRA file")
+
+
+def run_export(path: Path, fmt: str, out: Path, model: str | None) -> str:
+    from stylelora.export.names import file_skeleton
+
+    adapter, source_format = load_any(path, model)
+    if fmt == "kohya":
+        write_lora_tensors(out, adapter.tensors(), adapter.metadata)
+    else:
+        family = naming_family(model, file_skeleton(adapter))
+        writer = write_diffusers if fmt == "diffusers" else write_peft
+        writer(out, adapter, family, str(path))
+    return f"wrote {out} ({source_format} -> {fmt}, {len(adapter.modules)} modules)"
+
+
+def run_merge(model: str, adapters: list[str], out: Path, dtype: str, config: str | None) -> str:
+    from stylelora.families import load_family
+
+    weighted = [parse_weighted(text) for text in adapters]
+    for path, _ in weighted:
+        if not path.is_file():
+            raise UserError(f"{path}: adapter file not found")
+    family = load_family(model, config=config)
+    merge_adapters(family, weighted)
+    merged = ", ".join(f"{p.name}:{s:g}" for p, s in weighted)
+    save_merged(family, out, dtype, {"stylelora_merged": merged})
+    return f"wrote {out} ({family.name}, {dtype}, merged {merged})"
+
+
+def run_resize(path: Path, rank: int | None, energy: float | None, out: Path) -> list[str]:
+    if energy is not None and not 0 < energy <= 1:
+        raise UserError(f"--energy {energy}: must be in (0, 1], e.g. 0.99")
+    if rank is not None and rank < 1:
+        raise UserError(f"--rank {rank}: must be 1 or more")
+    resized, reports = resize_adapter(read_adapter(path), rank, energy)
+    write_lora_tensors(out, resized.tensors(), resized.metadata)
+    lines = [report.line() for report in reports]
+    worst = max((r.error for r in reports), default=0.0)
+    return lines + [f"wrote {out} ({len(reports)} modules, largest error {100 * worst:.3f}%)"]
+
+
+def run_combine(items: list[str], out: Path, rank: int | None) -> list[str]:
+    weighted = [parse_weighted(text) for text in items]
+    adapters = [(str(path), read_adapter(path), strength) for path, strength in weighted]
+    combined = combine_adapters(adapters)
+    lines = []
+    if rank is not None:
+        combined, reports = resize_adapter(combined, rank=rank)
+        lines = [report.line() for report in reports]
+    write_lora_tensors(out, combined.tensors(), combined.metadata)
+    return lines + [f"wrote {out} ({len(combined.modules)} modules)"]
+
+
+def run_inspect(path: Path) -> list[str]:
+    return inspect_file(path)
