@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -27,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a config key, dotted for sections: --set train.max_steps=200",
+    )
+    train.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help='continue from "latest" (the newest complete checkpoint) or a checkpoint folder',
     )
     train.set_defaults(run=run_train)
 
@@ -68,14 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_train(args: argparse.Namespace) -> None:
+def run_train(args: argparse.Namespace) -> int:
     from stylelora.config import load_config
     from stylelora.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     if args.output_dir:
         cfg.output_dir = args.output_dir
-    train(cfg)
+    result = train(cfg, resume=args.resume)
+    if not result.interrupted:
+        return 0
+    again = [str(args.config), *(f"--set {shlex.quote(item)}" for item in args.overrides)]
+    if args.output_dir:
+        again.append(f"--output-dir {args.output_dir}")
+    print(
+        f"stylelora: stopped at step {result.steps}; checkpoint {result.checkpoint}\n"
+        f"  resume with: stylelora train {' '.join(again)} --resume latest",
+        file=sys.stderr,
+    )
+    return 130
 
 
 def run_sample(args: argparse.Namespace) -> None:
@@ -137,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         quiet_libraries()
-        args.run(args)
+        status = args.run(args)
     except UserError as exc:
         print(f"stylelora: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("stylelora: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from stylelora.adapters.inject import inject_adapters
 from stylelora.config import Config
@@ -30,39 +28,48 @@ from stylelora.data.report import data_options, describe, scan_dataset
 from stylelora.data.scan import ScanResult
 from stylelora.errors import UserError
 from stylelora.export.atomic import atomic_path
-from stylelora.export.lora_file import save_lora_file
 from stylelora.export.metadata import training_metadata
 from stylelora.families import load_family
 from stylelora.families.base import ModelFamily
+from stylelora.sample.preview import Previewer
 from stylelora.sample.prompts import SamplePrompt, parse_prompt_file
-from stylelora.sample.render import grid, preview_pipeline, render_all
 from stylelora.train.cache import TextCache, cache_latents
-from stylelora.train.loss import denoising_loss, draw_noise
+from stylelora.train.checkpoint import check_fresh_start
+from stylelora.train.guard import NonFiniteStop, StopRequest
+from stylelora.train.loss import draw_noise, training_loss
 from stylelora.train.optim import build_lr_scheduler, build_optimizer, parameter_groups
+from stylelora.train.session import RunResult, Session
+from stylelora.train.validation import (
+    FixedSet,
+    fixed_timestep_set,
+    held_out_items,
+    split_records,
+)
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-@dataclass
-class RunResult:
-    adapter_path: Path
-    steps: int
-    losses: list[float] = field(default_factory=list)
-    previews: list[Path] = field(default_factory=list)
+def train(cfg: Config, resume: str | None = None) -> RunResult:
+    """Train the adapter `cfg` describes and write it to `<output_dir>/<name>.safetensors`.
 
-
-def train(cfg: Config) -> RunResult:
-    """Train the adapter `cfg` describes and write it to `<output_dir>/<name>.safetensors`."""
+    `resume`: "latest" or a checkpoint folder to continue from. A SIGINT or SIGTERM saves a
+    checkpoint and returns a result with `interrupted` set, without exporting.
+    """
     started = time.time()
     scan = scan_dataset(cfg.data)
-    dataset = ImageCaptionDataset(scan.records, data_options(cfg.data, cfg.seed))
+    records, held_out = split_records(scan.records, cfg)
+    dataset = ImageCaptionDataset(records, data_options(cfg.data, cfg.seed))
     prompts = sample_prompts(cfg)
     check_writable(cfg.output_dir)
+    if resume is None:
+        check_fresh_start(cfg.output_dir)
     write_run_config(cfg)
 
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        log_with=None if cfg.train.log_with == "none" else cfg.train.log_with,
+        project_config=ProjectConfiguration(cfg.output_dir, cfg.output_dir / "logs"),
     )
     report_dataset(accelerator, scan, dataset, cfg)
     weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
@@ -84,10 +91,17 @@ def train(cfg: Config) -> RunResult:
 
     optimizer = build_optimizer(parameter_groups(adapted, cfg.train), cfg.train)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
+    validation = validation_set(family, held_out, cfg)  # while the VAE is surely on the device
     text_cache = prepare_caches(accelerator, family, dataset, cfg, bool(prompts))
     sampler = BucketBatchSampler(dataset, cfg.train.batch_size, cfg.seed)
+    # Its own generator: every new iterator draws a seed, which must not come from the global
+    # RNG that dropout uses, or a resumed run (one iterator more) would drop other units.
     loader = DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers,
+        generator=torch.Generator(),
     )
     *models, optimizer, loader = accelerator.prepare(*adapted.values(), optimizer, loader)
     unet = models[0]
@@ -95,53 +109,102 @@ def train(cfg: Config) -> RunResult:
     for model in models:
         model.train()
 
-    result = RunResult(adapter_path=cfg.output_dir / f"{cfg.name}.safetensors", steps=0)
-    progress = tqdm(
-        total=cfg.train.max_steps, desc="training", disable=not accelerator.is_local_main_process
+    session = Session(
+        cfg=cfg,
+        accelerator=accelerator,
+        family=family,
+        adapted=adapted,
+        unet=unet,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        loader=loader,
+        sampler=sampler,
+        noise_scheduler=noise_scheduler,
+        previewer=Previewer(family, prompts, cfg.sample.scheduler) if prompts else None,
+        validation=validation,
+        dataset_lines=describe(scan, dataset, cfg.data) + held_out_line(held_out),
+        metadata=lambda steps, epochs: training_metadata(
+            cfg, scan, family, steps, epochs, started, time.time()
+        ),
     )
-    draws, epoch, window = 0, 0, []
-    while result.steps < cfg.train.max_steps:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            with accelerator.accumulate(*models):
-                generator = derived_generator(cfg.seed, draws, accelerator.process_index)
-                if text_cache:
-                    batch["text"] = text_cache.encode(batch["captions"])
-                noised = draw_noise(family, noise_scheduler, batch, generator)
-                loss = denoising_loss(family, unet, noise_scheduler, noised, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(
-                        optimizer_params(optimizer), cfg.train.max_grad_norm
-                    )
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            draws += 1
-            window.append(loss.detach().float().item())
-            if not accelerator.sync_gradients:
-                continue
-            lr_scheduler.step()
-            result.steps += 1
-            result.losses.append(sum(window) / len(window))
-            window.clear()
-            progress.update(1)
-            progress.set_postfix(
-                loss=f"{result.losses[-1]:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}"
-            )
-            if prompts and preview_due(result.steps, cfg):
-                result.previews += write_preview(accelerator, family, prompts, cfg, result.steps)
-            if result.steps >= cfg.train.max_steps:
-                break
-        epoch += 1
-    progress.close()
+    try:
+        return run(session, models, text_cache, resume)
+    finally:
+        session.close()
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        metadata = training_metadata(cfg, scan, family, result.steps, epoch, started, time.time())
-        save_lora_file(result.adapter_path, family, adapted, metadata)
-        accelerator.print(f"saved {result.adapter_path}")
-    accelerator.end_training()
-    return result
+
+def run(
+    session: Session, models: list[torch.nn.Module], text_cache: TextCache | None, resume: str
+) -> RunResult:
+    """The loop: steps until `max_steps`, a stop signal or too many non-finite steps."""
+    cfg, accelerator, state = session.cfg, session.accelerator, session.state
+    family, unet, noise_scheduler = session.family, session.unet, session.noise_scheduler
+    adapter_path = cfg.output_dir / f"{cfg.name}.safetensors"
+    session.begin(resume)
+    state = session.state  # a resume replaces it
+    try:
+        with StopRequest() as stop:
+            while not session.done:
+                for batch in session.epoch_batches():
+                    with accelerator.accumulate(*models):
+                        generator = derived_generator(
+                            cfg.seed, state.draws, accelerator.process_index
+                        )
+                        if text_cache:
+                            batch["text"] = text_cache.encode(batch["captions"])
+                        noised = draw_noise(family, noise_scheduler, batch, generator, cfg.train)
+                        loss = training_loss(
+                            family, unet, noise_scheduler, noised, batch, cfg.train
+                        )
+                        accelerator.backward(loss)
+                        stepped = session.optimizer_step(loss)
+                    state.draws += 1
+                    state.position += 1
+                    if stepped:
+                        session.after_step(stop)
+                    if session.done:
+                        break
+                else:
+                    session.end_epoch()
+    except NonFiniteStop as exc:
+        session.export(adapter_path)
+        session.report(f"stopped: {exc}")
+        raise NonFiniteStop(f"{exc}; {adapter_path} holds the last good weights") from None
+    if session.stopping:
+        session.report(f"interrupted at step {state.step}")
+        result = session.result(adapter_path, None)
+        result.interrupted = True
+        result.checkpoint = session.checkpointer.folder / f"step-{state.step:06d}"
+        return result
+    if session.previewer and state.step not in [step for step, _ in state.previews]:
+        session.preview()  # a resumed run that was already past its last preview
+    ema_path = session.export(adapter_path)
+    session.report("finished")
+    return session.result(adapter_path, ema_path)
+
+
+def validation_set(family: ModelFamily, held_out: list, cfg: Config) -> FixedSet | None:
+    """The fixed validation set; captions pre-encoded where the text encoders stay frozen."""
+    if not held_out or not cfg.validation.enabled:
+        return None
+    settings = cfg.validation
+    fixed = fixed_timestep_set(
+        family,
+        family.noise_scheduler(),
+        held_out_items(held_out, cfg),
+        settings.timesteps,
+        settings.seed,
+        cfg.train.batch_size,
+    )
+    if not cfg.adapter.text_encoder:
+        with torch.no_grad():
+            for _, batch in fixed.batches:
+                batch["text"] = family.encode_prompts(batch["captions"])
+    return fixed
+
+
+def held_out_line(held_out: list) -> list[str]:
+    return [f"validation: {len(held_out)} held-out image(s)"] if held_out else []
 
 
 def sample_prompts(cfg: Config) -> list[SamplePrompt]:
@@ -248,31 +311,6 @@ def enable_gradient_checkpointing(adapted: dict[str, torch.nn.Module]) -> None:
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
     return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def preview_due(step: int, cfg: Config) -> bool:
-    every = cfg.sample.every_n_steps
-    return step == cfg.train.max_steps or (every > 0 and step % every == 0)
-
-
-def write_preview(
-    accelerator: Accelerator,
-    family: ModelFamily,
-    prompts: list[SamplePrompt],
-    cfg: Config,
-    step: int,
-) -> list[Path]:
-    """Render the preview prompts with the current adapter into one grid PNG."""
-    written = []
-    if accelerator.is_main_process:
-        pipe = preview_pipeline(family.pipe, cfg.sample.scheduler)
-        sheet = grid(render_all(pipe, prompts))
-        path = cfg.output_dir / "samples" / f"{cfg.name}_{step:06d}.png"
-        with atomic_path(path) as tmp:
-            sheet.save(tmp, format="PNG")
-        written.append(path)
-    accelerator.wait_for_everyone()
-    return written
 
 
 def write_run_config(cfg: Config) -> None:
