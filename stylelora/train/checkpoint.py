@@ -167,9 +167,10 @@ class Checkpointer:
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
             kept = complete_checkpoints(self.folder.parent)
+            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:120]
             raise UserError(
                 f"could not write the checkpoint of step {state.step} in {self.folder} "
-                f"({getattr(exc, 'strerror', None) or exc}); "
+                f"(is the disk full? {reason}); "
                 + (f"{kept[-1]} is kept" if kept else "no earlier checkpoint exists")
             ) from None
         self.accelerator.wait_for_everyone()

@@ -72,6 +72,8 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
         project_config=ProjectConfiguration(cfg.output_dir, cfg.output_dir / "logs"),
     )
     report_dataset(accelerator, scan, dataset, cfg)
+    for line in held_out_line(held_out):
+        accelerator.print(line)
     weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
     family = load_family(
         cfg.model,

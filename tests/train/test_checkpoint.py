@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
+import subprocess
+import sys
 
 import pytest
-from conftest import demo_config
+from conftest import DEMO_CONFIG, demo_config
 
+from stylelora.config import load_config
 from stylelora.errors import UserError
 from stylelora.train.checkpoint import (
     MANIFEST,
@@ -78,3 +82,45 @@ def test_sigterm_asks_for_a_stop_and_the_handlers_come_back():
         assert stop.signal == "SIGTERM"
         assert signal.getsignal(signal.SIGTERM) in (before, signal.SIG_DFL)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def limit_file_size() -> None:
+    """In the child: files may not grow past 80 kB (the optimizer state is about 100 kB), and a
+    write past that fails with EFBIG instead of killing the process."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (80_000, 80_000))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_a_failing_checkpoint_write_is_one_line_and_keeps_the_previous_one(
+    tiny_sd15_dir, demo_subset, tmp_path
+):
+    items = [
+        f"model={str(tiny_sd15_dir)!r}",
+        f"data.dir={str(demo_subset(4))!r}",
+        "sample.every_n_steps=0",
+        "train.checkpoint_every_n_steps=2",
+        "train.log_with='none'",
+    ]
+    cfg = load_config(DEMO_CONFIG, [*items, "train.max_steps=2"])
+    cfg.sample.prompts_file = None
+    cfg.output_dir = tmp_path / "run"
+    train(cfg)
+    good = complete_checkpoints(cfg.output_dir)
+    assert [p.name for p in good] == ["step-000002"]
+    before = {p.name: p.read_bytes() for p in good[0].iterdir()}
+
+    command = [sys.executable, "-m", "stylelora", "train", str(DEMO_CONFIG)]
+    command += ["--output-dir", str(cfg.output_dir), "--resume", "latest"]
+    for item in [*items, "train.max_steps=6"]:
+        command += ["--set", item]
+    failed = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size
+    )
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    print(failed.stderr.strip().splitlines()[-1])
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("stylelora: error: could not write the checkpoint of step 4"), last
+    assert last.endswith("step-000002 is kept"), last
+    assert complete_checkpoints(cfg.output_dir) == good
+    assert {p.name: p.read_bytes() for p in good[0].iterdir()} == before
+    assert not list((cfg.output_dir / "checkpoints").glob(".tmp-*"))
