@@ -302,14 +302,35 @@ class Session:
 
     # --- the end -----------------------------------------------------------------------
 
-    def export(self, adapter_path: Path) -> Path | None:
+    @property
+    def adapter_path(self) -> Path:
+        return self.cfg.output_dir / f"{self.cfg.name}.safetensors"
+
+    def finish(self) -> RunResult:
+        """After the loop: the result of an interrupted run, or the last preview and export."""
+        state = self.state
+        if self.stopping:
+            self.report(f"interrupted at step {state.step}")
+            result = self.result(None)
+            result.interrupted = True
+            result.checkpoint = self.checkpointer.folder / f"step-{state.step:06d}"
+            return result
+        if self.previewer and state.step not in [step for step, _ in state.previews]:
+            self.preview()  # a resumed run that was already past its last preview
+        ema_path = self.export()
+        self.report("finished")
+        return self.result(ema_path)
+
+    def export(self) -> Path | None:
         """Write the adapter (and its EMA, beside it or instead of it); return the EMA path."""
+        adapter_path = self.adapter_path
         self.accelerator.wait_for_everyone()
         ema_path = None
         if self.ema and self.cfg.train.ema_export == "beside":
             ema_path = adapter_path.with_name(f"{adapter_path.stem}-ema.safetensors")
         if self.main:
-            metadata = self.metadata(self.state.step, self.state.epoch)
+            epochs = self.state.epoch + (1 if self.state.position else 0)  # begun ones
+            metadata = self.metadata(self.state.step, epochs)
             if self.ema and not ema_path:
                 with self.ema.swapped_in():
                     save_lora_file(adapter_path, self.family, self.adapted, metadata)
@@ -349,10 +370,10 @@ class Session:
         )
         write_report(cfg.output_dir, data)
 
-    def result(self, adapter_path: Path, ema_path: Path | None) -> RunResult:
+    def result(self, ema_path: Path | None) -> RunResult:
         state = self.state
         return RunResult(
-            adapter_path=adapter_path,
+            adapter_path=self.adapter_path,
             steps=state.step,
             losses=state.losses,
             previews=[self.cfg.output_dir / path for _, path in state.previews],

@@ -138,51 +138,42 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
 def run(
     session: Session, models: list[torch.nn.Module], text_cache: TextCache | None, resume: str
 ) -> RunResult:
-    """The loop: steps until `max_steps`, a stop signal or too many non-finite steps."""
-    cfg, accelerator, state = session.cfg, session.accelerator, session.state
-    family, unet, noise_scheduler = session.family, session.unet, session.noise_scheduler
-    adapter_path = cfg.output_dir / f"{cfg.name}.safetensors"
+    """Resume if asked, loop, then export; a signal returns early, after a checkpoint."""
     session.begin(resume)
-    state = session.state  # a resume replaces it
     try:
         with StopRequest() as stop:
-            while not session.done:
-                for batch in session.epoch_batches():
-                    with accelerator.accumulate(*models):
-                        generator = derived_generator(
-                            cfg.seed, state.draws, accelerator.process_index
-                        )
-                        if text_cache:
-                            batch["text"] = text_cache.encode(batch["captions"])
-                        noised = draw_noise(family, noise_scheduler, batch, generator, cfg.train)
-                        loss = training_loss(
-                            family, unet, noise_scheduler, noised, batch, cfg.train
-                        )
-                        accelerator.backward(loss)
-                        stepped = session.optimizer_step(loss)
-                    state.draws += 1
-                    state.position += 1
-                    if stepped:
-                        session.after_step(stop)
-                    if session.done:
-                        break
-                else:
-                    session.end_epoch()
+            loop(session, models, text_cache, stop)
     except NonFiniteStop as exc:
-        session.export(adapter_path)
+        session.export()
         session.report(f"stopped: {exc}")
-        raise NonFiniteStop(f"{exc}; {adapter_path} holds the last good weights") from None
-    if session.stopping:
-        session.report(f"interrupted at step {state.step}")
-        result = session.result(adapter_path, None)
-        result.interrupted = True
-        result.checkpoint = session.checkpointer.folder / f"step-{state.step:06d}"
-        return result
-    if session.previewer and state.step not in [step for step, _ in state.previews]:
-        session.preview()  # a resumed run that was already past its last preview
-    ema_path = session.export(adapter_path)
-    session.report("finished")
-    return session.result(adapter_path, ema_path)
+        raise NonFiniteStop(f"{exc}; {session.adapter_path} holds the last good weights") from None
+    return session.finish()
+
+
+def loop(
+    session: Session, models: list[torch.nn.Module], text_cache: TextCache | None, stop: StopRequest
+) -> None:
+    """Steps until `max_steps`, a stop signal, or too many non-finite steps in a row."""
+    cfg, accelerator, state = session.cfg, session.accelerator, session.state
+    family, unet, noise_scheduler = session.family, session.unet, session.noise_scheduler
+    while not session.done:
+        for batch in session.epoch_batches():
+            with accelerator.accumulate(*models):
+                generator = derived_generator(cfg.seed, state.draws, accelerator.process_index)
+                if text_cache:
+                    batch["text"] = text_cache.encode(batch["captions"])
+                noised = draw_noise(family, noise_scheduler, batch, generator, cfg.train)
+                loss = training_loss(family, unet, noise_scheduler, noised, batch, cfg.train)
+                accelerator.backward(loss)
+                stepped = session.optimizer_step(loss)
+            state.draws += 1
+            state.position += 1
+            if stepped:
+                session.after_step(stop)
+            if session.done:
+                break
+        else:
+            session.end_epoch()
 
 
 def validation_set(family: ModelFamily, held_out: list, cfg: Config) -> FixedSet | None:
