@@ -213,13 +213,18 @@ class Checkpointer:
 
     def load(self, folder: Path) -> tuple[TrainState, dict, dict]:
         """Restore the tensors and RNG states; return the state, scheduler and config saved."""
-        self.accelerator.load_state(str(folder))
         tensors = load_file(str(folder / ADAPTER))
         if tensors.keys() != self.params.keys():
             raise UserError(
                 f"{folder}: the checkpoint's adapter does not match this config's "
                 "(adapter or model settings changed since it was written)"
             )
+        try:
+            self.accelerator.load_state(str(folder))
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise UserError(
+                f"{folder}: the checkpoint does not fit this config's optimizer ({exc})"
+            ) from None
         with torch.no_grad():
             for name, param in self.params.items():
                 param.copy_(tensors[name])

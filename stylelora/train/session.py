@@ -160,7 +160,7 @@ class Session:
         changed = [
             key
             for key, value in flat_config(self.cfg).items()
-            if key not in ("output_dir", "train.max_steps") and flat_config_get(saved, key) != value
+            if key != "output_dir" and flat_config_get(saved, key) != value
         ]
         if changed:
             self.say(f"  settings changed since the checkpoint: {', '.join(changed[:8])}")
@@ -309,7 +309,7 @@ class Session:
     def finish(self) -> RunResult:
         """After the loop: the result of an interrupted run, or the last preview and export."""
         state = self.state
-        if self.stopping:
+        if self.stopping and state.step < self.cfg.train.max_steps:
             self.report(f"interrupted at step {state.step}")
             result = self.result(None)
             result.interrupted = True
