@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from stylelora.config import Config
 from stylelora.errors import UserError
 from stylelora.train.ema import AdapterEMA
 from stylelora.train.guard import inject_fault
@@ -237,3 +238,33 @@ class Checkpointer:
         state.validation = [tuple(v) for v in state.validation]
         state.previews = [tuple(v) for v in state.previews]
         return state, payload["lr_scheduler"], payload["config"]
+
+
+def flat_config(cfg: Config) -> dict[str, str | int | float | bool]:
+    """The config as `section.key` scalars, what TensorBoard's hyperparameter table takes."""
+    flat = {}
+    for key, value in cfg.model_dump(mode="json").items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, item in items:
+            name = f"{key}.{sub}" if sub else key
+            scalar = isinstance(item, (str, int, float, bool))
+            flat[name] = item if scalar else json.dumps(item)
+    return flat
+
+
+def flat_config_get(saved: dict, key: str) -> object:
+    section, _, name = key.partition(".")
+    value = saved.get(section)
+    if name:
+        value = value.get(name) if isinstance(value, dict) else None
+    scalar = isinstance(value, (str, int, float, bool))
+    return value if scalar else json.dumps(value)
+
+
+def config_changes(saved: dict, cfg: Config) -> list[str]:
+    """The `section.key`s whose value in `cfg` differs from the checkpoint's config."""
+    return [
+        key
+        for key, value in flat_config(cfg).items()
+        if key != "output_dir" and flat_config_get(saved, key) != value
+    ]

@@ -4,7 +4,6 @@ previews, the report, checkpoints, resuming and the export. The loop in `trainer
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +28,9 @@ from stylelora.train.checkpoint import (
     Checkpointer,
     TrainState,
     check_free_space,
+    config_changes,
     find_checkpoint,
+    flat_config,
 )
 from stylelora.train.ema import AdapterEMA
 from stylelora.train.guard import NonFiniteGuard, StopRequest, inject_fault, step_is_finite
@@ -66,18 +67,6 @@ def any_process(accelerator: Accelerator, flag: bool) -> bool:
     return bool(total.item() > 0)
 
 
-def flat_config(cfg: Config) -> dict[str, str | int | float | bool]:
-    """The config as `section.key` scalars, what TensorBoard's hyperparameter table takes."""
-    flat = {}
-    for key, value in cfg.model_dump(mode="json").items():
-        items = value.items() if isinstance(value, dict) else [(None, value)]
-        for sub, item in items:
-            name = f"{key}.{sub}" if sub else key
-            scalar = isinstance(item, (str, int, float, bool))
-            flat[name] = item if scalar else json.dumps(item)
-    return flat
-
-
 @dataclass
 class Session:
     cfg: Config
@@ -112,7 +101,6 @@ class Session:
         self.seconds_before = 0.0
         self.session_steps = 0
         self.progress: tqdm | None = None
-        self.batches_per_epoch = len(self.loader)
 
     @property
     def main(self) -> bool:
@@ -157,11 +145,7 @@ class Session:
             f"resuming from {folder}: step {state.step}, epoch {state.epoch}, "
             f"batch {state.position} of the epoch"
         )
-        changed = [
-            key
-            for key, value in flat_config(self.cfg).items()
-            if key != "output_dir" and flat_config_get(saved, key) != value
-        ]
+        changed = config_changes(saved, self.cfg)
         if changed:
             self.say(f"  settings changed since the checkpoint: {', '.join(changed[:8])}")
 
@@ -391,12 +375,3 @@ class Session:
 
 def due(step: int, every: int, last: int | None = None) -> bool:
     return step == last or (every > 0 and step % every == 0)
-
-
-def flat_config_get(saved: dict, key: str) -> object:
-    section, _, name = key.partition(".")
-    value = saved.get(section)
-    if name:
-        value = value.get(name) if isinstance(value, dict) else None
-    scalar = isinstance(value, (str, int, float, bool))
-    return value if scalar else json.dumps(value)

@@ -20,6 +20,7 @@ from stylelora.train.checkpoint import (
     check_free_space,
     check_fresh_start,
     complete_checkpoints,
+    config_changes,
     find_checkpoint,
     is_complete,
 )
@@ -124,3 +125,12 @@ def test_a_failing_checkpoint_write_is_one_line_and_keeps_the_previous_one(
     assert complete_checkpoints(cfg.output_dir) == good
     assert {p.name: p.read_bytes() for p in good[0].iterdir()} == before
     assert not list((cfg.output_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_resume_names_the_settings_changed_since_the_checkpoint():
+    cfg = load_config(DEMO_CONFIG)
+    saved = cfg.model_dump(mode="json")
+    assert config_changes(saved, cfg) == []
+    changed = load_config(DEMO_CONFIG, ["train.learning_rate=5e-4", "data.flip=true"])
+    changed.output_dir = cfg.output_dir / "elsewhere"  # where it writes is no change
+    assert config_changes(saved, changed) == ["data.flip", "train.learning_rate"]
