@@ -178,7 +178,8 @@ class Session:
         """At the end of an accumulation window: clip and step unless anything is non-finite.
 
         Returns whether an optimizer step was taken; a skipped one is counted, and
-        `max_nonfinite_steps` of them in a row raise NonFiniteStop.
+        `max_nonfinite_steps` of them in a row raise NonFiniteStop. A step the fp16 gradient
+        scaler skips (it overflowed; the scaler lowers its scale) is not taken and not counted.
         """
         self.window.append(loss.detach().float().item())
         if not self.accelerator.sync_gradients:
@@ -186,17 +187,19 @@ class Session:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         scaled = self.accelerator.scaler is not None
         finite = not any_process(self.accelerator, not step_is_finite(self.window, params, scaled))
+        stepped = finite
         if finite:
             if self.cfg.train.max_grad_norm > 0:
                 self.accelerator.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
             self.optimizer.step()
+            stepped = not self.accelerator.optimizer_step_was_skipped
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = sum(self.window) / len(self.window)
         self.window.clear()
         self.record_guard(finite)
-        if finite:
+        if stepped:
             self.state.losses.append(loss_value)
-        return finite
+        return stepped
 
     def record_guard(self, finite: bool) -> None:
         try:
