@@ -84,15 +84,22 @@ def run_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     if not result.interrupted:
         return 0
-    again = [str(args.config), *(f"--set {shlex.quote(item)}" for item in args.overrides)]
+    again = [shell_word(str(args.config)), *(f"--set {shell_word(i)}" for i in args.overrides)]
     if args.output_dir:
-        again.append(f"--output-dir {args.output_dir}")
+        again.append(f"--output-dir {shell_word(str(args.output_dir))}")
     print(
         f"stylelora: stopped at step {result.steps}; checkpoint {result.checkpoint}\n"
         f"  resume with: stylelora train {' '.join(again)} --resume latest",
         file=sys.stderr,
     )
     return 130
+
+
+def shell_word(text: str) -> str:
+    """`text` quoted for a POSIX shell, in double quotes where it holds single ones."""
+    if shlex.quote(text) == text or any(c in text for c in '"$`\\!'):
+        return shlex.quote(text)
+    return f'"{text}"'
 
 
 def run_sample(args: argparse.Namespace) -> None:

@@ -4,6 +4,7 @@ bit-for-bit the adapter of a run that was never stopped."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -105,8 +106,10 @@ def test_sigint_saves_a_checkpoint_and_the_resumed_run_is_bitwise_identical(setu
     stopped = run_cli(items, output, "interrupt:5")
     assert stopped.returncode == 130, stopped.stderr[-2000:]
     assert "SIGINT: stopping after this step" in stopped.stderr
-    assert "resume with: stylelora train" in stopped.stderr
-    assert "--resume latest" in stopped.stderr
+    hint = stopped.stderr.split("resume with: ", 1)[1].strip()
+    expected = ["stylelora", "train", str(DEMO_CONFIG)]
+    expected += [arg for item in items for arg in ("--set", item)]
+    assert shlex.split(hint) == [*expected, "--output-dir", str(output), "--resume", "latest"]
     assert [p.name for p in complete_checkpoints(output)] == [
         "step-000002",
         "step-000004",
