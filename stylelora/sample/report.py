@@ -11,8 +11,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from matplotlib.figure import Figure
-
 from stylelora.export.atomic import atomic_path
 
 CURVES = "report/curves.png"
@@ -66,6 +64,8 @@ def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
 
 
 def plot_curves(data: ReportData, path: Path) -> None:
+    from matplotlib.figure import Figure  # Agg, without pyplot's global state; imported late
+
     figure = Figure(figsize=(8, 5), dpi=100, layout="constrained")
     loss_axes, lr_axes = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     steps = list(range(1, len(data.losses) + 1))

@@ -110,3 +110,22 @@ def test_report_renders_in_a_headless_browser_with_every_image_loaded(run, tmp_p
     assert 'data-images-loaded="3"' in body and 'data-images-broken="0"' in body, body
     assert "finished: step 4 of 4" in dom
     assert "validation loss" in dom and '"learning_rate": 0.01' in dom
+
+
+def test_previews_every_n_epochs(tiny_sd15_dir, demo_subset, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fish --d 1 --s 1\n")
+    cfg = demo_config(
+        tmp_path,
+        f"model={str(tiny_sd15_dir)!r}",
+        f"data.dir={str(demo_subset(4))!r}",
+        f"sample.prompts_file={str(prompts)!r}",
+        "sample.every_n_steps=0",
+        "sample.every_n_epochs=1",
+        "train.batch_size=2",
+        "train.max_steps=5",
+        "train.log_with='none'",
+    )
+    result = train(cfg)
+    # Two steps an epoch: after epochs 1 and 2, and at the end.
+    assert [p.name[-10:-4] for p in result.previews] == ["000002", "000004", "000005"]
