@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -27,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a config key, dotted for sections: --set train.max_steps=200",
+    )
+    train.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help='continue from "latest" (the newest complete checkpoint) or a checkpoint folder',
     )
     train.set_defaults(run=run_train)
 
@@ -124,14 +130,32 @@ def add_tool_commands(commands) -> None:
     inspect.set_defaults(run=run_inspect)
 
 
-def run_train(args: argparse.Namespace) -> None:
+def run_train(args: argparse.Namespace) -> int:
     from stylelora.config import load_config
     from stylelora.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     if args.output_dir:
         cfg.output_dir = args.output_dir
-    train(cfg)
+    result = train(cfg, resume=args.resume)
+    if not result.interrupted:
+        return 0
+    again = [shell_word(str(args.config)), *(f"--set {shell_word(i)}" for i in args.overrides)]
+    if args.output_dir:
+        again.append(f"--output-dir {shell_word(str(args.output_dir))}")
+    print(
+        f"stylelora: stopped at step {result.steps}; checkpoint {result.checkpoint}\n"
+        f"  resume with: stylelora train {' '.join(again)} --resume latest",
+        file=sys.stderr,
+    )
+    return 130
+
+
+def shell_word(text: str) -> str:
+    """`text` quoted for a POSIX shell, in double quotes where it holds single ones."""
+    if shlex.quote(text) == text or any(c in text for c in '"$`\\!'):
+        return shlex.quote(text)
+    return f'"{text}"'
 
 
 def run_sample(args: argparse.Namespace) -> None:
@@ -234,11 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         quiet_libraries()
-        args.run(args)
+        status = args.run(args)
     except UserError as exc:
         print(f"stylelora: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("stylelora: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0

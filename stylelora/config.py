@@ -136,6 +136,30 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     quantize_base: Literal["no", "nf4", "int8"] = "no"
     zero_terminal_snr: bool = False
+    min_snr_gamma: PositiveFloat | None = None
+    noise_offset: Annotated[float, Field(ge=0)] = 0.0
+    multires_noise_iterations: NonNegInt = 0
+    multires_noise_discount: Probability = 0.3
+    min_timestep: NonNegInt = 0
+    max_timestep: PositiveInt | None = None
+    loss_type: Literal["l2", "huber", "smooth_l1"] = "l2"
+    huber_c: PositiveFloat = 0.1
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    ema_export: Literal["beside", "instead"] = "beside"
+    loraplus_lr_ratio: PositiveFloat | None = None
+    checkpoint_every_n_steps: NonNegInt = 500
+    checkpoints_keep: PositiveInt = 2
+    max_nonfinite_steps: PositiveInt = 10
+    log_with: Literal["tensorboard", "none"] = "tensorboard"
+
+    @model_validator(mode="after")
+    def _timestep_range(self) -> TrainConfig:
+        if self.max_timestep is not None and self.max_timestep <= self.min_timestep:
+            raise ValueError(
+                f"train.max_timestep {self.max_timestep} must be above "
+                f"train.min_timestep {self.min_timestep}"
+            )
+        return self
 
 
 class SampleConfig(Section):
@@ -149,6 +173,19 @@ class SampleConfig(Section):
     width: PositiveInt | None = None
     height: PositiveInt | None = None
     scheduler: Literal["default", "euler", "euler_a", "ddim", "dpmpp_2m"] = "default"
+    every_n_epochs: NonNegInt = 0
+
+
+class ValidationConfig(Section):
+    dir: Path | None = Field(default=None, description="Folder of held-out images and captions.")
+    split: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    every_n_steps: NonNegInt = 100
+    timesteps: list[NonNegInt] = Field(default_factory=lambda: [100, 300, 500, 700, 900])
+    seed: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.dir or self.split) and self.every_n_steps > 0 and bool(self.timesteps)
 
 
 class Config(Section):
@@ -170,11 +207,18 @@ class Config(Section):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
 
     @model_validator(mode="after")
     def _prompts_from_one_place(self) -> Config:
         if self.sample.prompts and self.sample.prompts_file:
             raise ValueError("set sample.prompts or sample.prompts_file, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _validation_from_one_place(self) -> Config:
+        if self.validation.dir and self.validation.split:
+            raise ValueError("set validation.dir or validation.split, not both")
         return self
 
 
@@ -241,6 +285,7 @@ _PATH_KEYS = (
     ("sample", "prompts_file"),
     ("output_dir",),
     ("single_file_config",),
+    ("validation", "dir"),
 )
 
 

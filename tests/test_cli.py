@@ -60,8 +60,8 @@ def test_train_writes_a_preview_grid_per_preview_step(demo_run):
         line for line in (ROOT / "samples" / "demo-prompts.txt").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]  # fmt: skip
-    with Image.open(demo_run / "samples" / grids[-1]) as sheet:
-        assert sheet.size == (64 * min(4, len(prompts)), 64 * -(-len(prompts) // 4))
+    with Image.open(demo_run / "samples" / grids[-1]) as sheet:  # per prompt: base | tuned
+        assert sheet.size == (64 * 2, 64 * len(prompts))
 
 
 def test_sample_compare_puts_base_and_adapted_side_by_side(demo_run, tmp_path):

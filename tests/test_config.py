@@ -43,6 +43,15 @@ def test_overrides_parse_toml_values_and_dotted_keys():
         ("train.learning_rate=-1", "train.learning_rate: Input should be greater than 0"),
         ("train.lerning_rate=1e-4", "train.lerning_rate: unknown key"),
         ("adapter.rank=0", "adapter.rank: Input should be greater than 0"),
+        ("train.ema_decay=1.0", "train.ema_decay: Input should be less than 1"),
+        ("train.checkpoints_keep=0", "train.checkpoints_keep: Input should be greater than 0"),
+        (
+            "train.loss_type=l1",
+            "train.loss_type: Input should be 'l2', 'huber' or 'smooth_l1' (got 'l1')",
+        ),
+        ("validation.split=1", "validation.split: Input should be less than 1"),
+        ("validation.timesteps=[-1]", "validation.timesteps.0: Input should be greater than"),
+        ("train.min_timestep=-5", "train.min_timestep: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_values_name_the_key(override, expected):
@@ -70,3 +79,15 @@ def test_set_without_equals_is_an_error():
 def test_prompts_and_prompts_file_together_are_refused():
     with pytest.raises(UserError, match="sample.prompts or sample.prompts_file, not both"):
         load_config(DEMO_CONFIG, ['sample.prompts=["a"]'])
+
+
+def test_validation_dir_and_split_together_are_refused():
+    with pytest.raises(UserError, match="validation.dir or validation.split, not both"):
+        load_config(DEMO_CONFIG, ["validation.split=0.2", "validation.dir='held-out'"])
+
+
+def test_an_empty_timestep_range_is_one_line_naming_both_keys():
+    with pytest.raises(UserError) as info:
+        load_config(DEMO_CONFIG, ["train.min_timestep=500", "train.max_timestep=100"])
+    assert "train.max_timestep 100 must be above train.min_timestep 500" in str(info.value)
+    assert "\n" not in str(info.value)

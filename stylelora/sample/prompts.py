@@ -28,7 +28,8 @@ FLAGS = {
     "l": ("guidance_scale", float),
     "s": ("steps", int),
 }
-FLAG = re.compile(r"(?:^|\s)--([a-z]+)(?=\s|$)")
+# Flags are case-insensitive, as in kohya (`--W 512` is a width).
+FLAG = re.compile(r"(?:^|\s)--([a-zA-Z]+)(?=\s|$)")
 
 
 def parse_prompt_line(line: str, defaults: SamplePrompt) -> SamplePrompt:
@@ -39,6 +40,7 @@ def parse_prompt_line(line: str, defaults: SamplePrompt) -> SamplePrompt:
         raise ValueError("the line has flags but no prompt")
     result = replace(defaults, prompt=prompt)
     for flag, value in zip(flags[::2], flags[1::2], strict=True):
+        flag = flag.lower()
         if flag not in FLAGS:
             raise ValueError(f"unknown flag --{flag} (known: {', '.join('--' + f for f in FLAGS)})")
         field, kind = FLAGS[flag]

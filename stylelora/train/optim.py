@@ -79,13 +79,24 @@ def default_args(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def parameter_groups(adapted: dict[str, torch.nn.Module], cfg: TrainConfig) -> list[dict]:
-    """One group per adapted component; text encoders may have their own learning rate."""
+    """One group per adapted component; text encoders may have their own learning rate.
+
+    With LoRA+ (`loraplus_lr_ratio`), each component's up matrices (PEFT's `lora_B`) form a
+    group of their own at the ratio times its learning rate.
+    """
     groups = []
     for prefix, module in adapted.items():
         lr = (
             cfg.learning_rate if prefix == "lora_unet" else cfg.text_encoder_lr or cfg.learning_rate
         )
-        groups.append({"params": adapter_parameters(module), "lr": lr, "name": prefix})
+        if not cfg.loraplus_lr_ratio:
+            groups.append({"params": adapter_parameters(module), "lr": lr, "name": prefix})
+            continue
+        trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        down = [p for n, p in trainable if "lora_B" not in n]
+        up = [p for n, p in trainable if "lora_B" in n]
+        groups.append({"params": down, "lr": lr, "name": prefix})
+        groups.append({"params": up, "lr": lr * cfg.loraplus_lr_ratio, "name": f"{prefix}_up"})
     return groups
 
 

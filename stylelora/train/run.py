@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, send_to_device, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, send_to_device, set_seed
 from diffusers import DDPMScheduler
 from torch.utils.data import DataLoader
 
@@ -39,7 +39,7 @@ from stylelora.families import load_family
 from stylelora.families.base import ModelFamily
 from stylelora.sample.prompts import SamplePrompt, parse_prompt_file
 from stylelora.train.cache import TextCache, cache_latents
-from stylelora.train.loss import denoising_loss, draw_noise
+from stylelora.train.loss import draw_noise, training_loss
 from stylelora.train.optim import (
     build_lr_scheduler,
     build_optimizer,
@@ -52,6 +52,12 @@ from stylelora.train.placement import (
     has_accelerator,
     park_idle_modules,
     place_model,
+)
+from stylelora.train.validation import (
+    FixedSet,
+    held_out_line,
+    split_records,
+    validation_set,
 )
 
 
@@ -71,7 +77,9 @@ class TrainingRun:
     noise_scheduler: DDPMScheduler
     text_cache: TextCache | None
     idle: list[torch.nn.Module]  # frozen modules parked off the accelerator between previews
+    validation: FixedSet | None
     scan: ScanResult
+    dataset_lines: list[str]  # the dataset summary, for the report
     prompts: list[SamplePrompt]
     started: float
 
@@ -81,7 +89,8 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
     started = time.time()
     check_optimizer(cfg.train)
     scan = scan_dataset(cfg.data)
-    dataset = ImageCaptionDataset(scan.records, data_options(cfg.data, cfg.seed))
+    records, held_out = split_records(scan.records, cfg)
+    dataset = ImageCaptionDataset(records, data_options(cfg.data, cfg.seed))
     prompts = sample_prompts(cfg)
     # accelerate keeps one mixed-precision setting per process; a second run (tests, the
     # benchmark) may ask for another. The process group (PartialState) is kept.
@@ -90,12 +99,15 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         cpu=not has_accelerator(),  # accelerate joins CPU ranks (torchrun, gloo) only if told
+        log_with=None if cfg.train.log_with == "none" else cfg.train.log_with,
+        project_config=ProjectConfiguration(cfg.output_dir, cfg.output_dir / "logs"),
     )
     check_platform(accelerator, cfg)
     if accelerator.is_main_process:
         check_writable(cfg.output_dir)
         write_run_config(cfg)
-    report_dataset(accelerator, scan, dataset, cfg)
+    dataset_lines = describe(scan, dataset, cfg.data) + held_out_line(held_out)
+    report_dataset(accelerator, dataset_lines, cfg)
     family = family or load_model(cfg)
     for note in family.notes:
         accelerator.print(note)
@@ -106,6 +118,7 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
         enable_gradient_checkpointing(adapted)
     optimizer = build_optimizer(parameter_groups(adapted, cfg.train), cfg.train)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
+    validation = validation_set(family, held_out, cfg)  # while the VAE is surely on the device
     text_cache = prepare_caches(accelerator, family, dataset, cfg)
     idle = park_idle_modules(accelerator, family, cfg, text_cache)
     sampler = BucketBatchSampler(
@@ -116,8 +129,14 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
         accelerator.process_index,
     )
     # Sharded by the sampler, not by accelerate: see BucketBatchSampler.
+    # The loader's own generator: each new iterator draws a seed, which must not come from the
+    # global RNG that dropout uses, or a resumed run (one iterator more) would drop other units.
     loader = DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers,
+        generator=torch.Generator(),
     )
     # Only the UNet is wrapped: the pipeline calls the text encoders itself, so a DDP wrapper
     # around them would never run; their gradients are averaged in average_text_encoder_grads.
@@ -137,14 +156,29 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
         noise_scheduler=family.noise_scheduler(),
         text_cache=text_cache,
         idle=idle,
+        validation=validation,
         scan=scan,
+        dataset_lines=dataset_lines,
         prompts=prompts,
         started=started,
     )
 
 
 def training_step(run: TrainingRun, batch: dict[str, Any], draws: int) -> torch.Tensor:
-    """One micro-batch: loss and backward, and on a step's last micro-batch the optimizer step.
+    """One micro-batch, then on a step's last micro-batch a plain optimizer step (the
+    benchmarks' step; the trainer's own adds the non-finite guard: Session.optimizer_step)."""
+    loss = backward_pass(run, batch, draws)
+    if run.accelerator.sync_gradients and run.cfg.train.max_grad_norm > 0:
+        run.accelerator.clip_grad_norm_(
+            optimizer_params(run.optimizer), run.cfg.train.max_grad_norm
+        )
+    run.optimizer.step()  # accelerate's optimizer waits out an accumulation window by itself
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def backward_pass(run: TrainingRun, batch: dict[str, Any], draws: int) -> torch.Tensor:
+    """The loss of one micro-batch and its backward pass; gradients synced on a step's last.
 
     Each sample's noise comes from (seed, draws, its place in the global batch), so a step
     draws the same noise whether one process trains the global batch or several share it.
@@ -158,18 +192,14 @@ def training_step(run: TrainingRun, batch: dict[str, Any], draws: int) -> torch.
         ]
         if run.text_cache:
             batch["text"] = run.text_cache.encode(batch["captions"])
-        noised = draw_noise(run.family, run.noise_scheduler, batch, generators)
+        noised = draw_noise(run.family, run.noise_scheduler, batch, generators, cfg.train)
         with accelerator.autocast():  # covers the text encoders, which are not prepared
-            loss = denoising_loss(run.family, run.unet, run.noise_scheduler, noised, batch)
+            loss = training_loss(
+                run.family, run.unet, run.noise_scheduler, noised, batch, cfg.train
+            )
         accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            average_text_encoder_grads(run)
-            if cfg.train.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(
-                    optimizer_params(run.optimizer), cfg.train.max_grad_norm
-                )
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+    if accelerator.sync_gradients:
+        average_text_encoder_grads(run)
     return loss
 
 
@@ -251,12 +281,10 @@ def write_run_config(cfg: Config) -> None:
         tmp.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
 
 
-def report_dataset(
-    accelerator: Accelerator, scan: ScanResult, dataset: ImageCaptionDataset, cfg: Config
-) -> None:
+def report_dataset(accelerator: Accelerator, lines: list[str], cfg: Config) -> None:
     global_batch = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     global_batch *= accelerator.num_processes
-    for line in describe(scan, dataset, cfg.data):
+    for line in lines:
         accelerator.print(line)
     accelerator.print(
         f"global batch {global_batch} ({accelerator.num_processes} process(es) x batch "
@@ -295,13 +323,13 @@ def prepare_caches(
 
 
 @contextmanager
-def full_adapter_weights(run: TrainingRun) -> Iterator[None]:
+def full_adapter_weights(accelerator: Accelerator, unet: torch.nn.Module) -> Iterator[None]:
     """FSDP keeps each process's shard of the parameters only: gather them (every process
     takes part) while the main process reads the adapters out. A no-op otherwise."""
-    if run.accelerator.distributed_type != DistributedType.FSDP:
+    if accelerator.distributed_type != DistributedType.FSDP:
         yield
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    with FullyShardedDataParallel.summon_full_params(run.unet, writeback=False):
+    with FullyShardedDataParallel.summon_full_params(unet, writeback=False):
         yield

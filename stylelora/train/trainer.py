@@ -1,101 +1,83 @@
-"""The training run: set-up, one loop of steps with previews, then the export.
+"""The training run: set-up, one loop of steps with previews and checkpoints, then the export.
 
 Everything random is drawn from generators derived from (seed, position), never from global
-state, so the same config gives the same adapter and a later resume can land on any step.
+state, so the same config gives the same adapter and a resume lands on the exact step.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-
-from tqdm.auto import tqdm
 
 from stylelora.config import Config
-from stylelora.export.atomic import atomic_path
-from stylelora.export.lora_file import save_lora_file
 from stylelora.export.metadata import training_metadata
-from stylelora.sample.render import grid, preview_pipeline, render_all
-from stylelora.train.placement import visiting
-from stylelora.train.run import (
-    TrainingRun,
-    build_run,
-    full_adapter_weights,
-    training_step,
-)
+from stylelora.sample.preview import Previewer
+from stylelora.train.checkpoint import check_fresh_start
+from stylelora.train.guard import NonFiniteStop, StopRequest
+from stylelora.train.run import TrainingRun, backward_pass, build_run
+from stylelora.train.session import RunResult, Session
+
+__all__ = ["RunResult", "train"]
 
 
-@dataclass
-class RunResult:
-    adapter_path: Path
-    steps: int
-    losses: list[float] = field(default_factory=list)
-    previews: list[Path] = field(default_factory=list)
+def train(cfg: Config, resume: str | None = None) -> RunResult:
+    """Train the adapter `cfg` describes and write it to `<output_dir>/<name>.safetensors`.
 
-
-def train(cfg: Config) -> RunResult:
-    """Train the adapter `cfg` describes and write it to `<output_dir>/<name>.safetensors`."""
+    `resume`: "latest" or a checkpoint folder to continue from. A SIGINT or SIGTERM saves a
+    checkpoint and returns a result with `interrupted` set, without exporting.
+    """
+    if resume is None:
+        check_fresh_start(cfg.output_dir)
     run = build_run(cfg)
-    accelerator, family, adapted = run.accelerator, run.family, run.adapted
-    sampler, loader, lr_scheduler = run.sampler, run.loader, run.lr_scheduler
-    scan, prompts, started = run.scan, run.prompts, run.started
-
-    result = RunResult(adapter_path=cfg.output_dir / f"{cfg.name}.safetensors", steps=0)
-    progress = tqdm(
-        total=cfg.train.max_steps, desc="training", disable=not accelerator.is_local_main_process
+    session = Session(
+        cfg=cfg,
+        accelerator=run.accelerator,
+        family=run.family,
+        adapted=run.adapted,
+        unet=run.unet,
+        optimizer=run.optimizer,
+        lr_scheduler=run.lr_scheduler,
+        loader=run.loader,
+        sampler=run.sampler,
+        noise_scheduler=run.noise_scheduler,
+        previewer=Previewer(run.family, run.prompts, cfg.sample.scheduler) if run.prompts else None,
+        validation=run.validation,
+        dataset_lines=run.dataset_lines,
+        metadata=lambda steps, epochs: training_metadata(
+            cfg, run.scan, run.family, steps, epochs, run.started, time.time()
+        ),
+        idle=run.idle,
     )
-    draws, epoch, window = 0, 0, []
-    while result.steps < cfg.train.max_steps:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            loss = training_step(run, batch, draws)
-            draws += 1
-            window.append(loss.detach().float().item())
-            if not accelerator.sync_gradients:
-                continue
-            lr_scheduler.step()
-            result.steps += 1
-            result.losses.append(sum(window) / len(window))
-            window.clear()
-            progress.update(1)
-            progress.set_postfix(
-                loss=f"{result.losses[-1]:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}"
-            )
-            if prompts and preview_due(result.steps, cfg):
-                result.previews += write_preview(run, result.steps)
-            if result.steps >= cfg.train.max_steps:
+    try:
+        return run_session(session, run, resume)
+    finally:
+        session.close()
+
+
+def run_session(session: Session, run: TrainingRun, resume: str | None) -> RunResult:
+    """Resume if asked, loop, then export; a signal returns early, after a checkpoint."""
+    session.begin(resume)
+    try:
+        with StopRequest() as stop:
+            loop(session, run, stop)
+    except NonFiniteStop as exc:
+        session.export()
+        session.report(f"stopped: {exc}")
+        raise NonFiniteStop(f"{exc}; {session.adapter_path} holds the last good weights") from None
+    return session.finish()
+
+
+def loop(session: Session, run: TrainingRun, stop: StopRequest) -> None:
+    """Steps until `max_steps`, a stop signal, or too many non-finite steps in a row."""
+    state = session.state
+    while not session.done:
+        for batch in session.epoch_batches():
+            loss = backward_pass(run, batch, state.draws)
+            stepped = session.optimizer_step(loss)
+            state.draws += 1
+            state.position += 1
+            if stepped:
+                session.after_step(stop)
+            if session.done:
                 break
-        epoch += 1
-    progress.close()
-
-    accelerator.wait_for_everyone()
-    with full_adapter_weights(run):
-        if accelerator.is_main_process:
-            metadata = training_metadata(
-                cfg, scan, family, result.steps, epoch, started, time.time()
-            )
-            save_lora_file(result.adapter_path, family, adapted, metadata)
-            accelerator.print(f"saved {result.adapter_path}")
-    accelerator.end_training()
-    return result
-
-
-def preview_due(step: int, cfg: Config) -> bool:
-    every = cfg.sample.every_n_steps
-    return step == cfg.train.max_steps or (every > 0 and step % every == 0)
-
-
-def write_preview(run: TrainingRun, step: int) -> list[Path]:
-    """Render the preview prompts with the current adapter into one grid PNG."""
-    accelerator, cfg, written = run.accelerator, run.cfg, []
-    if accelerator.is_main_process:
-        pipe = preview_pipeline(run.family.pipe, cfg.sample.scheduler)
-        with visiting(run.idle, accelerator.device):
-            sheet = grid(render_all(pipe, run.prompts, run.family))
-        path = cfg.output_dir / "samples" / f"{cfg.name}_{step:06d}.png"
-        with atomic_path(path) as tmp:
-            sheet.save(tmp, format="PNG")
-        written.append(path)
-    accelerator.wait_for_everyone()
-    return written
+        else:
+            session.end_epoch()

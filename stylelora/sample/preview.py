@@ -1,0 +1,56 @@
+"""Preview grids while training: each prompt's image without the adapter beside it with it.
+
+The images without the adapter are the same at every preview (same frozen model, same seeds),
+so they are rendered once and reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from PIL import Image
+
+from stylelora.families.base import ModelFamily
+from stylelora.sample.prompts import SamplePrompt
+from stylelora.sample.render import grid, preview_pipeline, render_all
+
+
+@contextlib.contextmanager
+def adapters_disabled(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Every PEFT adapter layer in `modules` acts as its base layer inside the block."""
+    layers = [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+class Previewer:
+    def __init__(self, family: ModelFamily, prompts: list[SamplePrompt], scheduler: str):
+        self.family = family
+        self.prompts = prompts
+        self.scheduler = scheduler
+        self.base: list[Image.Image] | None = None
+
+    def render(self) -> Image.Image:
+        """One row per prompt: without the adapter on the left, with it on the right.
+
+        Rendering draws from its own seeded generators; the training RNG states are set aside
+        so a run with previews trains exactly as one without.
+        """
+        family = self.family
+        pipe = preview_pipeline(family.pipe, self.scheduler)
+        devices = [family.unet.device] if family.unet.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if self.base is None:
+                with adapters_disabled([family.unet, *family.text_encoders().values()]):
+                    self.base = render_all(pipe, self.prompts, family)
+            tuned = render_all(pipe, self.prompts, family)
+        pairs = [image for row in zip(self.base, tuned, strict=True) for image in row]
+        return grid(pairs, columns=2)

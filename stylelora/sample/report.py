@@ -1,0 +1,131 @@
+"""`report.html` in the run folder: curves, preview grids over time, config, data and timings.
+
+It is rewritten (atomically) at every preview and at the end; images are files beside it, linked
+by relative paths, so the run folder can be copied or opened anywhere.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stylelora.export.atomic import atomic_path
+
+CURVES = "report/curves.png"
+
+# Marks each image that failed to load, and counts both kinds on <body> for a quick check.
+IMAGE_CHECK = """
+window.addEventListener("load", () => {
+  let loaded = 0, broken = 0;
+  for (const img of document.images) {
+    if (img.complete && img.naturalWidth > 0) { loaded++; continue; }
+    broken++;
+    img.insertAdjacentText("afterend", " (missing image: " + img.getAttribute("src") + ")");
+  }
+  document.body.dataset.imagesLoaded = loaded;
+  document.body.dataset.imagesBroken = broken;
+});
+"""
+
+STYLE = """
+body { font-family: sans-serif; margin: 2em; color: #222; background: #fafafa; }
+h1 { margin-bottom: 0.2em; } .status { color: #555; margin-top: 0; }
+table { border-collapse: collapse; } td, th { padding: 2px 12px 2px 0; text-align: left; }
+figure { display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }
+figure img { image-rendering: pixelated; border: 1px solid #ccc; min-width: 256px; }
+pre { background: #fff; border: 1px solid #ddd; padding: 1em; overflow-x: auto; }
+"""
+
+
+@dataclass
+class ReportData:
+    name: str
+    status: str
+    step: int
+    max_steps: int
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)
+    previews: list[tuple[int, str]] = field(default_factory=list)
+    skipped: int = 0
+    dataset: list[str] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    timings: dict[str, str] = field(default_factory=dict)
+
+
+def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
+    result, average = [], None
+    for value in values:
+        average = value if average is None else weight * average + (1 - weight) * value
+        result.append(average)
+    return result
+
+
+def plot_curves(data: ReportData, path: Path) -> None:
+    from matplotlib.figure import Figure  # Agg, without pyplot's global state; imported late
+
+    figure = Figure(figsize=(8, 5), dpi=100, layout="constrained")
+    loss_axes, lr_axes = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    steps = list(range(1, len(data.losses) + 1))
+    if steps:
+        loss_axes.plot(steps, data.losses, color="tab:blue", alpha=0.3, label="training loss")
+        loss_axes.plot(steps, smoothed(data.losses), color="tab:blue", label="smoothed")
+        lr_axes.plot(steps, data.lrs, color="tab:green")
+    if data.validation:
+        val_steps, val_losses = zip(*data.validation, strict=True)
+        loss_axes.plot(val_steps, val_losses, "o-", color="tab:orange", label="validation loss")
+    loss_axes.set_ylabel("loss")
+    loss_axes.legend(loc="upper right")
+    loss_axes.grid(alpha=0.3)
+    lr_axes.set_ylabel("learning rate")
+    lr_axes.set_xlabel("step")
+    lr_axes.grid(alpha=0.3)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+
+
+def render_html(data: ReportData) -> str:
+    esc = html.escape
+    timing_rows = "".join(
+        f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in data.timings.items()
+    )
+    previews = "".join(
+        f'<figure><img src="{esc(path)}?v={data.step}" alt="preview at step {step}">'
+        f"<figcaption>step {step}: without the adapter | with it</figcaption></figure>"
+        for step, path in reversed(data.previews)
+    )
+    validation = (
+        f"latest validation loss {data.validation[-1][1]:.5f} (step {data.validation[-1][0]})"
+        if data.validation
+        else "no validation set"
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(data.name)}: training report</title>
+<style>{STYLE}</style><script>{IMAGE_CHECK}</script></head>
+<body>
+<h1>{esc(data.name)}</h1>
+<p class="status">{esc(data.status)}: step {data.step} of {data.max_steps};
+{data.skipped} step(s) skipped for non-finite values; {esc(validation)}</p>
+<h2>Loss and learning rate</h2>
+<img src="{CURVES}?v={data.step}" alt="loss and learning-rate curves" width="800">
+<h2>Previews</h2>
+{previews or "<p>no previews yet</p>"}
+<h2>Timings</h2>
+<table>{timing_rows}</table>
+<h2>Dataset</h2>
+<pre>{esc(chr(10).join(data.dataset))}</pre>
+<h2>Config</h2>
+<pre>{esc(json.dumps(data.config, indent=2))}</pre>
+</body></html>
+"""
+
+
+def write_report(output_dir: Path, data: ReportData) -> Path:
+    """Plot the curves and write `report.html`; returns its path."""
+    plot_curves(data, Path(output_dir) / CURVES)
+    path = Path(output_dir) / "report.html"
+    with atomic_path(path) as tmp:
+        tmp.write_text(render_html(data), encoding="utf-8")
+    return path

@@ -1,0 +1,389 @@
+"""What a run does around its steps: the optimizer step and its guard, logging, validation,
+previews, the report, checkpoints, resuming and the export. The loop in `trainer.py` calls these.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from stylelora.config import Config
+from stylelora.data.dataset import BucketBatchSampler
+from stylelora.export.atomic import atomic_path
+from stylelora.export.lora_file import save_lora_file
+from stylelora.families.base import ModelFamily
+from stylelora.sample.preview import Previewer
+from stylelora.sample.report import ReportData, write_report
+from stylelora.train.checkpoint import (
+    Checkpointer,
+    TrainState,
+    check_free_space,
+    config_changes,
+    find_checkpoint,
+    flat_config,
+)
+from stylelora.train.ema import AdapterEMA
+from stylelora.train.guard import NonFiniteGuard, StopRequest, inject_fault, step_is_finite
+from stylelora.train.placement import visiting
+from stylelora.train.run import full_adapter_weights
+from stylelora.train.validation import FixedSet, validation_loss
+
+
+@dataclass
+class RunResult:
+    adapter_path: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    previews: list[Path] = field(default_factory=list)
+    ema_path: Path | None = None
+    skipped: int = 0
+    validation: list[tuple[int, float]] = field(default_factory=list)
+    interrupted: bool = False
+    checkpoint: Path | None = None
+
+
+def trainable(adapted: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    return {
+        f"{prefix}.{name}": param
+        for prefix, module in adapted.items()
+        for name, param in module.named_parameters()
+        if param.requires_grad
+    }
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on any process: every process must take the same branch."""
+    if accelerator.num_processes == 1:
+        return flag
+    total = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum")
+    return bool(total.item() > 0)
+
+
+@dataclass
+class Session:
+    cfg: Config
+    accelerator: Accelerator
+    family: ModelFamily
+    adapted: dict[str, torch.nn.Module]
+    unet: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: LRScheduler
+    loader: DataLoader
+    sampler: BucketBatchSampler
+    noise_scheduler: DDPMScheduler
+    previewer: Previewer | None
+    validation: FixedSet | None
+    dataset_lines: list[str]
+    metadata: Callable[[int, int], dict[str, str]]  # (steps, epochs) -> the file's header
+    state: TrainState = field(default_factory=TrainState)
+    stopping: bool = False
+    window: list[float] = field(default_factory=list)
+    idle: list[torch.nn.Module] = field(default_factory=list)  # parked between previews
+
+    def __post_init__(self) -> None:
+        train = self.cfg.train
+        self.params = trainable(self.adapted)
+        self.ema = (
+            AdapterEMA(list(self.params.values()), train.ema_decay) if train.ema_decay else None
+        )
+        self.checkpointer = Checkpointer(
+            self.accelerator, self.cfg.output_dir, train.checkpoints_keep, self.params, self.ema
+        )
+        self.guard = NonFiniteGuard(train.max_nonfinite_steps)
+        self.started = time.time()
+        self.seconds_before = 0.0
+        self.session_steps = 0
+        self.progress: tqdm | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def say(self, line: str) -> None:
+        if not self.main:
+            return
+        if self.progress is not None:
+            self.progress.write(line)
+        else:
+            print(line, flush=True)
+
+    # --- start -------------------------------------------------------------------------
+
+    def begin(self, resume: str | None) -> None:
+        """Resume if asked, check the disk, start the trackers, the progress bar, validation."""
+        if resume:
+            self.resume(find_checkpoint(self.cfg.output_dir, resume))
+        self.started, self.seconds_before = time.time(), self.state.seconds
+        if self.cfg.train.checkpoint_every_n_steps:
+            check_free_space(self.checkpointer.folder, self.checkpoint_bytes())
+        self.start_trackers()
+        self.progress = tqdm(
+            total=self.cfg.train.max_steps,
+            initial=self.state.step,
+            desc="training",
+            unit="step",
+            disable=not self.accelerator.is_local_main_process,
+        )
+        if self.validation and not self.state.validation:
+            self.validate()
+
+    def resume(self, folder: Path) -> None:
+        state, scheduler, saved = self.checkpointer.load(folder)
+        self.lr_scheduler.load_state_dict(scheduler)
+        self.state = state
+        self.guard = NonFiniteGuard(
+            self.cfg.train.max_nonfinite_steps, state.skipped, state.skipped_in_a_row
+        )
+        self.say(
+            f"resuming from {folder}: step {state.step}, epoch {state.epoch}, "
+            f"batch {state.position} of the epoch"
+        )
+        changed = config_changes(saved, self.cfg)
+        if changed:
+            self.say(f"  settings changed since the checkpoint: {', '.join(changed[:8])}")
+
+    def checkpoint_bytes(self) -> int:
+        """About what `checkpoints_keep` checkpoints and one being written take."""
+        adapter = sum(p.numel() * p.element_size() for p in self.params.values())
+        per_checkpoint = adapter * (3 + (1 if self.ema else 0)) + 2**20
+        return per_checkpoint * (self.cfg.train.checkpoints_keep + 1)
+
+    def start_trackers(self) -> None:
+        if self.cfg.train.log_with == "none":
+            return
+        kwargs = {"tensorboard": {"purge_step": self.state.step + 1}} if self.state.step else {}
+        self.accelerator.init_trackers(
+            self.cfg.name, config=flat_config(self.cfg), init_kwargs=kwargs
+        )
+
+    # --- each step ---------------------------------------------------------------------
+
+    def epoch_batches(self) -> DataLoader:
+        """This epoch's loader, past the batches a resumed run has already drawn."""
+        self.sampler.set_epoch(self.state.epoch)
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(self.state.epoch)  # accelerate re-sets the sampler's epoch
+        if self.state.position:
+            return self.accelerator.skip_first_batches(self.loader, self.state.position)
+        return self.loader
+
+    def optimizer_step(self, loss: torch.Tensor) -> bool:
+        """At the end of an accumulation window: clip and step unless anything is non-finite.
+
+        Returns whether an optimizer step was taken; a skipped one is counted, and
+        `max_nonfinite_steps` of them in a row raise NonFiniteStop. A step the fp16 gradient
+        scaler skips (it overflowed; the scaler lowers its scale) is not taken and not counted.
+        """
+        self.window.append(loss.detach().float().item())
+        if not self.accelerator.sync_gradients:
+            return False
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        scaled = self.accelerator.scaler is not None
+        finite = not any_process(self.accelerator, not step_is_finite(self.window, params, scaled))
+        stepped = finite
+        if finite:
+            if self.cfg.train.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+            self.optimizer.step()
+            stepped = not self.accelerator.optimizer_step_was_skipped
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = sum(self.window) / len(self.window)
+        self.window.clear()
+        self.record_guard(finite)
+        if stepped:
+            self.state.losses.append(loss_value)
+        return stepped
+
+    def record_guard(self, finite: bool) -> None:
+        try:
+            self.guard.record(finite, self.state.step)
+        finally:
+            self.state.skipped, self.state.skipped_in_a_row = (
+                self.guard.skipped,
+                self.guard.in_a_row,
+            )
+
+    def after_step(self, stop: StopRequest) -> None:
+        """Everything that follows an optimizer step, each only when it is due."""
+        cfg, state = self.cfg, self.state
+        self.lr_scheduler.step()
+        if self.ema:
+            self.ema.update()
+        state.step += 1
+        self.session_steps += 1
+        state.lrs.append(self.lr_scheduler.get_last_lr()[0])
+        self.log_step()
+        if self.validation and state.step % cfg.validation.every_n_steps == 0:
+            self.validate()
+        if self.previewer and due(state.step, cfg.sample.every_n_steps, cfg.train.max_steps):
+            self.preview()
+        inject_fault("interrupt", state.step)
+        self.stopping = any_process(self.accelerator, stop.requested)
+        if self.stopping or due(state.step, cfg.train.checkpoint_every_n_steps):
+            self.checkpoint()
+
+    def end_epoch(self) -> None:
+        self.state.epoch += 1
+        self.state.position = 0
+        every = self.cfg.sample.every_n_epochs
+        if self.previewer and every and self.state.epoch % every == 0:
+            self.preview()
+
+    @property
+    def done(self) -> bool:
+        return self.stopping or self.state.step >= self.cfg.train.max_steps
+
+    def log_step(self) -> None:
+        state = self.state
+        values = {"loss": state.losses[-1], "lr": state.lrs[-1], "skipped_steps": state.skipped}
+        self.accelerator.log(values, step=state.step)
+        if self.progress is not None:
+            self.progress.update(1)
+            postfix = {"loss": f"{state.losses[-1]:.4f}", "lr": f"{state.lrs[-1]:.2e}"}
+            if state.skipped:
+                postfix["skipped"] = state.skipped
+            self.progress.set_postfix(postfix)
+
+    def validate(self) -> None:
+        loss = validation_loss(self.family, self.unet, self.noise_scheduler, self.validation)
+        self.state.validation.append((self.state.step, loss))
+        self.accelerator.log({"validation_loss": loss}, step=self.state.step)
+        self.say(f"step {self.state.step}: validation loss {loss:.5f}")
+
+    def preview(self) -> None:
+        step = self.state.step
+        relative = f"samples/{self.cfg.name}_{step:06d}.png"
+        # Every process records it: whether a preview is still due decides who waits where.
+        if not self.state.previews or self.state.previews[-1][0] != step:
+            self.state.previews.append((step, relative))
+        if self.main:
+            with visiting(self.idle, self.accelerator.device):
+                sheet = self.previewer.render()
+            with atomic_path(self.cfg.output_dir / relative) as tmp:
+                sheet.save(tmp, format="PNG")
+            self.log_image(sheet)
+            self.report("running")
+        self.accelerator.wait_for_everyone()
+
+    def log_image(self, sheet) -> None:
+        if self.cfg.train.log_with != "tensorboard":
+            return
+        tracker = self.accelerator.get_tracker("tensorboard")
+        tracker.log_images(
+            {"preview": np.asarray(sheet)[None]}, step=self.state.step, dataformats="NHWC"
+        )
+
+    def checkpoint(self) -> Path:
+        state = self.state
+        state.seconds = self.seconds_before + time.time() - self.started
+        folder = self.checkpointer.save(
+            state, self.lr_scheduler.state_dict(), self.cfg.model_dump(mode="json")
+        )
+        self.say(f"checkpoint: step {state.step} saved to {folder}")
+        return folder
+
+    # --- the end -----------------------------------------------------------------------
+
+    @property
+    def adapter_path(self) -> Path:
+        return self.cfg.output_dir / f"{self.cfg.name}.safetensors"
+
+    def finish(self) -> RunResult:
+        """After the loop: the result of an interrupted run, or the last preview and export."""
+        state = self.state
+        if self.stopping and state.step < self.cfg.train.max_steps:
+            self.report(f"interrupted at step {state.step}")
+            result = self.result(None)
+            result.interrupted = True
+            result.checkpoint = self.checkpointer.folder / f"step-{state.step:06d}"
+            return result
+        if self.previewer and state.step not in [step for step, _ in state.previews]:
+            self.preview()  # a resumed run that was already past its last preview
+        ema_path = self.export()
+        self.report("finished")
+        return self.result(ema_path)
+
+    def export(self) -> Path | None:
+        """Write the adapter (and its EMA, beside it or instead of it); return the EMA path."""
+        adapter_path = self.adapter_path
+        self.accelerator.wait_for_everyone()
+        ema_path = None
+        if self.ema and self.cfg.train.ema_export == "beside":
+            ema_path = adapter_path.with_name(f"{adapter_path.stem}-ema.safetensors")
+        with full_adapter_weights(self.accelerator, self.unet):
+            if self.main:
+                self.write_adapters(adapter_path, ema_path)
+        return ema_path
+
+    def write_adapters(self, adapter_path: Path, ema_path: Path | None) -> None:
+        epochs = self.state.epoch + (1 if self.state.position else 0)  # begun ones
+        metadata = self.metadata(self.state.step, epochs)
+        if self.ema and not ema_path:
+            with self.ema.swapped_in():
+                save_lora_file(adapter_path, self.family, self.adapted, metadata)
+        else:
+            save_lora_file(adapter_path, self.family, self.adapted, metadata)
+        if ema_path:
+            with self.ema.swapped_in():
+                save_lora_file(ema_path, self.family, self.adapted, metadata)
+        self.say(f"saved {adapter_path}" + (f" and {ema_path}" if ema_path else ""))
+
+    def report(self, status: str) -> None:
+        if not self.main:
+            return
+        state, cfg = self.state, self.cfg
+        seconds = self.seconds_before + time.time() - self.started
+        per_step = (time.time() - self.started) / max(self.session_steps, 1)
+        left = max(cfg.train.max_steps - state.step, 0) * per_step
+        data = ReportData(
+            name=cfg.name,
+            status=status,
+            step=state.step,
+            max_steps=cfg.train.max_steps,
+            losses=state.losses,
+            lrs=state.lrs,
+            validation=state.validation,
+            previews=state.previews,
+            skipped=state.skipped,
+            dataset=self.dataset_lines,
+            config=cfg.model_dump(mode="json"),
+            timings={
+                "report written": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "training time": f"{seconds:.1f} s",
+                "seconds per step (this session)": f"{per_step:.3f}",
+                "estimated time left": f"{left:.0f} s",
+            },
+        )
+        write_report(cfg.output_dir, data)
+
+    def result(self, ema_path: Path | None) -> RunResult:
+        state = self.state
+        return RunResult(
+            adapter_path=self.adapter_path,
+            steps=state.step,
+            losses=state.losses,
+            previews=[self.cfg.output_dir / path for _, path in state.previews],
+            ema_path=ema_path,
+            skipped=state.skipped,
+            validation=state.validation,
+        )
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+        self.accelerator.end_training()
+
+
+def due(step: int, every: int, last: int | None = None) -> bool:
+    return step == last or (every > 0 and step % every == 0)
