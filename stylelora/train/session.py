@@ -12,16 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from diffusers import DDPMScheduler
-from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from stylelora.config import Config
-from stylelora.data.dataset import BucketBatchSampler
 from stylelora.export.atomic import atomic_path
 from stylelora.export.lora_file import save_lora_file
-from stylelora.families.base import ModelFamily
 from stylelora.sample.preview import Previewer
 from stylelora.sample.report import ReportData, write_report
 from stylelora.train.checkpoint import (
@@ -35,8 +30,8 @@ from stylelora.train.checkpoint import (
 from stylelora.train.ema import AdapterEMA
 from stylelora.train.guard import NonFiniteGuard, StopRequest, inject_fault, step_is_finite
 from stylelora.train.placement import visiting
-from stylelora.train.run import full_adapter_weights
-from stylelora.train.validation import FixedSet, validation_loss
+from stylelora.train.run import TrainingRun, full_adapter_weights
+from stylelora.train.validation import validation_loss
 
 
 @dataclass
@@ -71,26 +66,20 @@ def any_process(accelerator: Accelerator, flag: bool) -> bool:
 
 @dataclass
 class Session:
-    cfg: Config
-    accelerator: Accelerator
-    family: ModelFamily
-    adapted: dict[str, torch.nn.Module]
-    unet: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: LRScheduler
-    loader: DataLoader
-    sampler: BucketBatchSampler
-    noise_scheduler: DDPMScheduler
+    run: TrainingRun
     previewer: Previewer | None
-    validation: FixedSet | None
-    dataset_lines: list[str]
     metadata: Callable[[int, int], dict[str, str]]  # (steps, epochs) -> the file's header
     state: TrainState = field(default_factory=TrainState)
     stopping: bool = False
     window: list[float] = field(default_factory=list)
-    idle: list[torch.nn.Module] = field(default_factory=list)  # parked between previews
 
     def __post_init__(self) -> None:
+        run = self.run
+        self.cfg, self.accelerator, self.family = run.cfg, run.accelerator, run.family
+        self.adapted, self.unet, self.optimizer = run.adapted, run.unet, run.optimizer
+        self.lr_scheduler, self.loader, self.sampler = run.lr_scheduler, run.loader, run.sampler
+        self.noise_scheduler, self.validation = run.noise_scheduler, run.validation
+        self.dataset_lines, self.idle = run.dataset_lines, run.idle
         train = self.cfg.train
         self.params = trainable(self.adapted)
         self.ema = (

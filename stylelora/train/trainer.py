@@ -29,23 +29,11 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
         check_fresh_start(cfg.output_dir)
     run = build_run(cfg)
     session = Session(
-        cfg=cfg,
-        accelerator=run.accelerator,
-        family=run.family,
-        adapted=run.adapted,
-        unet=run.unet,
-        optimizer=run.optimizer,
-        lr_scheduler=run.lr_scheduler,
-        loader=run.loader,
-        sampler=run.sampler,
-        noise_scheduler=run.noise_scheduler,
+        run=run,
         previewer=Previewer(run.family, run.prompts, cfg.sample.scheduler) if run.prompts else None,
-        validation=run.validation,
-        dataset_lines=run.dataset_lines,
         metadata=lambda steps, epochs: training_metadata(
             cfg, run.scan, run.family, steps, epochs, run.started, time.time()
         ),
-        idle=run.idle,
     )
     try:
         return run_session(session, run, resume)
