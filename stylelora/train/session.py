@@ -30,7 +30,7 @@ from stylelora.train.checkpoint import (
 from stylelora.train.ema import AdapterEMA
 from stylelora.train.guard import NonFiniteGuard, StopRequest, inject_fault, step_is_finite
 from stylelora.train.placement import visiting
-from stylelora.train.run import TrainingRun, full_adapter_weights
+from stylelora.train.run import TrainingRun, full_adapter_weights, optimizer_params
 from stylelora.train.validation import validation_loss
 
 
@@ -176,7 +176,7 @@ class Session:
         self.window.append(loss.detach().float().item())
         if not self.accelerator.sync_gradients:
             return False
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        params = optimizer_params(self.optimizer)
         scaled = self.accelerator.scaler is not None
         finite = not any_process(self.accelerator, not step_is_finite(self.window, params, scaled))
         stepped = finite
