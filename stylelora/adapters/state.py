@@ -6,10 +6,13 @@ from kohya sd-scripts, LyCORIS or stylelora is handled the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -163,8 +166,22 @@ def truncation_problem(path: Path) -> str | None:
     )
 
 
+def read_header(path: str | Path) -> tuple[list[str], dict[str, str]]:
+    """The tensor names and metadata of a .safetensors file; a damaged file is a UserError."""
+    with open_checked(path) as handle:
+        return list(handle.keys()), handle.metadata() or {}
+
+
 def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor and the metadata of a .safetensors file; a damaged file is a UserError."""
+    with open_checked(path) as handle:
+        names = list(handle.keys())
+        return {k: handle.get_tensor(k) for k in names}, handle.metadata() or {}
+
+
+@contextlib.contextmanager
+def open_checked(path: str | Path) -> Iterator[Any]:
+    """safe_open, after naming a missing or truncated file; read errors become a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: adapter file not found")
@@ -173,8 +190,7 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         raise UserError(problem)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            names = list(handle.keys())
-            return {k: handle.get_tensor(k) for k in names}, handle.metadata() or {}
+            yield handle
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable .safetensors file ({exc})") from None
 

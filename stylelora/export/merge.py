@@ -14,10 +14,10 @@ import torch
 
 from stylelora.adapters.state import read_adapter
 from stylelora.errors import UserError
-from stylelora.export.apply import add_into_weights
 from stylelora.export.atomic import atomic_dir
 from stylelora.export.single_file import save_single_file
 from stylelora.families.base import ModelFamily
+from stylelora.sample.adapter import attach_adapter
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -40,21 +40,11 @@ def parse_weighted(text: str) -> tuple[Path, float]:
 
 def apply_weighted(family: ModelFamily, path: Path, strength: float, index: int = 0) -> None:
     """Add one adapter file into the family's weights at `strength`."""
-    from stylelora.sample.adapter import check_family
-
-    adapter = read_adapter(path)  # names what is wrong with a damaged file
-    check_family(family, path)
-    if adapter.is_dora:
-        add_into_weights(family, adapter, strength, str(path))
-        return
+    adapter = read_adapter(path)  # names what is wrong with a damaged file before any change
     name = f"merge_{index}"
-    try:
-        family.pipe.load_lora_weights(str(path), adapter_name=name)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{path}: cannot apply it to a {family.name} model ({first})") from None
-    family.pipe.fuse_lora(lora_scale=strength, adapter_names=[name])
-    family.pipe.unload_lora_weights()
+    if attach_adapter(family, path, strength, name, adapter):
+        family.pipe.fuse_lora(lora_scale=strength, adapter_names=[name])
+        family.pipe.unload_lora_weights()
 
 
 def merge_adapters(family: ModelFamily, adapters: list[tuple[Path, float]]) -> None:

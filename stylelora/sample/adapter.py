@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from PIL import Image
-from safetensors import SafetensorError, safe_open
 
+from stylelora.adapters.state import Adapter, read_adapter, read_header
 from stylelora.errors import UserError
+from stylelora.export.apply import add_into_weights
 from stylelora.export.atomic import atomic_path
 from stylelora.families import FAMILIES
 from stylelora.families.base import ModelFamily
@@ -17,31 +18,9 @@ from stylelora.sample.render import grid, render
 ADAPTER_NAME = "stylelora"
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return handle.metadata() or {}
-    except FileNotFoundError:
-        raise UserError(f"{path}: adapter file not found") from None
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"{path}: not a readable .safetensors file ({exc})") from None
-
-
-def tensor_names(path: Path) -> list[str]:
-    with safe_open(str(path), framework="pt") as handle:
-        return list(handle.keys())
-
-
-def text_encoder_prefixes(path: Path) -> set[str]:
-    """The kohya text-encoder prefixes (`lora_te`, `lora_te1`, ...) the file's keys use."""
-    known = {prefix for cls in FAMILIES for prefix in cls.text_encoder_attrs}
-    keys = tensor_names(path)
-    return {p for p in known if any(key.startswith(p + "_") for key in keys)}
-
-
-def check_family(family: ModelFamily, path: Path) -> None:
+def check_family(family: ModelFamily, path: Path, keys: list[str], metadata: dict) -> None:
     """Refuse an adapter made for another family, by its metadata or else by its key names."""
-    trained_on = read_metadata(path).get("ss_base_model_version")
+    trained_on = metadata.get("ss_base_model_version")
     if trained_on:
         if trained_on not in family.kohya_versions:
             raise UserError(
@@ -49,36 +28,44 @@ def check_family(family: ModelFamily, path: Path) -> None:
                 f"but the model is {family.name} ({family.kohya_base_version})"
             )
         return
-    prefixes = text_encoder_prefixes(path)
+    known = {prefix for cls in FAMILIES for prefix in cls.text_encoder_attrs}
+    prefixes = {p for p in known if any(key.startswith(p + "_") for key in keys)}
     if prefixes - set(family.text_encoder_attrs):
         owners = [cls.name for cls in FAMILIES if prefixes <= set(cls.text_encoder_attrs)]
-        keys = "/".join(f"{p}_" for p in sorted(prefixes))
+        named = "/".join(f"{p}_" for p in sorted(prefixes))
         raise UserError(
-            f"{path}: adapter has {keys} keys (a {' or '.join(owners) or 'unknown'} adapter), "
+            f"{path}: adapter has {named} keys (a {' or '.join(owners) or 'unknown'} adapter), "
             f"but the model is {family.name}"
         )
 
 
-def apply_adapter(family: ModelFamily, path: Path, scale: float) -> None:
-    """Load a kohya-format adapter onto `family`'s pipeline at strength `scale`.
+def attach_adapter(
+    family: ModelFamily, path: Path, scale: float, name: str, adapter: Adapter | None = None
+) -> bool:
+    """Check that the file fits `family`, then put it on the pipeline; what sample and merge share.
 
-    diffusers drops DoRA's `dora_scale`, so a DoRA file is added into the weights instead, with
-    the formula AUTOMATIC1111 and ComfyUI use (export/apply.py).
+    diffusers drops DoRA's `dora_scale`, so a DoRA file is added into the weights at `scale`,
+    with the formula AUTOMATIC1111 and ComfyUI use (export/apply.py), and False is returned.
+    Anything else is loaded by diffusers' own loader as adapter `name`, not yet weighted: True.
+    `adapter`: the file already read, if the caller has it.
     """
-    check_family(family, path)
-    if any(key.endswith(".dora_scale") for key in tensor_names(path)):
-        from stylelora.adapters.state import read_adapter
-        from stylelora.export.apply import add_into_weights
-
-        add_into_weights(family, read_adapter(path), scale, str(path))
-        return
+    keys, metadata = read_header(path)
+    check_family(family, path, keys, metadata)
+    if any(key.endswith(".dora_scale") for key in keys):
+        add_into_weights(family, adapter or read_adapter(path), scale, str(path))
+        return False
     try:
-        family.pipe.load_lora_weights(str(path), adapter_name=ADAPTER_NAME)
+        family.pipe.load_lora_weights(str(path), adapter_name=name)
     except (ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(
-            f"{path}: cannot apply this adapter to a {family.name} model ({exc})"
-        ) from None
-    family.pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}: cannot apply it to a {family.name} model ({first})") from None
+    return True
+
+
+def apply_adapter(family: ModelFamily, path: Path, scale: float) -> None:
+    """Load a kohya-format adapter onto `family`'s pipeline at strength `scale`."""
+    if attach_adapter(family, path, scale, ADAPTER_NAME):
+        family.pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
 
 
 def render_with_adapter(
