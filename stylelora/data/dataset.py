@@ -96,6 +96,8 @@ class ImageCaptionDataset(Dataset):
             item = self.pixels(index, offset)
             if flipped:
                 item["pixel_values"] = item["pixel_values"].flip(-1)
+        width, height = self.bucket(index)
+        item["target_size"] = (height, width)
         item["caption"] = process_caption(self.records[index].caption, self.captions, rng)
         return item
 
@@ -105,6 +107,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "captions": [item["caption"] for item in items],
         "original_sizes": [item["original_size"] for item in items],
         "crop_top_lefts": [item["crop_top_left"] for item in items],
+        "target_sizes": [item["target_size"] for item in items],
     }
     for key in ("pixel_values", "latent_mean", "latent_std"):
         if key in items[0]:

@@ -50,12 +50,11 @@ class SDXL(ModelFamily):
         return {"encoder_hidden_states": embeds, "text_embeds": pooled}
 
     def unet_inputs(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
-        """Per image: original (h, w), crop (top, left), target (h, w) of the batch's pixels."""
-        target = list(batch["pixel_values"].shape[-2:])
-        time_ids = [
-            list(original) + list(crop) + target
-            for original, crop in zip(batch["original_sizes"], batch["crop_top_lefts"], strict=True)
-        ]
+        """Per image: original (h, w), crop (top, left), target (h, w): its bucket's size."""
+        sizes = zip(
+            batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"], strict=True
+        )
+        time_ids = [[*original, *crop, *target] for original, crop, target in sizes]
         embeds = text["encoder_hidden_states"]
         return {
             "encoder_hidden_states": embeds,

@@ -67,6 +67,16 @@ def test_items_are_cropped_to_the_bucket_in_range(tmp_path):
     assert item["pixel_values"].min() >= -1 and item["pixel_values"].max() <= 1
     assert item["original_size"] == (40, 120)
     assert item["crop_top_left"] == (0, 32)  # scaled to 96x32, centre crop starts at x=32
+    assert item["target_size"] == (32, 32)
+
+
+def test_the_target_size_is_the_bucket_as_height_and_width(tmp_path):
+    """SDXL's size conditioning reads it; a cached item has no pixels to measure."""
+    image(tmp_path / "wide.png", size=(120, 40))
+    options = DataOptions(resolution=32, buckets=((48, 16), (32, 32)))
+    item = ImageCaptionDataset(scan_folder(tmp_path).records, options)[(0, 0)]
+    assert item["pixel_values"].shape == (3, 16, 48)
+    assert item["target_size"] == (16, 48)
 
 
 def test_transparency_is_composited_on_white(tmp_path):

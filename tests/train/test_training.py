@@ -1,5 +1,6 @@
 """Training on the demo data: it learns, and it repeats exactly."""
 
+import pytest
 import torch
 from conftest import demo_config
 from diffusers import DiffusionPipeline
@@ -8,6 +9,7 @@ from safetensors.torch import load_file
 from stylelora.data.dataset import DataOptions, ImageCaptionDataset
 from stylelora.data.scan import scan_folder
 from stylelora.families import detect_family
+from stylelora.families.tiny import tiny_model_path
 from stylelora.train.trainer import train
 from stylelora.train.validation import fixed_set, validation_loss
 
@@ -81,3 +83,34 @@ def test_another_seed_gives_another_adapter(tiny_sd15_dir, demo_subset, tmp_path
         tensors.append(load_file(train(cfg).adapter_path))
     key = next(k for k in tensors[0] if k.endswith("lora_down.weight"))
     assert not torch.equal(tensors[0][key], tensors[1][key])
+
+
+@pytest.mark.parametrize("tiny", ["sd2v", "sdxl"])
+def test_each_family_trains_alike_from_pixels_and_from_caches(tiny, demo_subset, tmp_path):
+    """Cached latents and captions change nothing but the speed: SDXL's size conditioning
+    comes from each image's bucket, which a cached item carries as a pixel item does. The
+    adapter then loads into the family's own diffusers pipeline."""
+    data, model = demo_subset(4), tiny_model_path(tiny)
+    adapters = []
+    for cached in ("false", "true"):
+        cfg = demo_config(
+            tmp_path / cached,
+            f"model={str(model)!r}",
+            f"data.dir={str(data)!r}",
+            f"data.cache_latents={cached}",
+            f"data.cache_text_encoder_outputs={cached}",
+            f"data.cache_dir={str(tmp_path / 'cache')!r}",
+            "train.max_steps=3",
+            "train.learning_rate=3e-3",
+            "sample.every_n_steps=0",
+        )
+        cfg.sample.prompts_file = None
+        adapters.append(train(cfg).adapter_path)
+    from_pixels, from_caches = (load_file(path) for path in adapters)
+    assert from_pixels.keys() == from_caches.keys()
+    assert max((from_pixels[k] - from_caches[k]).abs().max() for k in from_pixels) < 1e-5
+    assert any(k.endswith("lora_up.weight") and from_caches[k].abs().max() > 0 for k in from_caches)
+
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.load_lora_weights(str(adapters[1]))
+    assert pipe.get_active_adapters()
