@@ -271,6 +271,12 @@ def _layer_preset(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     layered = _read_toml(preset_path(preset, base))
     if "preset" in layered:
         raise UserError(f"preset: {preset!r} names another preset; presets do not chain")
+    # A preset lends its settings, not its run: a file that forgets data.dir must not train
+    # on the preset's demo images, nor write into the preset's folder.
+    for key in _RUN_KEYS:
+        layered.pop(key, None)
+    if isinstance(layered.get("data"), dict):
+        layered["data"].pop("dir", None)
     for key, value in raw.items():
         if isinstance(value, dict) and isinstance(layered.get(key), dict):
             layered[key] = {**layered[key], **value}
@@ -278,6 +284,8 @@ def _layer_preset(raw: dict[str, Any], base: Path) -> dict[str, Any]:
             layered[key] = value
     return layered
 
+
+_RUN_KEYS = ("name", "output_dir")
 
 _PATH_KEYS = (
     ("data", "dir"),

@@ -48,6 +48,21 @@ def test_a_preset_from_the_command_line_and_a_preset_path(tmp_path):
     assert load_config(user, ["preset='house.toml'"]).train.max_steps == 7
 
 
+def test_a_preset_lends_its_settings_but_not_its_images_output_folder_or_name(tmp_path):
+    """Forgetting data.dir must not train on the demo images the preset file points at."""
+    user = tmp_path / "mine.toml"
+    user.write_text('preset = "sdxl-8gb"\nname = "mine"\nmodel = "tiny:sdxl"\n')
+    with pytest.raises(UserError, match=r"mine.toml: data.dir: required key is missing$"):
+        load_config(user)
+    user.write_text('preset = "sdxl-8gb"\nmodel = "tiny:sdxl"\n[data]\ndir = "images"\n')
+    with pytest.raises(UserError, match=r"mine.toml: name: required key is missing$"):
+        load_config(user)
+    cfg = load_config(user, ["name='mine'"])
+    preset = load_config(PRESETS_DIR / "sdxl-8gb.toml")
+    assert cfg.output_dir != preset.output_dir and cfg.data.dir == tmp_path / "images"
+    assert cfg.data.resolution == preset.data.resolution == 1024
+
+
 def test_an_unknown_preset_is_named_with_the_known_ones(tmp_path):
     user = tmp_path / "mine.toml"
     user.write_text('preset = "sd15-2gb"\nname = "m"\nmodel = "tiny:sd15"\n[data]\ndir = "."\n')
