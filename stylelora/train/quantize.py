@@ -11,11 +11,18 @@ loaded in 4 or 8 bit. Convolutions, norms and embeddings stay as they are.
 from __future__ import annotations
 
 import torch
+from packaging.version import Version
 
 from stylelora.errors import UserError
 
 # PEFT reads these model attributes to pick its bitsandbytes-aware LoRA layers.
 PEFT_FLAGS = {"nf4": "is_loaded_in_4bit", "int8": "is_loaded_in_8bit"}
+
+
+# From this version bitsandbytes moves quantized layers between devices with their
+# quantization state (diffusers gates `.to()` of 8-bit models on it too): the frozen text
+# encoders are parked on the CPU between previews.
+MIN_BITSANDBYTES = Version("0.48")
 
 
 def import_bitsandbytes():
@@ -25,6 +32,11 @@ def import_bitsandbytes():
         raise UserError(
             "train.quantize_base needs bitsandbytes: pip install 'stylelora[bitsandbytes]'"
         ) from None
+    if Version(bitsandbytes.__version__) < MIN_BITSANDBYTES:
+        raise UserError(
+            f"train.quantize_base needs bitsandbytes >= 0.48 (found {bitsandbytes.__version__}): "
+            "pip install -U 'stylelora[bitsandbytes]'"
+        )
     return bitsandbytes
 
 

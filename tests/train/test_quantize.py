@@ -7,6 +7,7 @@ from diffusers import DiffusionPipeline
 from peft.tuners.lora import bnb as peft_bnb
 from tiny_runs import overfit, tiny_run
 
+from stylelora.errors import UserError
 from stylelora.export.lora_file import save_lora_file
 from stylelora.train.quantize import quantize_linears
 
@@ -69,3 +70,9 @@ def test_quantizing_keeps_the_layer_close_to_the_original():
     error = (model(x) - expected).norm() / expected.norm()
     assert error < 0.15  # NF4 keeps about 3 significant bits of each weight
     assert model[0].weight.numel() < reference.numel()  # packed: two weights a byte
+
+
+def test_a_bitsandbytes_too_old_to_move_quantized_layers_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(bnb, "__version__", "0.45.1")
+    with pytest.raises(UserError, match=r"^train.quantize_base needs bitsandbytes >= 0.48 "):
+        quantize_linears(torch.nn.Sequential(torch.nn.Linear(4, 4)), "nf4", torch.float32, "cpu")
