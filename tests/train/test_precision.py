@@ -9,6 +9,8 @@ from tiny_runs import adapter_tensors, overfit, tiny_run
 from stylelora.errors import UserError
 from stylelora.sample.preview import Previewer
 from stylelora.train.placement import visiting
+from stylelora.train.run import backward_pass
+from stylelora.train.session import Session
 
 
 def test_bf16_keeps_adapters_and_optimizer_state_in_fp32(tiny_sd15_dir, demo_subset, tmp_path):
@@ -34,6 +36,34 @@ def test_bf16_keeps_adapters_and_optimizer_state_in_fp32(tiny_sd15_dir, demo_sub
 def test_fp16_on_the_cpu_is_refused_in_one_line(tiny_sd15_dir, demo_subset, tmp_path):
     with pytest.raises(UserError, match=r"^train.mixed_precision = 'fp16' needs a GPU"):
         tiny_run(tmp_path, tiny_sd15_dir, demo_subset(1), "train.mixed_precision='fp16'")
+
+
+def test_a_step_the_fp16_loss_scaler_skips_is_neither_taken_nor_counted_as_non_finite(
+    tiny_sd15_dir, demo_subset, tmp_path
+):
+    """The fp16 path's loss scaling, with torch's real GradScaler, which runs on the CPU too
+    (accelerate only creates one on a GPU, so the test hands it over and prepares the
+    optimizer again). An infinite scale makes every scaled gradient overflow while the loss
+    itself stays finite."""
+    run = tiny_run(tmp_path, tiny_sd15_dir, demo_subset(2), "train.max_grad_norm=0")
+    scaler = torch.amp.GradScaler("cpu", init_scale=float("inf"))
+    run.accelerator.scaler = scaler
+    run.optimizer = run.accelerator.prepare_optimizer(run.optimizer.optimizer)
+    session = Session(run=run, previewer=None, metadata=lambda steps, epochs: {})
+    batch = next(iter(run.loader))
+    before = adapter_tensors(run)
+
+    assert not session.optimizer_step(backward_pass(run, dict(batch), 0))
+    assert all(torch.equal(before[n], t) for n, t in adapter_tensors(run).items())
+    assert (session.guard.skipped, session.state.losses) == (0, [])
+
+    scaler.update(2.0**16)  # as if the scale had come down from its overflow
+    assert session.optimizer_step(backward_pass(run, dict(batch), 0))
+    after = adapter_tensors(run)
+    assert all(t.isfinite().all() for t in after.values())
+    assert any(not torch.equal(before[n], t) for n, t in after.items())
+    assert session.guard.skipped == 0 and len(session.state.losses) == 1
+    assert scaler.get_scale() == 2.0**16
 
 
 def test_checkpointed_text_encoder_adapters_still_learn(tiny_sd15_dir, demo_subset, tmp_path):
