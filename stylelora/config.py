@@ -10,13 +10,26 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stylelora.errors import UserError
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10, which kohya's installers still use
+    import tomli as tomllib
+
+
+def _presets_dir() -> Path:
+    """configs/ of a checkout (stylelora/presets links to it), or the copies a wheel holds."""
+    packaged = (Path(__file__).parent / "presets").resolve()
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[1] / "configs"  # a checkout without symlinks
+
+
 # The VRAM presets: complete configs, also layered under a user's file by `preset = "<name>"`.
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
+PRESETS_DIR = _presets_dir()
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]

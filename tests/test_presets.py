@@ -1,5 +1,10 @@
 """The VRAM presets stay valid configs, and layer under a user's file."""
 
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 from conftest import ROOT
 
@@ -12,6 +17,22 @@ PRESETS = ["sd15-4gb", "sd15-8gb", "sdxl-6gb", "sdxl-8gb", "sdxl-12gb", "sdxl-24
 def test_every_preset_is_there():
     assert PRESETS_DIR == ROOT / "configs"
     assert preset_names() == sorted(PRESETS)
+
+
+def test_an_installed_package_finds_the_presets_it_carries(tmp_path):
+    """A wheel holds copies of configs/ in stylelora/presets (pyproject's package-data), where
+    a checkout has a link; this copies the package as a wheel lays it out."""
+    site = tmp_path / "site"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "stylelora", site / "stylelora", symlinks=False, ignore=ignore)
+    code = "from stylelora.config import PRESETS_DIR as d, preset_names as n; print(d, *n())"
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    found, *names = out.stdout.split()
+    assert found == str(site / "stylelora" / "presets") and names == sorted(PRESETS)
 
 
 @pytest.mark.parametrize("name", PRESETS)
