@@ -10,6 +10,14 @@ so whatever else the machine does slows both alike.
 
 Prints the peak memory (CUDA max allocated on a GPU, peak RSS on the CPU), the median seconds
 of each kind of step, and the overhead ratio: training step / frozen forward + backward.
+
+With `--count-tensors` it runs `--steps` training steps instead and counts the bytes of every
+tensor an accelerator would hold (the weights left on the device, adapters, gradients,
+optimizer state, activations), alive at once at the peak: an estimate of CUDA's max allocated
+memory made without a GPU. On the CPU fp16 is counted as bf16, which has the same size.
+
+    python benchmarks/memory_speed.py --family sd15 --preset sd15-4gb --resolution 512 \
+        --steps 2 --count-tensors
 """
 
 from __future__ import annotations
@@ -22,15 +30,19 @@ import resource
 import statistics
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import send_to_device
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 from stylelora.cli import quiet_libraries
-from stylelora.config import PRESETS_DIR, load_config
+from stylelora.config import PRESETS_DIR, Config, load_config
 from stylelora.data.dataset import derived_generator
 from stylelora.families import detect_family, load_family
 from stylelora.families.base import ModelFamily
@@ -48,8 +60,11 @@ def random_component(folder: Path, library: str, class_name: str):
     if class_name.endswith(("Tokenizer", "Scheduler")):
         return cls.from_pretrained(folder)
     if library == "diffusers":
-        return cls.from_config(cls.load_config(folder))
-    return cls(cls.config_class.from_pretrained(folder))
+        model = cls.from_config(cls.load_config(folder))
+    else:
+        model = cls(cls.config_class.from_pretrained(folder))
+    # transformers builds in the config's `torch_dtype` (fp16 for SDXL's text encoders)
+    return model.to(torch.get_default_dtype())
 
 
 def random_family(name: str, dtype: torch.dtype) -> ModelFamily:
@@ -126,10 +141,69 @@ def train_step(run: TrainingRun, batches, draws: int) -> None:
     run.lr_scheduler.step()
 
 
+def gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB ({size / 2**20:.0f} MiB)"
+
+
 def peak_memory() -> str:
     if torch.cuda.is_available():
         return f"CUDA max allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
     return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+
+
+class TensorBytes(TorchDispatchMode):
+    """Bytes of tensor storage alive within the block, and their peak: `resident` storages
+    (weights on the device) from the start, plus every storage an operation creates, until it
+    is freed. A view shares its base's storage and is counted once.
+
+    Written here because torch's own MemTracker (torch.distributed._tools) registers a
+    gradient hook on every parameter of a module it sees, which fails on a frozen base.
+    """
+
+    def __init__(self, resident: list[torch.Tensor]):
+        super().__init__()
+        self.seen = WeakIdKeyDictionary()
+        self.live = self.peak = 0
+        for tensor in resident:
+            self.count(tensor)
+
+    def count(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage in self.seen:
+            return
+        self.seen[storage] = True
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self.release, storage.nbytes())
+
+    def release(self, size: int) -> None:
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+                self.count(leaf)
+        return out
+
+
+def device_tensors(run: TrainingRun) -> list[torch.Tensor]:
+    """The weights a GPU run keeps on the device: all but the modules parked on the CPU."""
+    family = run.family
+    modules = [family.unet, family.vae, *family.text_encoders().values()]
+    on_device = [m for m in modules if not any(m is idle for idle in run.idle)]
+    return [t for m in on_device for t in (*m.parameters(), *m.buffers())]
+
+
+def count_tensors(run: TrainingRun, steps: int) -> tuple[int, int]:
+    """Peak bytes alive over `steps` training steps, and the resident weights' bytes."""
+    batches = endless(run)
+    counter = TensorBytes(device_tensors(run))
+    resident = counter.live
+    with counter:
+        for step in range(steps):
+            train_step(run, batches, step)
+    return counter.peak, resident
 
 
 def endless(run: TrainingRun):
@@ -155,32 +229,49 @@ def measure(run: TrainingRun, steps: int) -> tuple[list[float], list[float]]:
     return train_times, frozen_times
 
 
+def benchmark_config(args: argparse.Namespace, data_root: Path) -> Config:
+    """The preset (or the demo config) with the benchmark's data, resolution and overrides."""
+    base = PRESETS_DIR / (f"{args.preset}.toml" if args.preset else "demo.toml")
+    cfg = load_config(base, [*args.overrides])
+    batch = args.batch_size or cfg.train.batch_size
+    data = write_images(data_root / "data", 2 * batch, args.resolution)
+    precision = cfg.train.mixed_precision
+    if args.count_tensors and precision == "fp16" and not torch.cuda.is_available():
+        precision = "bf16"  # the same bytes; accelerate runs fp16 only on a GPU
+    cfg = load_config(
+        base,
+        [
+            f"data.dir={str(data)!r}",
+            f"data.resolution={args.resolution}",
+            f"data.min_bucket_side={args.resolution}",
+            f"train.batch_size={batch}",
+            f"train.mixed_precision={precision!r}",
+            "sample.prompts=[]",
+            *args.overrides,
+        ],
+    )
+    cfg.sample.prompts_file = None
+    cfg.output_dir = data_root / "run"
+    return cfg
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=["tiny", "sd15", "sdxl"], default="tiny")
     parser.add_argument("--preset", help="a VRAM preset from configs/, e.g. sd15-8gb")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, help="default: the preset's")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument(
+        "--count-tensors",
+        action="store_true",
+        help="count the peak bytes of the tensors an accelerator would hold, instead of timing",
+    )
     args = parser.parse_args()
     quiet_libraries()
-    base = PRESETS_DIR / (f"{args.preset}.toml" if args.preset else "demo.toml")
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_images(Path(tmp) / "data", 2 * args.batch_size, args.resolution)
-        cfg = load_config(
-            base,
-            [
-                f"data.dir={str(data)!r}",
-                f"data.resolution={args.resolution}",
-                f"data.min_bucket_side={args.resolution}",
-                f"train.batch_size={args.batch_size}",
-                "sample.prompts=[]",
-                *args.overrides,
-            ],
-        )
-        cfg.sample.prompts_file = None
-        cfg.output_dir = Path(tmp) / "run"
+        cfg = benchmark_config(args, Path(tmp))
         dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
         started = time.perf_counter()
         family = (
@@ -188,18 +279,27 @@ def main() -> None:
             if args.family == "tiny"
             else random_family(args.family, dtype)
         )
-        print(f"built {args.family} in {time.perf_counter() - started:.0f} s")
+        print(f"built {args.family} in {time.perf_counter() - started:.0f} s", flush=True)
         run = build_run(cfg, family)
-        train_times, frozen_times = measure(run, args.steps)
-    trained, frozen = statistics.median(train_times), statistics.median(frozen_times)
+        if args.count_tensors:
+            peak, resident = count_tensors(run, args.steps)
+        else:
+            train_times, frozen_times = measure(run, args.steps)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(
         f"{args.family}, preset {args.preset or 'none (demo.toml)'}, {args.resolution} px, "
-        f"batch {args.batch_size}, mixed precision {cfg.train.mixed_precision}, "
+        f"batch {cfg.train.batch_size}, mixed precision {cfg.train.mixed_precision}, "
         f"checkpointing {cfg.train.gradient_checkpointing}, optimizer {cfg.train.optimizer}, "
         f"quantize_base {cfg.train.quantize_base}, device {device}, "
         f"{torch.get_num_threads()} threads"
     )
+    if args.count_tensors:
+        print(
+            f"tensors an accelerator would hold over {args.steps} steps: peak {gib(peak)}, "
+            f"of which {gib(resident)} weights on the device; {peak_memory()}"
+        )
+        return
+    trained, frozen = statistics.median(train_times), statistics.median(frozen_times)
     print(f"training step   s: {' '.join(f'{t:.2f}' for t in train_times)} (median {trained:.2f})")
     print(f"frozen fwd+bwd  s: {' '.join(f'{t:.2f}' for t in frozen_times)} (median {frozen:.2f})")
     print(f"overhead ratio {trained / frozen:.3f}; {peak_memory()}")
