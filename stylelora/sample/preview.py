@@ -31,6 +31,29 @@ def adapters_disabled(modules: list[torch.nn.Module]) -> Iterator[None]:
             layer.enable_adapters(True)
 
 
+@contextlib.contextmanager
+def latents_in_vae_dtype(vae: torch.nn.Module) -> Iterator[None]:
+    """Inside the block the VAE decodes latents in its own dtype.
+
+    Under mixed precision accelerate's wrapper returns the UNet's output in fp32, and the
+    pipelines hand such latents to a bf16 or fp16 VAE as they are (diffusers casts them only on
+    Apple's MPS). Autocast around the whole pipeline would instead run an fp32 VAE (SDXL's under
+    fp16) in fp16, where it overflows.
+    """
+    first = (
+        vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder
+    )
+
+    def cast(module: torch.nn.Module, args: tuple) -> tuple:
+        return (args[0].to(vae.dtype), *args[1:])
+
+    handle = first.register_forward_pre_hook(cast)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class Previewer:
     def __init__(self, family: ModelFamily, prompts: list[SamplePrompt], scheduler: str):
         self.family = family
@@ -47,7 +70,7 @@ class Previewer:
         family = self.family
         pipe = preview_pipeline(family.pipe, self.scheduler)
         devices = [family.unet.device] if family.unet.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), latents_in_vae_dtype(family.vae):
             if self.base is None:
                 with adapters_disabled([family.unet, *family.text_encoders().values()]):
                     self.base = render_all(pipe, self.prompts, family)

@@ -1,12 +1,14 @@
 """Mixed precision, gradient checkpointing and attention: what runs in which dtype, and where
 gradients reach."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from tiny_runs import adapter_tensors, overfit, tiny_run
 
 from stylelora.errors import UserError
+from stylelora.families.tiny import tiny_model_path
 from stylelora.sample.preview import Previewer
 from stylelora.train.placement import visiting
 from stylelora.train.run import backward_pass
@@ -118,3 +120,22 @@ def test_cached_away_modules_are_parked_and_previews_still_render(
         tmp_path / "b", tiny_sd15_dir, data, "data.cache_text_encoder_outputs=true"
     )
     assert only_text.idle == [only_text.family.pipe.text_encoder]
+
+
+@pytest.mark.parametrize("tiny", ["sd15", "sdxl"])
+def test_previews_render_under_bf16(tiny, demo_subset, tmp_path):
+    """accelerate's mixed-precision wrapper hands the UNet's output back in fp32; the pipeline
+    passes those latents to the bf16 VAE, which must decode them in its own dtype."""
+    run = tiny_run(
+        tmp_path,
+        tiny_model_path(tiny),
+        demo_subset(2),
+        "train.mixed_precision='bf16'",
+        "sample.num_inference_steps=2",
+        prompts=("zqxstyle, a house",),
+    )
+    assert run.family.vae.dtype == torch.bfloat16
+    overfit(run, 1)
+    sheet = Previewer(run.family, run.prompts, "default").render()
+    pixels = np.asarray(sheet, dtype=np.float32)
+    assert sheet.size == (128, 64) and pixels.std() > 1
