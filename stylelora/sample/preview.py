@@ -32,26 +32,36 @@ def adapters_disabled(modules: list[torch.nn.Module]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def latents_in_vae_dtype(vae: torch.nn.Module) -> Iterator[None]:
-    """Inside the block the VAE decodes latents in its own dtype.
+def latents_in_model_dtype(family: ModelFamily) -> Iterator[None]:
+    """Inside the block the UNet and the VAE take latents in their own dtype.
 
-    Under mixed precision accelerate's wrapper returns the UNet's output in fp32, and the
-    pipelines hand such latents to a bf16 or fp16 VAE as they are (diffusers casts them only on
-    Apple's MPS). Autocast around the whole pipeline would instead run an fp32 VAE (SDXL's under
-    fp16) in fp16, where it overflows.
+    Under mixed precision accelerate's wrapper returns the UNet's output in fp32, so from the
+    second denoising step on the pipelines hand fp32 latents to a bf16 or fp16 UNet, and at the
+    end to the VAE (diffusers casts them only on Apple's MPS). Autocast around the whole
+    pipeline would instead run an fp32 VAE (SDXL's under fp16) in fp16, where it overflows.
     """
-    first = (
+    unet, vae = family.unet, family.vae
+    decoder = (
         vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder
     )
 
-    def cast(module: torch.nn.Module, args: tuple) -> tuple:
+    def unet_sample(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (args[0].to(unet.dtype), *args[1:]), kwargs
+        return args, {**kwargs, "sample": kwargs["sample"].to(unet.dtype)}
+
+    def vae_latents(module: torch.nn.Module, args: tuple) -> tuple:
         return (args[0].to(vae.dtype), *args[1:])
 
-    handle = first.register_forward_pre_hook(cast)
+    handles = [
+        unet.register_forward_pre_hook(unet_sample, with_kwargs=True),
+        decoder.register_forward_pre_hook(vae_latents),
+    ]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 class Previewer:
@@ -70,7 +80,7 @@ class Previewer:
         family = self.family
         pipe = preview_pipeline(family.pipe, self.scheduler)
         devices = [family.unet.device] if family.unet.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), latents_in_vae_dtype(family.vae):
+        with torch.random.fork_rng(devices=devices), latents_in_model_dtype(family):
             if self.base is None:
                 with adapters_disabled([family.unet, *family.text_encoders().values()]):
                     self.base = render_all(pipe, self.prompts, family)

@@ -57,6 +57,12 @@ def quantized_linear(
             device="meta",
         )
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a faster kernel the
+        # first time the layer runs in eval mode without gradients (a preview, a validation
+        # pass), in place; training on the repacked weight then fails, and a layer narrower
+        # than a 64-weight block cannot be repacked at all. Training and previews alternate,
+        # so every pass keeps the one format. GPUs never take that path.
+        layer.support_avx512bf16_for_cpu = False
     else:
         layer = bnb.nn.Linear8bitLt(
             linear.in_features,

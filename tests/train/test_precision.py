@@ -122,15 +122,17 @@ def test_cached_away_modules_are_parked_and_previews_still_render(
     assert only_text.idle == [only_text.family.pipe.text_encoder]
 
 
-@pytest.mark.parametrize("tiny", ["sd15", "sdxl"])
-def test_previews_render_under_bf16(tiny, demo_subset, tmp_path):
+@pytest.mark.parametrize(("tiny", "base"), [("sd15", "no"), ("sdxl", "no"), ("sd15", "nf4")])
+def test_previews_render_under_bf16_and_training_goes_on(tiny, base, demo_subset, tmp_path):
     """accelerate's mixed-precision wrapper hands the UNet's output back in fp32; the pipeline
-    passes those latents to the bf16 VAE, which must decode them in its own dtype."""
+    passes those latents on to the bf16 UNet and VAE, which must take them in their own dtype
+    (a quantized UNet's layers keep the input's dtype, so fp32 reaches its bf16 norms)."""
     run = tiny_run(
         tmp_path,
         tiny_model_path(tiny),
         demo_subset(2),
         "train.mixed_precision='bf16'",
+        f"train.quantize_base={base!r}",
         "sample.num_inference_steps=2",
         prompts=("zqxstyle, a house",),
     )
@@ -139,3 +141,4 @@ def test_previews_render_under_bf16(tiny, demo_subset, tmp_path):
     sheet = Previewer(run.family, run.prompts, "default").render()
     pixels = np.asarray(sheet, dtype=np.float32)
     assert sheet.size == (128, 64) and pixels.std() > 1
+    assert np.isfinite(overfit(run, 1)).all()  # eval-mode passes leave the base trainable
