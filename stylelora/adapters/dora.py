@@ -25,6 +25,26 @@ def column_norm(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
 
 
+def dense_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The layer's weight as a plain tensor; a bitsandbytes layer's dequantized (QDoRA).
+
+    Not PEFT's `dequantize_module_weight`: on the CPU it re-assigns an 8-bit layer's weight,
+    which drops the scales the layer's next forward pass reads.
+    """
+    weight = layer.weight
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    if kind == "Int8Params":
+        import bitsandbytes as bnb
+
+        scales = layer.state.SCB if layer.state.SCB is not None else weight.SCB
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scales)
+    return weight
+
+
 def lora_delta(lora_a: torch.nn.Module, lora_b: torch.nn.Module, shape: torch.Size) -> torch.Tensor:
     """up @ down reshaped to the base weight's shape (conv downs flattened first)."""
     down, up = lora_a.weight, lora_b.weight
@@ -40,12 +60,11 @@ class ColumnDora(torch.nn.Module):
 
     def __init__(self, base_layer: torch.nn.Module, lora_a, lora_b, scaling: float):
         super().__init__()
-        weight = base_layer.weight.detach().float()
+        weight = dense_weight(base_layer).detach().float()
         delta = lora_delta(lora_a, lora_b, weight.shape).detach().float()
         self.weight = torch.nn.Parameter(column_norm(weight + scaling * delta))
 
-    def scale(self, base_layer, lora_a, lora_b, scaling: float) -> torch.Tensor:
-        weight = base_layer.weight
+    def scale(self, weight: torch.Tensor, lora_a, lora_b, scaling: float) -> torch.Tensor:
         delta = lora_delta(lora_a, lora_b, weight.shape).detach().to(weight.dtype)
         norm = column_norm(weight + scaling * delta).detach()
         return (self.weight / norm).flatten()
@@ -53,19 +72,20 @@ class ColumnDora(torch.nn.Module):
     def forward(
         self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name=None
     ):  # noqa: N803 (PEFT's keywords)
-        c = self.scale(base_layer, lora_A, lora_B, scaling).to(x.dtype)
+        weight = dense_weight(base_layer).to(x.dtype)
+        c = self.scale(weight, lora_A, lora_B, scaling).to(x.dtype)
         if isinstance(base_layer, torch.nn.Conv2d):
             c = c.view(1, -1, 1, 1)
             extra = F.conv2d(
                 x * (c - 1),
-                base_layer.weight,
+                weight,
                 stride=base_layer.stride,
                 padding=base_layer.padding,
                 dilation=base_layer.dilation,
                 groups=base_layer.groups,
             )
         else:
-            extra = F.linear(x * (c - 1), base_layer.weight)
+            extra = F.linear(x * (c - 1), weight)
         return extra + lora_B(lora_A(x * c)) * scaling
 
     def get_weight_norm(self, *args, **kwargs):

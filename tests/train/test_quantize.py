@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from peft.tuners.lora import bnb as peft_bnb
+from safetensors.torch import load_file
 from tiny_runs import overfit, tiny_run
 
 from stylelora.errors import UserError
@@ -25,10 +26,13 @@ def unet_output(pipe: DiffusionPipeline) -> torch.Tensor:
         return pipe.unet(latents, torch.tensor([500]), encoder_hidden_states=text).sample
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize(
+    ("kind", "dora"), [("nf4", False), ("int8", False), ("nf4", True), ("int8", True)]
+)
 def test_adapters_learn_on_a_quantized_base_and_load_into_a_plain_pipeline(
-    kind, tiny_sd15_dir, demo_subset, tmp_path
+    kind, dora, tiny_sd15_dir, demo_subset, tmp_path
 ):
+    """With DoRA too (QDoRA): its per-column norms read the dequantized base weight."""
     run = tiny_run(
         tmp_path,
         tiny_sd15_dir,
@@ -36,6 +40,7 @@ def test_adapters_learn_on_a_quantized_base_and_load_into_a_plain_pipeline(
         f"train.quantize_base={kind!r}",
         "adapter.text_encoder=true",
         "train.learning_rate=1e-2",
+        f"adapter.use_dora={str(dora).lower()}",
     )
     base_layer, lora_layer = LAYERS[kind]
     plain = [
@@ -52,6 +57,7 @@ def test_adapters_learn_on_a_quantized_base_and_load_into_a_plain_pipeline(
     assert losses[-1] < 0.95 * losses[0]
 
     path = save_lora_file(tmp_path / "q.safetensors", run.family, run.adapted, {})
+    assert any(key.endswith(".dora_scale") for key in load_file(path)) == dora
     pipe = DiffusionPipeline.from_pretrained(tiny_sd15_dir)
     before = unet_output(pipe)
     pipe.load_lora_weights(str(path))
