@@ -189,10 +189,35 @@ class TensorBytes(TorchDispatchMode):
 
 def device_tensors(run: TrainingRun) -> list[torch.Tensor]:
     """The weights a GPU run keeps on the device: all but the modules parked on the CPU."""
-    family = run.family
-    modules = [family.unet, family.vae, *family.text_encoders().values()]
-    on_device = [m for m in modules if not any(m is idle for idle in run.idle)]
+    on_device = [m for m in run.family.modules() if not any(m is idle for idle in run.idle)]
     return [t for m in on_device for t in (*m.parameters(), *m.buffers())]
+
+
+def quantized_tensors(modules: list[torch.nn.Module]) -> list[torch.Tensor]:
+    """bitsandbytes weights: quantized on the device, they stay there from the start."""
+    kinds = ("Params4bit", "Int8Params")
+    return [p for m in modules for p in m.parameters() if type(p).__name__ in kinds]
+
+
+def others(family: ModelFamily, *excluded: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in family.modules() if all(m is not e for e in excluded)]
+
+
+def count_caching(run: TrainingRun) -> int:
+    """Peak bytes while the caches fill: each encoder visits the device alone (beside the
+    quantized layers) and encodes one batch of the training resolution, or one caption."""
+    family, cfg = run.family, run.cfg
+    vae = family.vae
+    side = cfg.data.resolution
+    pixels = torch.zeros(cfg.train.batch_size, 3, side, side, dtype=vae.dtype)
+    with torch.no_grad():
+        encoders = list(family.text_encoders().values())
+        with TensorBytes([*vae.parameters(), *quantized_tensors(others(family, vae))]) as latents:
+            family.encode_posterior(pixels)
+        resident = [p for m in encoders for p in m.parameters()]
+        with TensorBytes([*resident, *quantized_tensors(others(family, *encoders))]) as text:
+            family.encode_prompts(["zqxstyle, a painting of a house"])
+    return max(latents.peak, text.peak)
 
 
 def count_tensors(run: TrainingRun, steps: int) -> tuple[int, int]:
@@ -282,6 +307,7 @@ def main() -> None:
         print(f"built {args.family} in {time.perf_counter() - started:.0f} s", flush=True)
         run = build_run(cfg, family)
         if args.count_tensors:
+            caching = count_caching(run)
             peak, resident = count_tensors(run, args.steps)
         else:
             train_times, frozen_times = measure(run, args.steps)
@@ -296,7 +322,8 @@ def main() -> None:
     if args.count_tensors:
         print(
             f"tensors an accelerator would hold over {args.steps} steps: peak {gib(peak)}, "
-            f"of which {gib(resident)} weights on the device; {peak_memory()}"
+            f"of which {gib(resident)} weights on the device; while caching: peak "
+            f"{gib(caching)}; {peak_memory()}"
         )
         return
     trained, frozen = statistics.median(train_times), statistics.median(frozen_times)

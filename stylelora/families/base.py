@@ -101,6 +101,17 @@ class ModelFamily:
             prefix: getattr(self.pipe, attr) for prefix, attr in self.text_encoder_attrs.items()
         }
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The UNet, the VAE and the text encoders: what holds weights."""
+        return [self.unet, self.vae, *self.text_encoders().values()]
+
+    @property
+    def text_device(self) -> torch.device:
+        """Where prompts are encoded: the text encoders' device, which may not be the UNet's
+        (caching runs them on the GPU while the UNet waits on the CPU)."""
+        encoder = next(iter(self.text_encoders().values()))
+        return next(encoder.parameters()).device
+
     def noise_scheduler(self) -> DDPMScheduler:
         """The training-time scheduler, built from the model's own scheduler config."""
         return DDPMScheduler.from_config(self.pipe.scheduler.config)
@@ -138,7 +149,7 @@ class ModelFamily:
             return {"encoder_hidden_states": self.skipped_embeds(captions)}
         embeds, _ = self.pipe.encode_prompt(
             captions,
-            device=self.unet.device,
+            device=self.text_device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=False,
         )
@@ -155,7 +166,7 @@ class ModelFamily:
             max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(self.unet.device)
+        ).input_ids.to(self.text_device)
         hidden = encoder(ids, output_hidden_states=True).hidden_states[-(self.clip_skip + 1)]
         text_model = getattr(encoder, "text_model", encoder)
         return text_model.final_layer_norm(hidden)

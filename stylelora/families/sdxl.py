@@ -43,7 +43,7 @@ class SDXL(ModelFamily):
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             captions,
-            device=self.unet.device,
+            device=self.text_device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=False,
         )

@@ -25,15 +25,20 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def place_model(family: ModelFamily, cfg: Config, accelerator: Accelerator) -> None:
-    """Quantize the frozen base where asked, move it to the device, set dtypes and attention."""
+def prepare_model(family: ModelFamily, cfg: Config, accelerator: Accelerator) -> None:
+    """Quantize the frozen base where asked, set dtypes and attention.
+
+    The modules stay where they were loaded, on the CPU (bitsandbytes quantizes each layer on
+    the device, so quantized layers are there already): the caches are filled with only the
+    encoder at work on the device (`visiting`), and `place_for_training` moves the rest after.
+    Caching SDXL latents beside the whole model would need more memory than training does.
+    """
     weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
     bases = {"lora_unet": family.unet, **family.text_encoders()}
     counts = quantize_base(bases, cfg.train.quantize_base, weight_dtype, accelerator.device)
     if counts:
         layers = ", ".join(f"{prefix} {count}" for prefix, count in counts.items())
         accelerator.print(f"base quantized to {cfg.train.quantize_base}: Linear layers {layers}")
-    family.pipe.to(accelerator.device)
     family.cast_vae(weight_dtype)
     configure_attention(family, cfg.train.attention)
 
@@ -74,18 +79,20 @@ def idle_modules(
     return idle
 
 
-def park_idle_modules(
+def place_for_training(
     accelerator: Accelerator, family: ModelFamily, cfg: Config, text_cache: TextCache | None
 ) -> list[torch.nn.Module]:
-    """Move the idle modules to the CPU; `visiting` brings them back for previews."""
+    """Move what the training step calls to the device; the idle modules wait on the CPU, and
+    `visiting` brings them over for previews. Returns the idle modules."""
     idle = idle_modules(family, cfg, text_cache)
-    if idle and accelerator.device.type != "cpu":
-        for module in idle:
-            module.to("cpu")
+    device = accelerator.device
+    for module in family.modules():
+        module.to("cpu" if any(module is i for i in idle) else device)
+    if idle and device.type != "cpu":
         torch.cuda.empty_cache()
-        parked = [("the VAE", cfg.data.cache_latents), ("the text encoders", text_cache)]
-        names = " and ".join(name for name, cached in parked if cached)
-        accelerator.print(f"{names} moved to the CPU; previews bring them back while they render")
+        waiting = [("the VAE", cfg.data.cache_latents), ("the text encoders", text_cache)]
+        names = " and ".join(name for name, cached in waiting if cached)
+        accelerator.print(f"{names} wait on the CPU; previews bring them over while they render")
     return idle
 
 

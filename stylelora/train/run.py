@@ -50,8 +50,9 @@ from stylelora.train.placement import (
     WEIGHT_DTYPES,
     enable_gradient_checkpointing,
     has_accelerator,
-    park_idle_modules,
-    place_model,
+    place_for_training,
+    prepare_model,
+    visiting,
 )
 from stylelora.train.validation import (
     FixedSet,
@@ -111,16 +112,18 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
     family = family or load_model(cfg)
     for note in family.notes:
         accelerator.print(note)
-    place_model(family, cfg, accelerator)
+    prepare_model(family, cfg, accelerator)
     set_seed(cfg.seed)  # PEFT draws the adapters' initial weights from torch's global RNG
     adapted = inject_adapters(family, cfg.adapter)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(adapted)
     optimizer = build_optimizer(parameter_groups(adapted, cfg.train), cfg.train)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
-    validation = validation_set(family, held_out, cfg)  # while the VAE is surely on the device
+    encoders = [family.vae, *family.text_encoders().values()]
+    with visiting(encoders, accelerator.device):
+        validation = validation_set(family, held_out, cfg)
     text_cache = prepare_caches(accelerator, family, dataset, cfg)
-    idle = park_idle_modules(accelerator, family, cfg, text_cache)
+    idle = place_for_training(accelerator, family, cfg, text_cache)
     sampler = BucketBatchSampler(
         dataset,
         cfg.train.batch_size,
@@ -304,7 +307,8 @@ def prepare_caches(
     say = accelerator.print
     if cfg.data.cache_latents:
         folder = latents_cache_dir(cfg)
-        with accelerator.main_process_first():  # the others then find the entries written
+        # the others then find the entries written
+        with accelerator.main_process_first(), visiting([family.vae], accelerator.device):
             stats = cache_latents(
                 family, dataset, folder, cfg.train.batch_size, accelerator.is_local_main_process
             )
@@ -319,7 +323,8 @@ def prepare_caches(
         return None
     captions = [with_trigger(r.caption, cfg.data.trigger_word) for r in dataset.records]
     say(f"text cache: {len(set(captions))} distinct captions encoded once")
-    return TextCache(family, captions)
+    with visiting(list(family.text_encoders().values()), accelerator.device):
+        return TextCache(family, captions)
 
 
 @contextmanager

@@ -42,7 +42,7 @@ def fixed_set(
     for start in range(0, len(items), batch_size):
         batch = collate(items[start : start + batch_size])
         generator = derived_generator(seed, start)
-        pixels = batch["pixel_values"].to(family.unet.device)
+        pixels = batch["pixel_values"].to(family.vae.device)
         batches.append((draw_noise(family, scheduler, pixels, generator), batch))
     return FixedSet(batches)
 
@@ -62,7 +62,7 @@ def fixed_timestep_set(
     batches = []
     for start in range(0, len(items), batch_size):
         batch = collate(items[start : start + batch_size])
-        pixels = batch["pixel_values"].to(family.unet.device)
+        pixels = batch["pixel_values"].to(family.vae.device)
         with torch.no_grad():
             base = draw_noise(family, scheduler, pixels, derived_generator(seed, start))
         for t in timesteps:
