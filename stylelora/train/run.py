@@ -119,8 +119,8 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
         enable_gradient_checkpointing(adapted)
     optimizer = build_optimizer(parameter_groups(adapted, cfg.train), cfg.train)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
-    encoders = [family.vae, *family.text_encoders().values()]
-    with visiting(encoders, accelerator.device):
+    encoders = [family.vae, *family.text_encoders().values()] if held_out else []
+    with visiting(encoders, accelerator.device):  # held-out images and captions, encoded once
         validation = validation_set(family, held_out, cfg)
     text_cache = prepare_caches(accelerator, family, dataset, cfg)
     idle = place_for_training(accelerator, family, cfg, text_cache)
