@@ -254,15 +254,18 @@ def measure(run: TrainingRun, steps: int) -> tuple[list[float], list[float]]:
     return train_times, frozen_times
 
 
-def benchmark_config(args: argparse.Namespace, data_root: Path) -> Config:
-    """The preset (or the demo config) with the benchmark's data, resolution and overrides."""
+def benchmark_config(args: argparse.Namespace, data_root: Path) -> tuple[Config, bool]:
+    """The preset (or the demo config) with the benchmark's data, resolution and overrides, and
+    whether its fp16 is counted as bf16: on the CPU, where accelerate runs no fp16, bf16 has
+    the same bytes."""
     base = PRESETS_DIR / (f"{args.preset}.toml" if args.preset else "demo.toml")
     cfg = load_config(base, [*args.overrides])
     batch = args.batch_size or cfg.train.batch_size
     data = write_images(data_root / "data", 2 * batch, args.resolution)
-    precision = cfg.train.mixed_precision
-    if args.count_tensors and precision == "fp16" and not torch.cuda.is_available():
-        precision = "bf16"  # the same bytes; accelerate runs fp16 only on a GPU
+    as_bf16 = (
+        args.count_tensors and cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available()
+    )
+    precision = "bf16" if as_bf16 else cfg.train.mixed_precision
     cfg = load_config(
         base,
         [
@@ -270,14 +273,14 @@ def benchmark_config(args: argparse.Namespace, data_root: Path) -> Config:
             f"data.resolution={args.resolution}",
             f"data.min_bucket_side={args.resolution}",
             f"train.batch_size={batch}",
+            *args.overrides,
             f"train.mixed_precision={precision!r}",
             "sample.prompts=[]",
-            *args.overrides,
         ],
     )
     cfg.sample.prompts_file = None
     cfg.output_dir = data_root / "run"
-    return cfg
+    return cfg, as_bf16
 
 
 def main() -> None:
@@ -296,7 +299,7 @@ def main() -> None:
     args = parser.parse_args()
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = benchmark_config(args, Path(tmp))
+        cfg, as_bf16 = benchmark_config(args, Path(tmp))
         dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
         started = time.perf_counter()
         family = (
@@ -307,6 +310,8 @@ def main() -> None:
         print(f"built {args.family} in {time.perf_counter() - started:.0f} s", flush=True)
         run = build_run(cfg, family)
         if args.count_tensors:
+            if as_bf16:  # but the VAE keeps its fp16 run's dtype (SDXL's: fp32)
+                family.vae.to(family.vae_dtype(torch.float16))
             caching = count_caching(run)
             peak, resident = count_tensors(run, args.steps)
         else:
@@ -314,7 +319,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(
         f"{args.family}, preset {args.preset or 'none (demo.toml)'}, {args.resolution} px, "
-        f"batch {cfg.train.batch_size}, mixed precision {cfg.train.mixed_precision}, "
+        f"batch {cfg.train.batch_size}, mixed precision {cfg.train.mixed_precision}"
+        f"{' (fp16 counted as bf16)' if as_bf16 else ''}, "
         f"checkpointing {cfg.train.gradient_checkpointing}, optimizer {cfg.train.optimizer}, "
         f"quantize_base {cfg.train.quantize_base}, device {device}, "
         f"{torch.get_num_threads()} threads"
