@@ -33,16 +33,14 @@ def dense_weight(layer: torch.nn.Module) -> torch.Tensor:
     """
     weight = layer.weight
     kind = type(weight).__name__
+    if kind not in ("Params4bit", "Int8Params"):
+        return weight
+    import bitsandbytes as bnb  # an optional dependency, present when the base is quantized
+
     if kind == "Params4bit":
-        import bitsandbytes as bnb
-
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-    if kind == "Int8Params":
-        import bitsandbytes as bnb
-
-        scales = layer.state.SCB if layer.state.SCB is not None else weight.SCB
-        return bnb.functional.int8_vectorwise_dequant(weight.data, scales)
-    return weight
+    scales = layer.state.SCB if layer.state.SCB is not None else weight.SCB
+    return bnb.functional.int8_vectorwise_dequant(weight.data, scales)
 
 
 def lora_delta(lora_a: torch.nn.Module, lora_b: torch.nn.Module, shape: torch.Size) -> torch.Tensor:
