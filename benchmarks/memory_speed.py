@@ -145,9 +145,20 @@ def gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB ({size / 2**20:.0f} MiB)"
 
 
-def peak_memory() -> str:
+def setup_peak() -> float | None:
+    """CUDA's max allocated GiB so far (loading, caching), then counting starts again for the
+    steps; None on the CPU."""
+    if not torch.cuda.is_available():
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return peak
+
+
+def peak_memory(setup: float | None) -> str:
     if torch.cuda.is_available():
-        return f"CUDA max allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        steps = torch.cuda.max_memory_allocated() / 2**30
+        return f"CUDA max allocated: {setup:.2f} GiB setting up (caches), {steps:.2f} GiB steps"
     return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
 
 
@@ -309,6 +320,7 @@ def main() -> None:
         )
         print(f"built {args.family} in {time.perf_counter() - started:.0f} s", flush=True)
         run = build_run(cfg, family)
+        setup = setup_peak()
         if args.count_tensors:
             if as_bf16:  # but the VAE keeps its fp16 run's dtype (SDXL's: fp32)
                 family.vae.to(family.vae_dtype(torch.float16))
@@ -329,13 +341,13 @@ def main() -> None:
         print(
             f"tensors an accelerator would hold over {args.steps} steps: peak {gib(peak)}, "
             f"of which {gib(resident)} weights on the device; while caching: peak "
-            f"{gib(caching)}; {peak_memory()}"
+            f"{gib(caching)}; {peak_memory(setup)}"
         )
         return
     trained, frozen = statistics.median(train_times), statistics.median(frozen_times)
     print(f"training step   s: {' '.join(f'{t:.2f}' for t in train_times)} (median {trained:.2f})")
     print(f"frozen fwd+bwd  s: {' '.join(f'{t:.2f}' for t in frozen_times)} (median {frozen:.2f})")
-    print(f"overhead ratio {trained / frozen:.3f}; {peak_memory()}")
+    print(f"overhead ratio {trained / frozen:.3f}; {peak_memory(setup)}")
 
 
 if __name__ == "__main__":
