@@ -47,3 +47,10 @@ def demo_config(tmp_path: Path, *overrides: str):
     cfg = load_config(DEMO_CONFIG, list(overrides))
     cfg.output_dir = tmp_path / "run"
     return cfg
+
+
+def training_config(tmp_path: Path, model, data: Path, *overrides: str):
+    """The demo config training `model` on the images in `data`, without preview prompts."""
+    cfg = demo_config(tmp_path, f"model={str(model)!r}", f"data.dir={str(data)!r}", *overrides)
+    cfg.sample.prompts_file = None
+    return cfg

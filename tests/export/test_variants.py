@@ -146,15 +146,15 @@ def test_training_with_dora_locon_and_module_dropout_writes_a_working_file(
     tiny_sd15_dir, demo_subset, tmp_path
 ):
     """The trainer runs with every variant on, and its file carries them."""
-    from conftest import demo_config
+    from conftest import training_config
 
     from stylelora.sample.adapter import apply_adapter
     from stylelora.train.trainer import train
 
-    cfg = demo_config(
+    cfg = training_config(
         tmp_path,
-        f"model={str(tiny_sd15_dir)!r}",
-        f"data.dir={str(demo_subset(4))!r}",
+        tiny_sd15_dir,
+        demo_subset(4),
         "train.max_steps=3",
         "train.gradient_checkpointing=true",
         "sample.every_n_steps=0",
@@ -164,7 +164,6 @@ def test_training_with_dora_locon_and_module_dropout_writes_a_working_file(
         "adapter.dropout=0.1",
         "adapter.conv_rank=2",
     )
-    cfg.sample.prompts_file = None
     cfg.sample.prompts = []
     result = train(cfg)
     adapter = read_adapter(result.adapter_path)

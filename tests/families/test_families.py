@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import demo_config
+from conftest import training_config
 from safetensors import safe_open
 
 from stylelora.adapters.inject import inject_adapters
@@ -148,10 +148,10 @@ def test_sdxl_vae_stays_fp32_under_fp16_and_previews_render():
 
 @pytest.mark.parametrize("tiny", ["sd2v", "sdxl"])
 def test_family_trains_previews_and_exports(tiny, demo_subset, tmp_path):
-    cfg = demo_config(
+    cfg = training_config(
         tmp_path,
-        f'model="tiny:{tiny}"',
-        f"data.dir={str(demo_subset(4))!r}",
+        f"tiny:{tiny}",
+        demo_subset(4),
         "train.max_steps=2",
         "train.batch_size=2",
         "adapter.text_encoder=true",
@@ -159,7 +159,6 @@ def test_family_trains_previews_and_exports(tiny, demo_subset, tmp_path):
         "sample.every_n_steps=2",
         "sample.num_inference_steps=2",
     )
-    cfg.sample.prompts_file = None
     cfg.sample.prompts = ["zqxstyle, a fish"]
     result = train(cfg)
     assert result.steps == 2 and all(math.isfinite(loss) for loss in result.losses)

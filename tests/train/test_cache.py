@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import demo_config
+from conftest import demo_config, training_config
 from diffusers import AutoencoderKL, DiffusionPipeline
 from PIL import Image
 
@@ -104,15 +104,14 @@ def test_training_with_caches_reuses_them_on_the_second_run(
     data = demo_subset(4)
     losses = []
     for run in ("a", "b"):
-        cfg = demo_config(
+        cfg = training_config(
             tmp_path / run,
-            f"model={str(tiny_sd15_dir)!r}",
-            f"data.dir={str(data)!r}",
+            tiny_sd15_dir,
+            data,
             "train.max_steps=2",
             "data.cache_latents=true",
             "data.cache_text_encoder_outputs=true",
         )
-        cfg.sample.prompts_file = None
         losses.append(train(cfg).losses)
         if run == "a":
             assert sum(encode_calls) == 4
@@ -126,14 +125,13 @@ def test_training_with_caches_reuses_them_on_the_second_run(
 
 
 def test_text_cache_is_off_with_caption_randomness(tiny_sd15_dir, demo_subset, tmp_path, capsys):
-    cfg = demo_config(
+    cfg = training_config(
         tmp_path,
-        f"model={str(tiny_sd15_dir)!r}",
-        f"data.dir={str(demo_subset(2))!r}",
+        tiny_sd15_dir,
+        demo_subset(2),
         "train.max_steps=1",
         "data.cache_text_encoder_outputs=true",
         "data.shuffle_caption=true",
     )
-    cfg.sample.prompts_file = None
     train(cfg)
     assert "text cache off: shuffle_caption" in capsys.readouterr().out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import demo_config
+from conftest import training_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -11,17 +11,16 @@ from stylelora.train.trainer import train
 
 
 def run(tmp_path, name, model, data, export):
-    cfg = demo_config(
+    cfg = training_config(
         tmp_path / name,
-        f"model={str(model)!r}",
-        f"data.dir={str(data)!r}",
+        model,
+        data,
         "train.max_steps=3",
         "train.learning_rate=1e-2",
         "train.log_with='none'",
         "train.ema_decay=0.5",
         f"train.ema_export={export!r}",
     )
-    cfg.sample.prompts_file = None
     return train(cfg)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import demo_config
+from conftest import training_config
 from safetensors.torch import load_file, save_file
 
 from stylelora.data.dataset import BucketBatchSampler, ImageCaptionDataset
@@ -16,10 +16,10 @@ from stylelora.train.trainer import train
 
 
 def config(tmp_path, name, model, data, *more):
-    cfg = demo_config(
+    cfg = training_config(
         tmp_path / name,
-        f"model={str(model)!r}",
-        f"data.dir={str(data)!r}",
+        model,
+        data,
         "data.cache_latents=true",
         f"data.cache_dir={str(tmp_path / 'cache')!r}",
         "train.batch_size=1",
@@ -28,7 +28,6 @@ def config(tmp_path, name, model, data, *more):
         "train.log_with='none'",
         *more,
     )
-    cfg.sample.prompts_file = None
     return cfg
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import demo_config
+from conftest import training_config
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
@@ -29,15 +29,14 @@ def held_out_loss(model_dir, data_dir, adapter=None) -> float:
 
 def test_training_lowers_the_loss_on_held_out_images(tiny_sd15_dir, demo_subset, tmp_path):
     train_dir, held_out_dir = demo_subset(18), demo_subset(6, start=18)
-    cfg = demo_config(
+    cfg = training_config(
         tmp_path,
-        f"model={str(tiny_sd15_dir)!r}",
-        f"data.dir={str(train_dir)!r}",
+        tiny_sd15_dir,
+        train_dir,
         "train.max_steps=80",
         "train.learning_rate=3e-3",
         "sample.every_n_steps=0",
     )
-    cfg.sample.prompts_file = None
     result = train(cfg)
 
     before = held_out_loss(tiny_sd15_dir, held_out_dir)
@@ -50,16 +49,15 @@ def test_same_seed_gives_identical_adapter_tensors(tiny_sd15_dir, demo_subset, t
     data = demo_subset(8)
     files = []
     for run in ("a", "b"):
-        cfg = demo_config(
+        cfg = training_config(
             tmp_path / run,
-            f"model={str(tiny_sd15_dir)!r}",
-            f"data.dir={str(data)!r}",
+            tiny_sd15_dir,
+            data,
             "train.max_steps=6",
             "adapter.text_encoder=true",
             "data.flip=true",
             "data.center_crop=false",
         )
-        cfg.sample.prompts_file = None
         files.append(load_file(train(cfg).adapter_path))
     first, second = files
     assert first.keys() == second.keys()
@@ -72,14 +70,13 @@ def test_another_seed_gives_another_adapter(tiny_sd15_dir, demo_subset, tmp_path
     data = demo_subset(8)
     tensors = []
     for seed in (1, 2):
-        cfg = demo_config(
+        cfg = training_config(
             tmp_path / str(seed),
-            f"model={str(tiny_sd15_dir)!r}",
-            f"data.dir={str(data)!r}",
+            tiny_sd15_dir,
+            data,
             "train.max_steps=3",
             f"seed={seed}",
         )
-        cfg.sample.prompts_file = None
         tensors.append(load_file(train(cfg).adapter_path))
     key = next(k for k in tensors[0] if k.endswith("lora_down.weight"))
     assert not torch.equal(tensors[0][key], tensors[1][key])
@@ -93,10 +90,10 @@ def test_each_family_trains_alike_from_pixels_and_from_caches(tiny, demo_subset,
     data, model = demo_subset(4), tiny_model_path(tiny)
     adapters = []
     for cached in ("false", "true"):
-        cfg = demo_config(
+        cfg = training_config(
             tmp_path / cached,
-            f"model={str(model)!r}",
-            f"data.dir={str(data)!r}",
+            model,
+            data,
             f"data.cache_latents={cached}",
             f"data.cache_text_encoder_outputs={cached}",
             f"data.cache_dir={str(tmp_path / 'cache')!r}",
@@ -104,7 +101,6 @@ def test_each_family_trains_alike_from_pixels_and_from_caches(tiny, demo_subset,
             "train.learning_rate=3e-3",
             "sample.every_n_steps=0",
         )
-        cfg.sample.prompts_file = None
         adapters.append(train(cfg).adapter_path)
     from_pixels, from_caches = (load_file(path) for path in adapters)
     assert from_pixels.keys() == from_caches.keys()

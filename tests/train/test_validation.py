@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from conftest import demo_config
+from conftest import training_config
 
 from stylelora.train.trainer import train
 
 
 def run(tmp_path, name, model, data, *more):
-    cfg = demo_config(
+    cfg = training_config(
         tmp_path / name,
-        f"model={str(model)!r}",
-        f"data.dir={str(data)!r}",
+        model,
+        data,
         "train.max_steps=4",
         "train.learning_rate=1e-2",
         "train.log_with='none'",
@@ -19,7 +19,6 @@ def run(tmp_path, name, model, data, *more):
         "validation.every_n_steps=2",
         *more,
     )
-    cfg.sample.prompts_file = None
     return train(cfg)
 
 

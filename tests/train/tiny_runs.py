@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from conftest import demo_config
+from conftest import training_config
 
 from stylelora.train.run import TrainingRun, build_run, training_step
 
@@ -13,16 +13,15 @@ from stylelora.train.run import TrainingRun, build_run, training_step
 def tiny_run(
     tmp_path: Path, model_dir: Path, data: Path, *overrides: str, prompts: tuple[str, ...] = ()
 ) -> TrainingRun:
-    cfg = demo_config(
+    cfg = training_config(
         tmp_path,
-        f"model={str(model_dir)!r}",
-        f"data.dir={str(data)!r}",
+        model_dir,
+        data,
         "train.batch_size=2",
         "train.lr_warmup_steps=0",
         "train.lr_scheduler='constant'",
         *overrides,
     )
-    cfg.sample.prompts_file = None
     cfg.sample.prompts = list(prompts)
     return build_run(cfg)
 
