@@ -198,20 +198,20 @@ class TensorBytes(TorchDispatchMode):
         return out
 
 
+def others(family: ModelFamily, *excluded: torch.nn.Module) -> list[torch.nn.Module]:
+    """The family's modules but `excluded`."""
+    return [m for m in family.modules() if all(m is not e for e in excluded)]
+
+
 def device_tensors(run: TrainingRun) -> list[torch.Tensor]:
     """The weights a GPU run keeps on the device: all but the modules parked on the CPU."""
-    on_device = [m for m in run.family.modules() if not any(m is idle for idle in run.idle)]
-    return [t for m in on_device for t in (*m.parameters(), *m.buffers())]
+    return [t for m in others(run.family, *run.idle) for t in (*m.parameters(), *m.buffers())]
 
 
 def quantized_tensors(modules: list[torch.nn.Module]) -> list[torch.Tensor]:
     """bitsandbytes weights: quantized on the device, they stay there from the start."""
     kinds = ("Params4bit", "Int8Params")
     return [p for m in modules for p in m.parameters() if type(p).__name__ in kinds]
-
-
-def others(family: ModelFamily, *excluded: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in family.modules() if all(m is not e for e in excluded)]
 
 
 def count_caching(run: TrainingRun) -> int:
