@@ -28,6 +28,7 @@ import inspect
 import json
 import resource
 import statistics
+import sys
 import tempfile
 import time
 import weakref
@@ -44,10 +45,13 @@ from torch.utils.weak import WeakIdKeyDictionary
 from stylelora.cli import quiet_libraries
 from stylelora.config import PRESETS_DIR, Config, load_config
 from stylelora.data.dataset import derived_generator
+from stylelora.errors import UserError
 from stylelora.families import detect_family, load_family
 from stylelora.families.base import ModelFamily
 from stylelora.families.skeletons import skeleton_dir
+from stylelora.sample.preview import adapters_disabled
 from stylelora.train.loss import draw_noise
+from stylelora.train.optim import check_optimizer
 from stylelora.train.placement import WEIGHT_DTYPES
 from stylelora.train.run import TrainingRun, build_run, training_step
 
@@ -114,13 +118,9 @@ def frozen_step(run: TrainingRun, batch: dict, draws: int) -> None:
         text = text or family.encode_prompts(batch["captions"])
     noisy = run.noise_scheduler.add_noise(noised.latents, noised.noise, noised.timesteps)
     noisy = noisy.to(family.unet.dtype).requires_grad_(True)
-    family.unet.disable_adapters()
-    try:
-        with run.accelerator.autocast():
-            out = family.unet(noisy, noised.timesteps, **family.unet_inputs(text, batch)).sample
+    with adapters_disabled([family.unet]), run.accelerator.autocast():
+        out = family.unet(noisy, noised.timesteps, **family.unet_inputs(text, batch)).sample
         F.mse_loss(out.float(), noised.noise).backward()
-    finally:
-        family.unet.enable_adapters()
 
 
 def synchronize() -> None:
@@ -294,7 +294,17 @@ def benchmark_config(args: argparse.Namespace, data_root: Path) -> tuple[Config,
     return cfg, as_bf16
 
 
-def main() -> None:
+def main() -> int:
+    """The benchmark; a mistake in its arguments or a missing package is one line, status 2."""
+    try:
+        benchmark(parse_args())
+    except UserError as exc:
+        print(f"memory_speed: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=["tiny", "sd15", "sdxl"], default="tiny")
     parser.add_argument("--preset", help="a VRAM preset from configs/, e.g. sd15-8gb")
@@ -307,10 +317,14 @@ def main() -> None:
         action="store_true",
         help="count the peak bytes of the tensors an accelerator would hold, instead of timing",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def benchmark(args: argparse.Namespace) -> None:
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         cfg, as_bf16 = benchmark_config(args, Path(tmp))
+        check_optimizer(cfg.train)  # before minutes of building a full-size model
         dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
         started = time.perf_counter()
         family = (
@@ -351,4 +365,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shlex
 import sys
 import warnings
@@ -33,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="CHECKPOINT",
         help='continue from "latest" (the newest complete checkpoint) or a checkpoint folder',
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the adapter an earlier run left in the output folder",
     )
     train.set_defaults(run=run_train)
 
@@ -137,9 +143,12 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.output_dir:
         cfg.output_dir = args.output_dir
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if not result.interrupted:
         return 0
+    if result.checkpoint is None:
+        print(f"stylelora: stopped after writing {result.adapter_path}", file=sys.stderr)
+        return 130
     again = [shell_word(str(args.config)), *(f"--set {shell_word(i)}" for i in args.overrides)]
     if args.output_dir:
         again.append(f"--output-dir {shell_word(str(args.output_dir))}")
@@ -161,10 +170,13 @@ def shell_word(text: str) -> str:
 def run_sample(args: argparse.Namespace) -> None:
     from stylelora.families import load_family
     from stylelora.sample.adapter import render_with_adapter
-    from stylelora.sample.prompts import SamplePrompt
+    from stylelora.sample.prompts import SamplePrompt, on_size_grid
 
     if args.clip_skip is not None and args.clip_skip < 1:
         raise UserError(f"--clip-skip {args.clip_skip}: must be 1 or more (2 = penultimate)")
+    for flag in ("scale", "guidance"):
+        if not math.isfinite(getattr(args, flag)):
+            raise UserError(f"--{flag} {getattr(args, flag)}: must be a finite number")
     family = load_family(
         args.model,
         clip_skip=args.clip_skip - 1 if args.clip_skip else None,
@@ -174,15 +186,19 @@ def run_sample(args: argparse.Namespace) -> None:
     for note in family.notes:
         print(note)
     side = family.default_resolution
-    request = SamplePrompt(
-        prompt=args.prompt,
-        negative_prompt=args.negative,
-        width=args.width or side,
-        height=args.height or side,
-        seed=args.seed,
-        guidance_scale=args.guidance,
-        steps=args.steps,
+    request, note = on_size_grid(
+        SamplePrompt(
+            prompt=args.prompt,
+            negative_prompt=args.negative,
+            width=args.width or side,
+            height=args.height or side,
+            seed=args.seed,
+            guidance_scale=args.guidance,
+            steps=args.steps,
+        )
     )
+    if note:
+        print(note)
     render_with_adapter(family, args.adapter, request, args.out, args.scale, args.compare)
     print(f"wrote {args.out}")
 
@@ -255,12 +271,21 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from stylelora.versions import check_installed, refusal
+
     args = build_parser().parse_args(argv)
     try:
+        check_installed()
         quiet_libraries()
         status = args.run(args)
     except UserError as exc:
         print(f"stylelora: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, ImportError) as exc:
+        line = refusal(exc)  # one library refusing another's version
+        if line is None:
+            raise
+        print(f"stylelora: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("stylelora: interrupted", file=sys.stderr)

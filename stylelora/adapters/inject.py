@@ -1,9 +1,15 @@
-"""Inject LoRA adapters into a family's UNet and text encoders through PEFT."""
+"""Inject LoRA adapters into a family's UNet and text encoders through PEFT.
+
+Through PEFT's own `inject_adapter_in_model`, not the `add_adapter` of diffusers' and transformers'
+model classes: those wrap the same call in version checks of their own (transformers 5.24 refuses
+every PEFT before 0.22), which must not stop a training run.
+"""
 
 from __future__ import annotations
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 
 from stylelora.adapters.dora import use_column_dora
 from stylelora.adapters.dropout import add_module_dropout
@@ -41,7 +47,7 @@ def lora_config(
 
 def add_adapter(module: torch.nn.Module, config: LoraConfig, cfg: AdapterConfig) -> None:
     """Inject one component's adapters, with the DoRA orientation and module dropout asked for."""
-    module.add_adapter(config, ADAPTER_NAME)
+    inject_adapter_in_model(config, module, ADAPTER_NAME)  # also sets module.peft_config
     if cfg.use_dora:
         use_column_dora(module, ADAPTER_NAME)
     add_module_dropout(module, cfg.module_dropout)
@@ -78,3 +84,28 @@ def inject_adapters(family: ModelFamily, cfg: AdapterConfig) -> dict[str, torch.
 
 def adapter_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
+
+
+def rank_above_width(adapted: dict[str, torch.nn.Module]) -> str | None:
+    """A note when some adapters have a rank above what their layer can use.
+
+    A LoRA's update has rank at most min(inputs, outputs) of its layer (a conv's inputs count
+    each kernel position); the rank beyond that costs memory and learns nothing.
+    """
+    over, total, narrowest = 0, 0, None
+    for module in adapted.values():
+        for layer in module.modules():
+            if not isinstance(layer, LoraLayer) or ADAPTER_NAME not in layer.lora_A:
+                continue
+            down = layer.lora_A[ADAPTER_NAME].weight
+            width = min(down[0].numel(), layer.lora_B[ADAPTER_NAME].weight.shape[0])
+            total += 1
+            if down.shape[0] > width:
+                over += 1
+                narrowest = min(width, narrowest or width)
+    if not over:
+        return None
+    return (
+        f"note: the adapter rank is above the width of {over} of the {total} adapted layers "
+        f"(the narrowest is {narrowest}); there it adds memory, not capacity: lower adapter.rank"
+    )

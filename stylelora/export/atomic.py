@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from stylelora.errors import UserError
 
@@ -38,8 +41,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
-        raise UserError(f"{path}: could not write the file ({exc.strerror or exc})") from None
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
+        reason = getattr(exc, "strerror", None) or str(exc).removeprefix(
+            "Error while serializing: "
+        )
+        raise UserError(f"{path}: could not write the file ({reason})") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -69,3 +75,26 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+# What mkstemp and mkdtemp leave of a write that a crash or a kill cut short:
+# `.NAME.` + 8 random characters + `.tmp`, and atomic_dir's `.NAME.old-.NAME.XXXXXXXX.tmp`.
+TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temporaries(folder: str | Path, skip: tuple[str, ...] = ()) -> list[Path]:
+    """Remove the temporaries of interrupted writes under `folder` (but not in `skip` folders);
+    return them. Only for a folder no other process writes into now."""
+    removed = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d not in skip]
+        for name in [*dirs, *files]:
+            if TEMPORARY.match(name):
+                path = Path(root) / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                removed.append(path)
+        dirs[:] = [d for d in dirs if not TEMPORARY.match(d)]
+    return removed

@@ -11,6 +11,7 @@ from stylelora.config import Config
 from stylelora.data.scan import ScanResult
 from stylelora.export.lora_file import format_number, network_metadata
 from stylelora.families.base import ModelFamily
+from stylelora.train.optim import optimizer_class
 
 
 def tag_frequency(scan: ScanResult) -> dict[str, dict[str, int]]:
@@ -49,6 +50,29 @@ def variant_args(adapter) -> dict:
     return args
 
 
+def optimizer_description(train) -> str:
+    """As kohya writes it: the class actually used, and the user's arguments in brackets."""
+    cls = optimizer_class(train.optimizer)
+    args = ",".join(f"{key}={value}" for key, value in train.optimizer_args.items())
+    return f"{cls.__module__}.{cls.__name__}" + (f"({args})" if args else "")
+
+
+def number_or_none(value: float | None) -> str:
+    """kohya writes "None" for an option that is off."""
+    return format_number(value) if value else "None"
+
+
+def bucket_metadata(cfg: Config) -> dict[str, str]:
+    data = cfg.data
+    low, high = data.bucket_sides()
+    return {
+        "ss_enable_bucket": str(data.enable_buckets),
+        "ss_min_bucket_reso": str(low) if data.enable_buckets else "None",
+        "ss_max_bucket_reso": str(high) if data.enable_buckets else "None",
+        "ss_bucket_no_upscale": str(data.bucket_no_upscale),
+    }
+
+
 def training_metadata(
     cfg: Config,
     scan: ScanResult,
@@ -84,7 +108,7 @@ def training_metadata(
         "ss_network_train_unet_only": str(not adapter.text_encoder),
         "ss_lr_scheduler": train.lr_scheduler,
         "ss_lr_warmup_steps": str(train.lr_warmup_steps),
-        "ss_optimizer": "torch.optim.AdamW",
+        "ss_optimizer": optimizer_description(train),
         "ss_mixed_precision": train.mixed_precision,
         "ss_gradient_checkpointing": str(train.gradient_checkpointing),
         "ss_gradient_accumulation_steps": str(train.gradient_accumulation_steps),
@@ -97,8 +121,20 @@ def training_metadata(
         "ss_seed": str(cfg.seed),
         "ss_clip_skip": str(cfg.clip_skip),
         "ss_zero_terminal_snr": str(cfg.train.zero_terminal_snr),
-        "ss_noise_offset": "None",
-        "ss_min_snr_gamma": "None",
+        "ss_noise_offset": number_or_none(train.noise_offset),
+        "ss_min_snr_gamma": number_or_none(train.min_snr_gamma),
+        "ss_multires_noise_iterations": number_or_none(train.multires_noise_iterations),
+        "ss_multires_noise_discount": format_number(train.multires_noise_discount),
+        "ss_loss_type": train.loss_type,
+        "ss_huber_c": format_number(train.huber_c),
+        "ss_cache_latents": str(cfg.data.cache_latents),
+        "ss_shuffle_caption": str(cfg.data.shuffle_caption),
+        "ss_keep_tokens": str(cfg.data.keep_tokens),
+        "ss_caption_dropout_rate": format_number(cfg.data.caption_dropout_rate),
+        "ss_caption_tag_dropout_rate": format_number(cfg.data.caption_tag_dropout_rate),
+        "ss_random_crop": str(not cfg.data.center_crop),
+        "ss_network_dropout": number_or_none(adapter.dropout),
+        **bucket_metadata(cfg),
         "ss_tag_frequency": json.dumps(tag_frequency(scan)),
         "ss_dataset_dirs": json.dumps(dataset_dirs(scan)),
         "modelspec.sai_model_spec": "1.0.0",

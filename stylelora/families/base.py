@@ -43,6 +43,8 @@ class ModelFamily:
         self.clip_skip = clip_skip or None
         # Things the user should hear about this model and config, said once at start.
         self.notes: list[str] = []
+        if self.clip_skip:
+            check_clip_skip(self.clip_skip, self.text_encoders().values())
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
@@ -200,3 +202,13 @@ class ModelFamily:
     def metadata(self) -> dict[str, str]:
         """Family-specific `ss_*` keys of an exported adapter."""
         return {"ss_base_model_version": self.kohya_base_version, "ss_v2": "False"}
+
+
+def check_clip_skip(clip_skip: int, encoders) -> None:
+    """kohya's clip_skip N takes the output N-1 layers before the last: it must leave one."""
+    layers = min(encoder.config.num_hidden_layers for encoder in encoders)
+    if clip_skip >= layers:
+        raise UserError(
+            f"clip_skip = {clip_skip + 1}: the text encoder has {layers} layers, so clip_skip "
+            f"can be 1 to {layers} (2 = penultimate, the usual choice)"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,10 +46,32 @@ def parse_prompt_line(line: str, defaults: SamplePrompt) -> SamplePrompt:
             raise ValueError(f"unknown flag --{flag} (known: {', '.join('--' + f for f in FLAGS)})")
         field, kind = FLAGS[flag]
         try:
-            result = replace(result, **{field: kind(value.strip())})
+            parsed = kind(value.strip())
         except ValueError:
-            raise ValueError(f"--{flag} needs a {kind.__name__}, got {value.strip()!r}") from None
+            parsed = None
+        if parsed is None or (kind is float and not math.isfinite(parsed)):
+            raise ValueError(f"--{flag} needs a {kind.__name__}, got {value.strip()!r}")
+        result = replace(result, **{field: parsed})
     return result
+
+
+# The VAE halves each side three times, so the pipelines take sides in multiples of 8.
+SIDE_STEP, MIN_SIDE = 8, 64
+
+
+def on_size_grid(prompt: SamplePrompt) -> tuple[SamplePrompt, str | None]:
+    """`prompt` with its sides rounded down to a multiple of 8 (at least 64), as kohya's
+    sampler does, and a note saying so when that changed them."""
+    width, height = (
+        max(MIN_SIDE, side - side % SIDE_STEP) for side in (prompt.width, prompt.height)
+    )
+    if (width, height) == (prompt.width, prompt.height):
+        return prompt, None
+    note = (
+        f"sample size {prompt.width}x{prompt.height} rounded to {width}x{height} (sides are "
+        f"multiples of {SIDE_STEP}, at least {MIN_SIDE}) for {prompt.prompt!r}"
+    )
+    return replace(prompt, width=width, height=height), note
 
 
 def parse_prompt_file(path: Path, defaults: SamplePrompt) -> list[SamplePrompt]:

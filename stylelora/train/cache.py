@@ -81,11 +81,15 @@ def cache_latents(
     }
     missing = [entry for entry, path in files.items() if not path.is_file()]
     stats = CacheStats(encoded=len(missing), reused=len(files) - len(missing))
-    progress = tqdm(total=len(missing), desc="caching latents", disable=not show_progress)
-    for batch in bucket_batches(dataset, missing, batch_size):
-        encode_and_save(family, dataset, batch, files)
-        progress.update(len(batch))
-    progress.close()
+    with tqdm(total=len(missing), desc="caching latents", disable=not show_progress) as progress:
+        for batch in bucket_batches(dataset, missing, batch_size):
+            try:
+                encode_and_save(family, dataset, batch, files)
+            except UserError as exc:  # a full disk: say where there is room to give
+                raise UserError(
+                    f"{exc}; free some space there, or set data.cache_dir to a disk with room"
+                ) from None
+            progress.update(len(batch))
     dataset.cache = CachedEntries(files)
     return stats
 

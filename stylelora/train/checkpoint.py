@@ -92,12 +92,19 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path:
     return path
 
 
-def check_fresh_start(output_dir: Path) -> None:
-    """A new run must not mix its checkpoints with an earlier run's."""
+def check_fresh_start(output_dir: Path, adapters: list[Path], overwrite: bool) -> None:
+    """A new run must not mix its checkpoints with an earlier run's, nor replace the adapter
+    files of an earlier run unless asked to (`overwrite`)."""
     if complete_checkpoints(output_dir):
         raise UserError(
             f"{checkpoints_dir(output_dir)} holds checkpoints of an earlier run: continue it "
             "with --resume latest, or choose another output_dir"
+        )
+    earlier = [path for path in adapters if path.exists()]
+    if earlier and not overwrite:
+        raise UserError(
+            f"{earlier[0]}: an earlier run's adapter is there; add --overwrite to replace it, "
+            "or choose another output_dir (--output-dir)"
         )
 
 

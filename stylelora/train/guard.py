@@ -3,7 +3,7 @@
 Also the crash-test hook: `STYLELORA_FAULT=<kind>:<step>` makes a real fault happen at a known
 point, so tests can show what a real crash or Ctrl-C leaves behind (`interrupt`: the process
 sends itself SIGINT after that step; `kill-in-checkpoint`: SIGKILL halfway through writing that
-step's checkpoint).
+step's checkpoint; `term-in-export`: SIGTERM as the export after that step begins).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from stylelora.errors import UserError
 
 FAULT_ENV = "STYLELORA_FAULT"
+FAULT_SIGNALS = {"kill-in-checkpoint": signal.SIGKILL, "term-in-export": signal.SIGTERM}
 
 
 def fault_due(kind: str, step: int) -> bool:
@@ -30,7 +31,7 @@ def inject_fault(kind: str, step: int) -> None:
     """Deliver the fault `STYLELORA_FAULT` asks for at this point, if it names this one."""
     if not fault_due(kind, step):
         return
-    os.kill(os.getpid(), signal.SIGKILL if kind == "kill-in-checkpoint" else signal.SIGINT)
+    os.kill(os.getpid(), FAULT_SIGNALS.get(kind, signal.SIGINT))
 
 
 class NonFiniteStop(UserError):
@@ -84,6 +85,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal: str | None = None
         self.previous: dict[int, object] = {}
+        self.then = "stopping after this step and saving a checkpoint"  # what a signal does now
 
     def __enter__(self) -> StopRequest:
         if _in_main_thread():
@@ -99,8 +101,7 @@ class StopRequest:
         self.signal = signal.Signals(number).name
         signal.signal(number, _handler(self.previous[number]))
         print(
-            f"\n{self.signal}: stopping after this step and saving a checkpoint "
-            "(send it again to stop at once)",
+            f"\n{self.signal}: {self.then} (send it again to stop at once)",
             file=sys.stderr,
             flush=True,
         )

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from stylelora.config import TrainConfig
+from stylelora.errors import UserError
 from stylelora.families.base import Generators, ModelFamily
 
 
@@ -75,9 +76,17 @@ def timestep_range(scheduler: DDPMScheduler, options: TrainConfig | None) -> tup
     total = scheduler.config.num_train_timesteps
     if options is None:
         return 0, total
-    high = min(options.max_timestep or total, total)
+    high = options.max_timestep or total
+    if high > total:
+        raise UserError(
+            f"train.max_timestep {high}: the model is trained on {total} timesteps (0 to "
+            f"{total - 1}), so max_timestep can be at most {total}"
+        )
     if options.min_timestep >= high:
-        raise ValueError(f"train.min_timestep {options.min_timestep} must be below {high}")
+        raise UserError(
+            f"train.min_timestep {options.min_timestep}: must be below {high}, the top of the "
+            f"timestep range (the model has {total} timesteps)"
+        )
     return options.min_timestep, high
 
 

@@ -22,7 +22,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, send_to_devi
 from diffusers import DDPMScheduler
 from torch.utils.data import DataLoader
 
-from stylelora.adapters.inject import adapter_parameters, inject_adapters
+from stylelora.adapters.inject import adapter_parameters, inject_adapters, rank_above_width
 from stylelora.config import Config
 from stylelora.data.captions import with_trigger
 from stylelora.data.dataset import (
@@ -34,12 +34,12 @@ from stylelora.data.dataset import (
 from stylelora.data.report import data_options, describe, scan_dataset
 from stylelora.data.scan import ScanResult
 from stylelora.errors import UserError
-from stylelora.export.atomic import atomic_path
+from stylelora.export.atomic import atomic_path, remove_stale_temporaries
 from stylelora.families import load_family
 from stylelora.families.base import ModelFamily
-from stylelora.sample.prompts import SamplePrompt, parse_prompt_file
+from stylelora.sample.prompts import SamplePrompt, on_size_grid, parse_prompt_file
 from stylelora.train.cache import TextCache, cache_latents
-from stylelora.train.loss import draw_noise, training_loss
+from stylelora.train.loss import draw_noise, timestep_range, training_loss
 from stylelora.train.optim import (
     build_lr_scheduler,
     build_optimizer,
@@ -92,7 +92,7 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
     scan = scan_dataset(cfg.data)
     records, held_out = split_records(scan.records, cfg)
     dataset = ImageCaptionDataset(records, data_options(cfg.data, cfg.seed))
-    prompts = sample_prompts(cfg)
+    prompts, prompt_notes = sample_prompts(cfg)
     # accelerate keeps one mixed-precision setting per process; a second run (tests, the
     # benchmark) may ask for another. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
@@ -106,15 +106,24 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
     check_platform(accelerator, cfg)
     if accelerator.is_main_process:
         check_writable(cfg.output_dir)
+        # checkpoints/ cleans up after itself (Checkpointer.remove_leftovers)
+        for path in remove_stale_temporaries(cfg.output_dir, skip=("checkpoints",)):
+            accelerator.print(f"removed {path}, left by an interrupted write")
         write_run_config(cfg)
     dataset_lines = describe(scan, dataset, cfg.data) + held_out_line(held_out)
     report_dataset(accelerator, dataset_lines, cfg)
+    for note in prompt_notes:
+        accelerator.print(note)
     family = family or load_model(cfg)
     for note in family.notes:
         accelerator.print(note)
+    noise_scheduler = family.noise_scheduler()
+    timestep_range(noise_scheduler, cfg.train)  # a range outside the schedule stops here
     prepare_model(family, cfg, accelerator)
     set_seed(cfg.seed)  # PEFT draws the adapters' initial weights from torch's global RNG
     adapted = inject_adapters(family, cfg.adapter)
+    if note := rank_above_width(adapted):
+        accelerator.print(note)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(adapted)
     optimizer = build_optimizer(parameter_groups(adapted, cfg.train), cfg.train)
@@ -156,7 +165,7 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
         lr_scheduler=lr_scheduler,
         sampler=sampler,
         loader=loader,
-        noise_scheduler=family.noise_scheduler(),
+        noise_scheduler=noise_scheduler,
         text_cache=text_cache,
         idle=idle,
         validation=validation,
@@ -256,8 +265,14 @@ def load_model(cfg: Config) -> ModelFamily:
     )
 
 
-def sample_prompts(cfg: Config) -> list[SamplePrompt]:
-    """The preview prompts, read and checked before any model is loaded."""
+def sample_prompts(cfg: Config) -> tuple[list[SamplePrompt], list[str]]:
+    """The preview prompts, read and checked before any model is loaded, with their sizes on
+    the VAE's grid; and a note for each size that had to be rounded."""
+    fitted = [on_size_grid(prompt) for prompt in read_sample_prompts(cfg)]
+    return [prompt for prompt, _ in fitted], [note for _, note in fitted if note]
+
+
+def read_sample_prompts(cfg: Config) -> list[SamplePrompt]:
     side = cfg.data.resolution
     defaults = SamplePrompt(
         prompt="",

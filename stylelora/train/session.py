@@ -5,7 +5,8 @@ previews, the report, checkpoints, resuming and the export. The loop in `trainer
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +106,14 @@ class Session:
             self.progress.write(line)
         else:
             print(line, flush=True)
+
+    @contextmanager
+    def side_task(self, what: str) -> Iterator[None]:
+        """A preview, the report or a log that fails costs one line, never the run's adapter."""
+        try:
+            yield
+        except Exception as exc:  # whatever broke, the training and the export go on
+            self.say(f"warning: {what} failed, training goes on: {one_line(exc)}")
 
     # --- start -------------------------------------------------------------------------
 
@@ -235,7 +244,8 @@ class Session:
     def log_step(self) -> None:
         state = self.state
         values = {"loss": state.losses[-1], "lr": state.lrs[-1], "skipped_steps": state.skipped}
-        self.accelerator.log(values, step=state.step)
+        with self.side_task(f"the log of step {state.step}"):
+            self.accelerator.log(values, step=state.step)
         if self.progress is not None:
             self.progress.update(1)
             postfix = {"loss": f"{state.losses[-1]:.4f}", "lr": f"{state.lrs[-1]:.2e}"}
@@ -256,11 +266,12 @@ class Session:
         if not self.state.previews or self.state.previews[-1][0] != step:
             self.state.previews.append((step, relative))
         if self.main:
-            with visiting(self.idle, self.accelerator.device):
-                sheet = self.previewer.render()
-            with atomic_path(self.cfg.output_dir / relative) as tmp:
-                sheet.save(tmp, format="PNG")
-            self.log_image(sheet)
+            with self.side_task(f"the preview at step {step}"):
+                with visiting(self.idle, self.accelerator.device):
+                    sheet = self.previewer.render()
+                with atomic_path(self.cfg.output_dir / relative) as tmp:
+                    sheet.save(tmp, format="PNG")
+                self.log_image(sheet)
             self.report("running")
         self.accelerator.wait_for_everyone()
 
@@ -287,8 +298,12 @@ class Session:
     def adapter_path(self) -> Path:
         return self.cfg.output_dir / f"{self.cfg.name}.safetensors"
 
-    def finish(self) -> RunResult:
-        """After the loop: the result of an interrupted run, or the last preview and export."""
+    def finish(self, stop: StopRequest) -> RunResult:
+        """After the loop: the result of an interrupted run, or the last preview and export.
+
+        A signal during the export lets it finish (the run then ends as interrupted, with its
+        adapter written); one before it skips a final preview that is still due.
+        """
         state = self.state
         if self.stopping and state.step < self.cfg.train.max_steps:
             self.report(f"interrupted at step {state.step}")
@@ -296,11 +311,15 @@ class Session:
             result.interrupted = True
             result.checkpoint = self.checkpointer.folder / f"step-{state.step:06d}"
             return result
-        if self.previewer and state.step not in [step for step, _ in state.previews]:
+        previewed = state.step in [step for step, _ in state.previews]
+        if self.previewer and not previewed and not stop.requested:
             self.preview()  # a resumed run that was already past its last preview
+        stop.then = "stopping once the adapter is written"
         ema_path = self.export()
         self.report("finished")
-        return self.result(ema_path)
+        result = self.result(ema_path)
+        result.interrupted = stop.requested
+        return result
 
     def export(self) -> Path | None:
         """Write the adapter (and its EMA, beside it or instead of it); return the EMA path."""
@@ -315,6 +334,7 @@ class Session:
         return ema_path
 
     def write_adapters(self, adapter_path: Path, ema_path: Path | None) -> None:
+        inject_fault("term-in-export", self.state.step)
         epochs = self.state.epoch + (1 if self.state.position else 0)  # begun ones
         metadata = self.metadata(self.state.step, epochs)
         if self.ema and not ema_path:
@@ -330,6 +350,14 @@ class Session:
     def report(self, status: str) -> None:
         if not self.main:
             return
+        with self.side_task("writing report.html"):
+            self.write_report(status)
+
+    def written_previews(self) -> list[tuple[int, str]]:
+        """The previews on disk: a failed one stays in the state, which every process shares."""
+        return [(s, p) for s, p in self.state.previews if (self.cfg.output_dir / p).is_file()]
+
+    def write_report(self, status: str) -> None:
         state, cfg = self.state, self.cfg
         seconds = self.seconds_before + time.time() - self.started
         per_step = (time.time() - self.started) / max(self.session_steps, 1)
@@ -342,7 +370,7 @@ class Session:
             losses=state.losses,
             lrs=state.lrs,
             validation=state.validation,
-            previews=state.previews,
+            previews=self.written_previews(),
             skipped=state.skipped,
             dataset=self.dataset_lines,
             config=cfg.model_dump(mode="json"),
@@ -361,7 +389,7 @@ class Session:
             adapter_path=self.adapter_path,
             steps=state.step,
             losses=state.losses,
-            previews=[self.cfg.output_dir / path for _, path in state.previews],
+            previews=[self.cfg.output_dir / path for _, path in self.written_previews()],
             ema_path=ema_path,
             skipped=state.skipped,
             validation=state.validation,
@@ -376,3 +404,8 @@ class Session:
 
 def due(step: int, every: int, last: int | None = None) -> bool:
     return step == last or (every > 0 and step % every == 0)
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -7,6 +7,7 @@ state, so the same config gives the same adapter and a resume lands on the exact
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from stylelora.config import Config
 from stylelora.export.metadata import training_metadata
@@ -19,14 +20,15 @@ from stylelora.train.session import RunResult, Session
 __all__ = ["RunResult", "train"]
 
 
-def train(cfg: Config, resume: str | None = None) -> RunResult:
+def train(cfg: Config, resume: str | None = None, overwrite: bool = False) -> RunResult:
     """Train the adapter `cfg` describes and write it to `<output_dir>/<name>.safetensors`.
 
     `resume`: "latest" or a checkpoint folder to continue from. A SIGINT or SIGTERM saves a
-    checkpoint and returns a result with `interrupted` set, without exporting.
+    checkpoint and returns a result with `interrupted` set, without exporting. `overwrite`: a
+    new run may replace the adapter an earlier run left in the folder.
     """
     if resume is None:
-        check_fresh_start(cfg.output_dir)
+        check_fresh_start(cfg.output_dir, adapter_files(cfg), overwrite)
     run = build_run(cfg)
     session = Session(
         run=run,
@@ -44,14 +46,15 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
 def run_session(session: Session, run: TrainingRun, resume: str | None) -> RunResult:
     """Resume if asked, loop, then export; a signal returns early, after a checkpoint."""
     session.begin(resume)
-    try:
-        with StopRequest() as stop:
+    with StopRequest() as stop:  # through the export too: a signal there lets it finish
+        try:
             loop(session, run, stop)
-    except NonFiniteStop as exc:
-        session.export()
-        session.report(f"stopped: {exc}")
-        raise NonFiniteStop(f"{exc}; {session.adapter_path} holds the last good weights") from None
-    return session.finish()
+        except NonFiniteStop as exc:
+            session.export()
+            session.report(f"stopped: {exc}")
+            message = f"{exc}; {session.adapter_path} holds the last good weights"
+            raise NonFiniteStop(message) from None
+        return session.finish(stop)
 
 
 def loop(session: Session, run: TrainingRun, stop: StopRequest) -> None:
@@ -69,3 +72,9 @@ def loop(session: Session, run: TrainingRun, stop: StopRequest) -> None:
                 break
         else:
             session.end_epoch()
+
+
+def adapter_files(cfg: Config) -> list[Path]:
+    """The files a run's export writes (the EMA file only with `ema_export = "beside"`)."""
+    adapter = cfg.output_dir / f"{cfg.name}.safetensors"
+    return [adapter, adapter.with_name(f"{cfg.name}-ema.safetensors")]

@@ -54,10 +54,10 @@ def test_latest_is_the_newest_checkpoint_whose_manifest_matches_its_files(tmp_pa
 
 
 def test_a_new_run_refuses_to_mix_with_an_earlier_runs_checkpoints(tmp_path):
-    check_fresh_start(tmp_path)
+    check_fresh_start(tmp_path, [], overwrite=False)
     fake_checkpoint(tmp_path, 2, {"a": b"12"}, {"files": {"a": 2}})
     with pytest.raises(UserError, match="continue it with --resume latest"):
-        check_fresh_start(tmp_path)
+        check_fresh_start(tmp_path, [], overwrite=True)
 
 
 def test_not_enough_free_space_is_refused_at_the_start(tmp_path):
