@@ -11,6 +11,7 @@ from diffusers import DDPMScheduler
 
 from stylelora.adapters.inject import inject_adapters
 from stylelora.config import AdapterConfig, TrainConfig
+from stylelora.errors import UserError
 from stylelora.families import load_family
 from stylelora.train.ema import AdapterEMA
 from stylelora.train.loss import (
@@ -77,7 +78,9 @@ def test_timestep_range_and_its_errors():
     assert timestep_range(SCHEDULER, None) == (0, 1000)
     options = TrainConfig(min_timestep=100, max_timestep=400)
     assert timestep_range(SCHEDULER, options) == (100, 400)
-    assert timestep_range(SCHEDULER, TrainConfig(max_timestep=5000)) == (0, 1000)
+    assert timestep_range(SCHEDULER, TrainConfig(max_timestep=1000)) == (0, 1000)
+    with pytest.raises(UserError, match="train.max_timestep 5000: the model is trained on 1000"):
+        timestep_range(SCHEDULER, TrainConfig(max_timestep=5000))
     with pytest.raises(ValueError, match="max_timestep 100 must be above train.min_timestep 100"):
         TrainConfig(min_timestep=100, max_timestep=100)
 
