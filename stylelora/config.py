@@ -64,6 +64,7 @@ class DataConfig(Section):
     alpha_background: tuple[ColorByte, ColorByte, ColorByte] = (255, 255, 255)
     enable_buckets: bool = True
     bucket_step: PositiveInt = 64
+    min_image_size: PositiveInt | None = None  # skip images whose shorter side is below it
     min_bucket_side: PositiveInt | None = None
     max_bucket_side: PositiveInt | None = None
     bucket_no_upscale: bool = False

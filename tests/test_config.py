@@ -52,6 +52,7 @@ def test_overrides_parse_toml_values_and_dotted_keys():
         ("validation.split=1", "validation.split: Input should be less than 1"),
         ("validation.timesteps=[-1]", "validation.timesteps.0: Input should be greater than"),
         ("train.min_timestep=-5", "train.min_timestep: Input should be greater than or equal to 0"),
+        ("data.min_image_size=0", "data.min_image_size: Input should be greater than 0"),
         (
             'data.caption_extension=""',
             "data.caption_extension: expected an extension such as "

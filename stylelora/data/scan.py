@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stylelora.data.images import inspect_image
+from stylelora.data.problems import (
+    CAPTION_NOT_UTF8,
+    Problem,
+    count_by_kind,
+    too_small,
+)
 from stylelora.errors import UserError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -31,15 +38,19 @@ class ImageRecord:
 @dataclass
 class ScanResult:
     records: list[ImageRecord] = field(default_factory=list)
-    problems: list[tuple[Path, str]] = field(default_factory=list)
+    problems: list[tuple[Path, Problem]] = field(default_factory=list)
     missing_captions: int = 0
 
 
-def read_caption(image: Path, extension: str) -> str | None:
+def read_caption(image: Path, extension: str) -> tuple[str | None, Problem | None]:
+    """(caption or None when there is no caption file, why it is unusable)."""
     caption_file = image.with_suffix(extension)
     if not caption_file.is_file():
-        return None
-    return clean(caption_file.read_text(encoding="utf-8"))
+        return None, None
+    try:
+        return clean(caption_file.read_text(encoding="utf-8")), None
+    except UnicodeDecodeError:
+        return None, Problem(CAPTION_NOT_UTF8, caption_file.name)
 
 
 def clean(text: str) -> str:
@@ -77,19 +88,30 @@ def folder_repeats(folder: Path, root: Path, default: int) -> tuple[int, str]:
     return default, folder.name
 
 
-def scan_folder(
+def image_files(root: Path) -> list[Path]:
+    """The image files under `root`, sorted, outside folders and files whose name starts with '.'"""
+    return sorted(
+        path
+        for path in root.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    )
+
+
+def collect_images(
     root: Path,
     caption_extension: str = ".txt",
     repeats: int = 1,
     *,
-    min_side: int = 0,
+    min_image_size: int | None = None,
     strict: bool = False,
     trigger_word: str = "",
 ) -> ScanResult:
-    """Every usable image under `root` with its caption; unusable files are listed with why.
+    """Every usable image under `root` with its caption, and every unusable one with why.
 
-    `min_side`: an image smaller than this on both sides fits no bucket and is skipped.
-    `strict`: any unusable file is an error instead.
+    `min_image_size`: an image whose shorter side is below it is unusable; smaller images are
+    otherwise upscaled into their bucket.
     An image with no caption is captioned with its `N_concept` name, else the trigger word,
     else its folder's name.
     """
@@ -98,17 +120,13 @@ def scan_folder(
         raise UserError(f"data.dir {root}: folder not found")
     result = ScanResult()
     metadata: dict[Path, dict[str, str]] = {}
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(root).parts):
-            continue
+    for path in image_files(root):
         size, problem = inspect_image(path)
-        if problem is None and max(size) < min_side:
-            problem = f"too small ({size[0]}x{size[1]}; the smallest bucket side is {min_side})"
+        if problem is None and min_image_size and min(size) < min_image_size:
+            problem = too_small(size, min_image_size)
+        caption = None
         if problem is None:
-            try:
-                caption = read_caption(path, caption_extension)
-            except UnicodeDecodeError:
-                problem = f"caption {path.stem}{caption_extension} is not UTF-8"
+            caption, problem = read_caption(path, caption_extension)
         if problem:
             result.problems.append((path, problem))
             continue
@@ -122,13 +140,48 @@ def scan_folder(
             in_concept = path.parent != root and REPEATS_FOLDER.match(path.parent.name)
             caption = concept if in_concept or not trigger_word else trigger_word
         result.records.append(ImageRecord(path, caption, times, concept, size))
+    return result
+
+
+def require_usable(result: ScanResult, root: Path, strict: bool, hint: str) -> None:
+    """Raise UserError when nothing is usable (or, when `strict`, anything is not).
+
+    `hint`: where the user sees each unusable file, ending the one-line error.
+    """
     if strict and result.problems:
         path, why = result.problems[0]
         more = f" (and {len(result.problems) - 1} more)" if len(result.problems) > 1 else ""
-        raise UserError(f"data.strict: {path}: {why}{more}")
-    if not result.records:
-        why = f"; {len(result.problems)} unusable files" if result.problems else ""
+        raise UserError(f"data.strict: {path}: {why}{more}; {hint}")
+    if result.records:
+        return
+    if not result.problems:
         raise UserError(
-            f"data.dir {root}: no usable images ({', '.join(sorted(IMAGE_EXTENSIONS))}){why}"
+            f"data.dir {root}: no usable images: no {', '.join(sorted(IMAGE_EXTENSIONS))} files"
         )
+    raise UserError(f"data.dir {root}: no usable images: {count_by_kind(result.problems)}; {hint}")
+
+
+def check_hint(root: Path) -> str:
+    return f"stylelora dataset check {shlex.quote(str(root))} --config CONFIG lists each file"
+
+
+def scan_folder(
+    root: Path,
+    caption_extension: str = ".txt",
+    repeats: int = 1,
+    *,
+    min_image_size: int | None = None,
+    strict: bool = False,
+    trigger_word: str = "",
+) -> ScanResult:
+    """`collect_images`, raising UserError when nothing is usable (or anything is not, strict)."""
+    result = collect_images(
+        root,
+        caption_extension,
+        repeats,
+        min_image_size=min_image_size,
+        strict=strict,
+        trigger_word=trigger_word,
+    )
+    require_usable(result, Path(root), strict, check_hint(Path(root)))
     return result
