@@ -11,11 +11,13 @@ NOT_AN_IMAGE = "not an image"
 DAMAGED = "truncated or damaged image"
 TOO_LARGE = "too large"
 CAPTION_NOT_UTF8 = "caption not UTF-8"
+CAPTION_NOT_TEXT = "caption not text"
 _PLURALS = {
     EMPTY: "empty files",
     NOT_AN_IMAGE: "not images",
     DAMAGED: "truncated or damaged images",
     CAPTION_NOT_UTF8: "captions not UTF-8",
+    CAPTION_NOT_TEXT: "captions not text",
 }
 
 

@@ -74,7 +74,7 @@ def describe(scan: ScanResult, dataset: ImageCaptionDataset, data: DataConfig) -
     kind = "aspect buckets" if data.enable_buckets else "buckets (bucketing off)"
     lines.append(f"{kind} (width x height: images):")
     lines += format_histogram(histogram(dataset.buckets))
-    lines += upscale_lines(dataset) + problem_lines(scan)
+    lines += upscale_lines(dataset) + cp1252_lines(scan, data) + problem_lines(scan)
     return lines
 
 
@@ -97,6 +97,16 @@ def upscale_lines(dataset: ImageCaptionDataset) -> list[str]:
 def format_scale(scale: float) -> str:
     """x2.7; two decimals where one would round a small upscale down to x1.0."""
     return f"x{scale:.1f}" if round(scale, 1) > 1 else f"x{scale:.2f}"
+
+
+def cp1252_lines(scan: ScanResult, data: DataConfig) -> list[str]:
+    """'2 captions were not UTF-8 and were read as cp1252: a.txt, b.txt', or nothing."""
+    if not scan.cp1252_files:
+        return []
+    names = ", ".join(str(path.relative_to(data.dir)) for path in scan.cp1252_files)
+    count = len(scan.cp1252_files)
+    files, were = ("caption file", "was") if count == 1 else ("caption files", "were")
+    return [f"{count} {files} {were} not UTF-8 and {were} read as cp1252: {names}"]
 
 
 def problem_lines(scan: ScanResult) -> list[str]:
