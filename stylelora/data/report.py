@@ -100,7 +100,7 @@ def format_scale(scale: float) -> str:
 
 
 def cp1252_lines(scan: ScanResult, data: DataConfig) -> list[str]:
-    """'2 captions were not UTF-8 and were read as cp1252: a.txt, b.txt', or nothing."""
+    """'2 caption files were not UTF-8 and were read as cp1252: a.txt, b.txt', or nothing."""
     if not scan.cp1252_files:
         return []
     names = ", ".join(str(path.relative_to(data.dir)) for path in scan.cp1252_files)

@@ -2,8 +2,8 @@
 
 Captions come from a file beside the image (`a.png` + `a.txt`), else from a Hugging Face
 imagefolder `metadata.jsonl` (`file_name`, `text`) in the image's folder, else the concept name.
-Caption files are UTF-8; one that is not is read as cp1252 (Windows' Western default) and
-reported, unless `data.strict`.
+Caption files and `metadata.jsonl` are UTF-8; one that is not is read as cp1252 (Windows' Western
+default) and reported, unless `data.strict`.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def read_metadata(folder: Path, strict: bool = False) -> tuple[dict[str, str], b
         return {}, False
     read = read_text(path, strict)
     if read is None:
-        why = "not UTF-8 (data.strict is on)" if strict else "neither UTF-8 nor cp1252 text"
-        raise UserError(f"{path}: {why}")
+        why = "not UTF-8 (data.strict = true)" if strict else "neither UTF-8 nor cp1252 text"
+        raise UserError(f"{path}: {why}; save it as UTF-8")
     text, as_cp1252 = read
     captions = {}
     for number, line in enumerate(text.splitlines(), 1):

@@ -64,7 +64,9 @@ def test_metadata_jsonl_that_is_not_utf8_is_read_as_cp1252_unless_strict(tmp_pat
     data = DataConfig(dir=tmp_path, resolution=64)
     assert scan_dataset(data).records[0].caption == "café"
     assert "1 caption file was not UTF-8 and was read as cp1252: metadata.jsonl" in report(data)
-    with pytest.raises(UserError, match=r"metadata.jsonl: not UTF-8 \(data.strict is on\)"):
+    with pytest.raises(
+        UserError, match=r"metadata.jsonl: not UTF-8 \(data.strict = true\); save it as UTF-8"
+    ):
         scan_dataset(DataConfig(dir=tmp_path, resolution=64, strict=True))
 
 
