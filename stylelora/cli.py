@@ -204,18 +204,25 @@ def run_sample(args: argparse.Namespace) -> None:
 
 
 def run_dataset_check(args: argparse.Namespace) -> None:
+    """The dataset report, every unusable file included, before any error that stops a run."""
     from stylelora.config import DataConfig, load_config
     from stylelora.data.dataset import ImageCaptionDataset
-    from stylelora.data.report import data_options, describe, scan_dataset
+    from stylelora.data.report import collect_dataset, data_options, describe, problem_lines
+    from stylelora.data.scan import require_usable
 
     if args.config:
         cfg = load_config(args.config, [f"data.dir={str(args.dir)!r}"])
         data, seed = cfg.data, cfg.seed
     else:
         data, seed = DataConfig(dir=args.dir), 0
-    scan = scan_dataset(data)
-    dataset = ImageCaptionDataset(scan.records, data_options(data, seed))
-    print("\n".join(describe(scan, dataset, data)))
+    scan = collect_dataset(data)
+    lines = problem_lines(scan)
+    if scan.records:
+        lines = describe(scan, ImageCaptionDataset(scan.records, data_options(data, seed)), data)
+    if lines:
+        print("\n".join(lines))
+    sys.stdout.flush()  # the list comes before the error line on a terminal sharing both
+    require_usable(scan, data.dir, data.strict, "each file is listed above")
 
 
 def run_make_tiny_model(args: argparse.Namespace) -> None:

@@ -7,10 +7,11 @@ same from any working directory; paths given on the command line resolve against
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stylelora.errors import UserError
 
@@ -43,6 +44,10 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+# ".txt", ".caption", ".tags.txt": a dot, then name characters, no path separators or spaces
+_CAPTION_EXTENSION = re.compile(r"(\.[\w-]+)+")
+
+
 class DataConfig(Section):
     dir: Path = Field(description="Folder of images with caption files beside them.")
     caption_extension: str = ".txt"
@@ -60,6 +65,7 @@ class DataConfig(Section):
     alpha_background: tuple[ColorByte, ColorByte, ColorByte] = (255, 255, 255)
     enable_buckets: bool = True
     bucket_step: PositiveInt = 64
+    min_image_size: PositiveInt | None = None  # skip images whose shorter side is below it
     min_bucket_side: PositiveInt | None = None
     max_bucket_side: PositiveInt | None = None
     bucket_no_upscale: bool = False
@@ -80,6 +86,15 @@ class DataConfig(Section):
         low = self.min_bucket_side or max(step, min(256, self.resolution // 2 // step * step))
         high = self.max_bucket_side or max(self.resolution, min(1024, 2 * self.resolution))
         return low, high
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _caption_extension_with_dot(cls, value: str) -> str:
+        """`txt` means `.txt`, as kohya users often write it."""
+        extension = value if value.startswith(".") else f".{value}"
+        if not _CAPTION_EXTENSION.fullmatch(extension):
+            raise ValueError(f'expected an extension such as ".txt" or ".caption" (got {value!r})')
+        return extension
 
     @model_validator(mode="after")
     def _buckets_fit(self) -> DataConfig:

@@ -52,6 +52,17 @@ def test_overrides_parse_toml_values_and_dotted_keys():
         ("validation.split=1", "validation.split: Input should be less than 1"),
         ("validation.timesteps=[-1]", "validation.timesteps.0: Input should be greater than"),
         ("train.min_timestep=-5", "train.min_timestep: Input should be greater than or equal to 0"),
+        ("data.min_image_size=0", "data.min_image_size: Input should be greater than 0"),
+        (
+            'data.caption_extension=""',
+            "data.caption_extension: expected an extension such as "
+            """".txt" or ".caption" (got '')""",
+        ),
+        (
+            "data.caption_extension='captions/.txt'",
+            "data.caption_extension: expected an extension such as "
+            """".txt" or ".caption" (got 'captions/.txt')""",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, expected):
@@ -60,6 +71,13 @@ def test_bad_values_name_the_key(override, expected):
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+
+
+def test_a_caption_extension_without_its_dot_gets_one():
+    assert load_config(DEMO_CONFIG, ["data.caption_extension=txt"]).data.caption_extension == ".txt"
+    assert load_config(DEMO_CONFIG, ["data.caption_extension=.caption"]).data.caption_extension == (
+        ".caption"
+    )
 
 
 def test_missing_required_key_and_bad_toml(tmp_path):

@@ -42,6 +42,11 @@ def no_upscale_bucket(size: Size, resolution: int, step: int) -> Size:
     return (max(step, int(width) // step * step), max(step, int(height) // step * step))
 
 
+def cover_scale(size: Size, bucket: Size) -> float:
+    """The factor that scales an image of `size` to cover `bucket`; above 1 it is upscaled."""
+    return max(bucket[0] / size[0], bucket[1] / size[1])
+
+
 def histogram(sizes: list[Size], weights: list[int] | None = None) -> dict[Size, int]:
     """How many images (or draws, with `weights`) each bucket holds, largest area first."""
     counts: Counter[Size] = Counter()

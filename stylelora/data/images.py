@@ -8,13 +8,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from stylelora.data.buckets import Size, cover_scale
+from stylelora.data.problems import DAMAGED, EMPTY, NOT_AN_IMAGE, TOO_LARGE, Problem
+
 # Above this many pixels an image is refused as a likely decompression bomb (PIL's own limit).
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
-def inspect_image(path: Path) -> tuple[tuple[int, int], str | None]:
+def inspect_image(path: Path) -> tuple[Size, Problem | None]:
     """(upright width, height) and why `path` cannot be trained on, or None.
 
     Decodes the whole image once: `verify()` misses a truncated JPEG, `load()` does not.
@@ -22,20 +25,20 @@ def inspect_image(path: Path) -> tuple[tuple[int, int], str | None]:
     size = (0, 0)
     try:
         if path.stat().st_size == 0:
-            return size, "empty file"
+            return size, Problem(EMPTY)
         with Image.open(path) as image:
             width, height = image.size
             if width * height > MAX_PIXELS:
-                return size, f"too large ({width}x{height} pixels, limit {MAX_PIXELS})"
+                return size, Problem(TOO_LARGE, f"{width}x{height} pixels, limit {MAX_PIXELS}")
             image.load()
             orientation = image.getexif().get(0x0112)
             size = (height, width) if orientation in _SWAPS_SIDES else (width, height)
     except UnidentifiedImageError:
-        return size, "not an image"
+        return size, Problem(NOT_AN_IMAGE)
     except Image.DecompressionBombError as exc:
-        return size, f"too large ({exc})"
+        return size, Problem(TOO_LARGE, str(exc))
     except (OSError, SyntaxError, ValueError) as exc:
-        return size, f"damaged image ({exc})"
+        return size, Problem(DAMAGED, str(exc))
     return size, None
 
 
@@ -64,7 +67,7 @@ def to_8bit(image: Image.Image) -> Image.Image:
 
 
 def resize_and_crop(
-    image: Image.Image, size: tuple[int, int], offset: tuple[float, float] = (0.5, 0.5)
+    image: Image.Image, size: Size, offset: tuple[float, float] = (0.5, 0.5)
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Scale to cover `size` (width, height), then crop; offset 0.5 is a centre crop.
 
@@ -72,7 +75,7 @@ def resize_and_crop(
     takes as conditioning.
     """
     width, height = size
-    scale = max(width / image.width, height / image.height)
+    scale = cover_scale(image.size, size)
     scaled_w = max(width, round(image.width * scale))
     scaled_h = max(height, round(image.height * scale))
     image = image.resize((scaled_w, scaled_h), Image.Resampling.LANCZOS)

@@ -9,25 +9,29 @@ from __future__ import annotations
 from collections import Counter
 
 from stylelora.config import DataConfig
-from stylelora.data.buckets import format_histogram, histogram, make_buckets
+from stylelora.data.buckets import cover_scale, format_histogram, histogram, make_buckets
 from stylelora.data.captions import CaptionOptions
 from stylelora.data.dataset import DataOptions, ImageCaptionDataset
-from stylelora.data.scan import ScanResult, scan_folder
+from stylelora.data.scan import ScanResult, check_hint, collect_images, require_usable
 
 
-def scan_dataset(data: DataConfig) -> ScanResult:
-    """Scan `data.dir`; raises UserError when nothing is usable (or anything is, when strict)."""
-    min_side = 0
-    if data.enable_buckets:
-        min_side = data.bucket_step if data.bucket_no_upscale else data.bucket_sides()[0]
-    return scan_folder(
+def collect_dataset(data: DataConfig) -> ScanResult:
+    """Scan `data.dir`; unusable files are listed in the result, not raised."""
+    return collect_images(
         data.dir,
         data.caption_extension,
         data.repeats,
-        min_side=min_side,
+        min_image_size=data.min_image_size,
         strict=data.strict,
         trigger_word=data.trigger_word,
     )
+
+
+def scan_dataset(data: DataConfig) -> ScanResult:
+    """Scan `data.dir`; raises UserError when nothing is usable (or anything is not, strict)."""
+    scan = collect_dataset(data)
+    require_usable(scan, data.dir, data.strict, check_hint(data.dir))
+    return scan
 
 
 def data_options(data: DataConfig, seed: int) -> DataOptions:
@@ -70,7 +74,44 @@ def describe(scan: ScanResult, dataset: ImageCaptionDataset, data: DataConfig) -
     kind = "aspect buckets" if data.enable_buckets else "buckets (bucketing off)"
     lines.append(f"{kind} (width x height: images):")
     lines += format_histogram(histogram(dataset.buckets))
-    if scan.problems:
-        lines.append(f"skipped {len(scan.problems)} files:")
-    lines += [f"  {path}: {reason}" for path, reason in scan.problems]
+    lines += upscale_lines(dataset) + cp1252_lines(scan, data) + problem_lines(scan)
     return lines
+
+
+def upscale_lines(dataset: ImageCaptionDataset) -> list[str]:
+    """'18 images upscaled to fit their bucket (x2.7 to x3.2)', or nothing."""
+    scales = [
+        cover_scale(record.size, bucket)
+        for record, bucket in zip(dataset.records, dataset.buckets, strict=True)
+        if 0 not in record.size
+    ]
+    scales = sorted(scale for scale in scales if scale > 1)
+    if not scales:
+        return []
+    low, high = format_scale(scales[0]), format_scale(scales[-1])
+    span = low if low == high else f"{low} to {high}"
+    images = "image upscaled to fit its" if len(scales) == 1 else "images upscaled to fit their"
+    return [f"{len(scales)} {images} bucket ({span})"]
+
+
+def format_scale(scale: float) -> str:
+    """x2.7; two decimals where one would round a small upscale down to x1.0."""
+    return f"x{scale:.1f}" if round(scale, 1) > 1 else f"x{scale:.2f}"
+
+
+def cp1252_lines(scan: ScanResult, data: DataConfig) -> list[str]:
+    """'2 caption files were not UTF-8 and were read as cp1252: a.txt, b.txt', or nothing."""
+    if not scan.cp1252_files:
+        return []
+    names = ", ".join(str(path.relative_to(data.dir)) for path in scan.cp1252_files)
+    count = len(scan.cp1252_files)
+    files, were = ("caption file", "was") if count == 1 else ("caption files", "were")
+    return [f"{count} {files} {were} not UTF-8 and {were} read as cp1252: {names}"]
+
+
+def problem_lines(scan: ScanResult) -> list[str]:
+    """'skipped 2 files:' and each one with why, or nothing."""
+    if not scan.problems:
+        return []
+    lines = [f"skipped {len(scan.problems)} files:"]
+    return lines + [f"  {path}: {problem}" for path, problem in scan.problems]

@@ -2,16 +2,26 @@
 
 Captions come from a file beside the image (`a.png` + `a.txt`), else from a Hugging Face
 imagefolder `metadata.jsonl` (`file_name`, `text`) in the image's folder, else the concept name.
+Caption files and `metadata.jsonl` are UTF-8; one that is not is read as cp1252 (Windows' Western
+default) and reported, unless `data.strict`.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stylelora.data.images import inspect_image
+from stylelora.data.problems import (
+    CAPTION_NOT_TEXT,
+    CAPTION_NOT_UTF8,
+    Problem,
+    count_by_kind,
+    too_small,
+)
 from stylelora.errors import UserError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -31,32 +41,44 @@ class ImageRecord:
 @dataclass
 class ScanResult:
     records: list[ImageRecord] = field(default_factory=list)
-    problems: list[tuple[Path, str]] = field(default_factory=list)
+    problems: list[tuple[Path, Problem]] = field(default_factory=list)
     missing_captions: int = 0
+    cp1252_files: list[Path] = field(default_factory=list)  # captions that were not UTF-8
 
 
-def read_caption(image: Path, extension: str) -> str | None:
-    caption_file = image.with_suffix(extension)
-    if not caption_file.is_file():
+def read_text(path: Path, strict: bool) -> tuple[str, bool] | None:
+    """(text, whether it was read as cp1252); None when it is not UTF-8 and `strict`, or is
+    neither UTF-8 nor cp1252. A UTF-8 byte order mark is dropped."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig"), False
+    except UnicodeDecodeError:
+        if strict:
+            return None
+    try:
+        text = data.decode("cp1252")
+    except UnicodeDecodeError:  # one of the five bytes cp1252 leaves undefined
         return None
-    return clean(caption_file.read_text(encoding="utf-8"))
+    # NUL bytes mean UTF-16 or binary, which cp1252 would read as garbage without complaint
+    return None if "\x00" in text else (text, True)
 
 
 def clean(text: str) -> str:
     return " ".join(text.strip().split())
 
 
-def read_metadata(folder: Path) -> dict[str, str]:
-    """file_name -> caption from `folder/metadata.jsonl`, or {} when there is none."""
+def read_metadata(folder: Path, strict: bool = False) -> tuple[dict[str, str], bool]:
+    """(file_name -> caption from `folder/metadata.jsonl`, or {}; whether it was read as cp1252)."""
     path = folder / METADATA_FILE
     if not path.is_file():
-        return {}
+        return {}, False
+    read = read_text(path, strict)
+    if read is None:
+        why = "not UTF-8 (data.strict = true)" if strict else "neither UTF-8 nor cp1252 text"
+        raise UserError(f"{path}: {why}; save it as UTF-8")
+    text, as_cp1252 = read
     captions = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8") from None
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -66,7 +88,40 @@ def read_metadata(folder: Path) -> dict[str, str]:
             raise UserError(
                 f'{path}:{number}: expected a JSON object with "file_name" and "text"'
             ) from None
-    return captions
+    return captions, as_cp1252
+
+
+@dataclass
+class CaptionReader:
+    """The captions of one scan: files beside images, each folder's metadata.jsonl read once,
+    and every file that had to be read as cp1252."""
+
+    extension: str
+    strict: bool
+    cp1252_files: list[Path] = field(default_factory=list)
+    metadata: dict[Path, dict[str, str]] = field(default_factory=dict)
+
+    def beside(self, image: Path) -> tuple[str | None, Problem | None]:
+        """(the caption file's text, or None without one; why it cannot be read)."""
+        caption_file = image.with_suffix(self.extension)
+        if not caption_file.is_file():
+            return None, None
+        read = read_text(caption_file, self.strict)
+        if read is None:
+            kind = CAPTION_NOT_UTF8 if self.strict else CAPTION_NOT_TEXT
+            return None, Problem(kind, caption_file.name)
+        text, as_cp1252 = read
+        if as_cp1252:
+            self.cp1252_files.append(caption_file)
+        return clean(text), None
+
+    def from_metadata(self, image: Path) -> str | None:
+        folder = image.parent
+        if folder not in self.metadata:
+            self.metadata[folder], as_cp1252 = read_metadata(folder, self.strict)
+            if as_cp1252:
+                self.cp1252_files.append(folder / METADATA_FILE)
+        return self.metadata[folder].get(image.name)
 
 
 def folder_repeats(folder: Path, root: Path, default: int) -> tuple[int, str]:
@@ -77,19 +132,31 @@ def folder_repeats(folder: Path, root: Path, default: int) -> tuple[int, str]:
     return default, folder.name
 
 
-def scan_folder(
+def image_files(root: Path) -> list[Path]:
+    """The image files under `root`, sorted, outside folders and files whose name starts with '.'"""
+    return sorted(
+        path
+        for path in root.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    )
+
+
+def collect_images(
     root: Path,
     caption_extension: str = ".txt",
     repeats: int = 1,
     *,
-    min_side: int = 0,
+    min_image_size: int | None = None,
     strict: bool = False,
     trigger_word: str = "",
 ) -> ScanResult:
-    """Every usable image under `root` with its caption; unusable files are listed with why.
+    """Every usable image under `root` with its caption, and every unusable one with why.
 
-    `min_side`: an image smaller than this on both sides fits no bucket and is skipped.
-    `strict`: any unusable file is an error instead.
+    `min_image_size`: an image whose shorter side is below it is unusable; smaller images are
+    otherwise upscaled into their bucket.
+    `strict`: a caption that is not UTF-8 is unusable instead of read as cp1252.
     An image with no caption is captioned with its `N_concept` name, else the trigger word,
     else its folder's name.
     """
@@ -97,38 +164,68 @@ def scan_folder(
     if not root.is_dir():
         raise UserError(f"data.dir {root}: folder not found")
     result = ScanResult()
-    metadata: dict[Path, dict[str, str]] = {}
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
-        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(root).parts):
-            continue
+    captions = CaptionReader(caption_extension, strict)
+    for path in image_files(root):
         size, problem = inspect_image(path)
-        if problem is None and max(size) < min_side:
-            problem = f"too small ({size[0]}x{size[1]}; the smallest bucket side is {min_side})"
+        if problem is None and min_image_size and min(size) < min_image_size:
+            problem = too_small(size, min_image_size)
+        caption = None
         if problem is None:
-            try:
-                caption = read_caption(path, caption_extension)
-            except UnicodeDecodeError:
-                problem = f"caption {path.stem}{caption_extension} is not UTF-8"
+            caption, problem = captions.beside(path)
         if problem:
             result.problems.append((path, problem))
             continue
         times, concept = folder_repeats(path.parent, root, repeats)
         if caption is None:
-            if path.parent not in metadata:
-                metadata[path.parent] = read_metadata(path.parent)
-            caption = metadata[path.parent].get(path.name)
+            caption = captions.from_metadata(path)
         if caption is None:
             result.missing_captions += 1
             in_concept = path.parent != root and REPEATS_FOLDER.match(path.parent.name)
             caption = concept if in_concept or not trigger_word else trigger_word
         result.records.append(ImageRecord(path, caption, times, concept, size))
+    result.cp1252_files = captions.cp1252_files
+    return result
+
+
+def require_usable(result: ScanResult, root: Path, strict: bool, hint: str) -> None:
+    """Raise UserError when nothing is usable (or, when `strict`, anything is not).
+
+    `hint`: where the user sees each unusable file, ending the one-line error.
+    """
     if strict and result.problems:
         path, why = result.problems[0]
         more = f" (and {len(result.problems) - 1} more)" if len(result.problems) > 1 else ""
-        raise UserError(f"data.strict: {path}: {why}{more}")
-    if not result.records:
-        why = f"; {len(result.problems)} unusable files" if result.problems else ""
+        raise UserError(f"data.strict: {path}: {why}{more}; {hint}")
+    if result.records:
+        return
+    if not result.problems:
         raise UserError(
-            f"data.dir {root}: no usable images ({', '.join(sorted(IMAGE_EXTENSIONS))}){why}"
+            f"data.dir {root}: no usable images: no {', '.join(sorted(IMAGE_EXTENSIONS))} files"
         )
+    raise UserError(f"data.dir {root}: no usable images: {count_by_kind(result.problems)}; {hint}")
+
+
+def check_hint(root: Path) -> str:
+    return f"stylelora dataset check {shlex.quote(str(root))} --config CONFIG lists each file"
+
+
+def scan_folder(
+    root: Path,
+    caption_extension: str = ".txt",
+    repeats: int = 1,
+    *,
+    min_image_size: int | None = None,
+    strict: bool = False,
+    trigger_word: str = "",
+) -> ScanResult:
+    """`collect_images`, raising UserError when nothing is usable (or anything is not, strict)."""
+    result = collect_images(
+        root,
+        caption_extension,
+        repeats,
+        min_image_size=min_image_size,
+        strict=strict,
+        trigger_word=trigger_word,
+    )
+    require_usable(result, Path(root), strict, check_hint(Path(root)))
     return result

@@ -52,23 +52,22 @@ def write_bad_dataset(folder):
 
 def test_every_kind_of_bad_file_is_skipped_with_its_reason(tmp_path):
     assert MAX_PIXELS < 20_000 * 20_000
-    scan = scan_folder(write_bad_dataset(tmp_path / "d"), min_side=32)
-    assert [r.path.name for r in scan.records] == ["good.png"]
-    reasons = {path.name: why for path, why in scan.problems}
+    scan = scan_folder(write_bad_dataset(tmp_path / "d"), min_image_size=32)
+    assert [r.path.name for r in scan.records] == ["good.png", "latin.png"]
+    reasons = {path.name: str(why) for path, why in scan.problems}
     assert reasons["empty.png"] == "empty file"
-    assert reasons["half.jpg"].startswith("damaged image")
-    assert reasons["half.png"].startswith("damaged image")
+    assert reasons["half.jpg"].startswith("truncated or damaged image (")
+    assert reasons["half.png"].startswith("truncated or damaged image (")
     assert reasons["text.webp"] == "not an image"
     assert reasons["bomb.png"].startswith("too large")
-    assert reasons["tiny.png"].startswith("too small (16x16")
-    assert "not UTF-8" in reasons["latin.png"]
-    assert len(reasons) == 7
+    assert reasons["tiny.png"] == "smaller than data.min_image_size 32 (16x16)"
+    assert len(reasons) == 6
 
 
 def test_strict_turns_any_bad_file_into_an_error(tmp_path):
     folder = write_bad_dataset(tmp_path / "d")
     with pytest.raises(UserError, match=r"data.strict: .*bomb.png: too large.*\(and 6 more\)"):
-        scan_folder(folder, strict=True, min_side=32)
+        scan_folder(folder, strict=True, min_image_size=32)
 
 
 def check(*args: str) -> subprocess.CompletedProcess:
@@ -86,12 +85,14 @@ def test_dataset_check_reports_counts_buckets_and_problems(tmp_path):
     result = check(str(folder), "--config", str(DEMO_CONFIG))
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "dataset: 2 images, 4 draws per epoch" in out
+    assert "dataset: 4 images, 6 draws per epoch" in out
     assert "concept 'dog': 1 images x 3 repeats" in out
-    assert "captions: 1/2 images have one" in out
-    assert "  64x64: 2" in out  # at 64 px with step 64, the one bucket is the square
-    assert "skipped 7 files:" in out
-    assert "half.jpg: damaged image" in out and "bomb.png: too large" in out
+    assert "captions: 2/4 images have one" in out
+    assert "  64x64: 4" in out  # at 64 px with step 64, the one bucket is the square
+    assert "1 image upscaled to fit its bucket (x4.0)" in out  # tiny.png, 16x16
+    assert "1 caption file was not UTF-8 and was read as cp1252: latin.txt" in out
+    assert "skipped 5 files:" in out
+    assert "half.jpg: truncated or damaged image" in out and "bomb.png: too large" in out
 
 
 def test_dataset_check_of_the_demo_and_of_nothing_usable(tmp_path):
@@ -101,5 +102,11 @@ def test_dataset_check_of_the_demo_and_of_nothing_usable(tmp_path):
     (tmp_path / "junk.png").write_bytes(b"junk")
     nothing = check(str(tmp_path))
     assert nothing.returncode == 2
-    lines = nothing.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no usable images" in lines[0] and "1 unusable" in lines[0]
+    assert nothing.stdout.splitlines() == [
+        "skipped 1 files:",
+        f"  {tmp_path / 'junk.png'}: not an image",
+    ]
+    assert nothing.stderr.strip().splitlines() == [
+        f"stylelora: error: data.dir {tmp_path}: no usable images: 1 not an image; "
+        "each file is listed above"
+    ]

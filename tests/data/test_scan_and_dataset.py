@@ -31,15 +31,17 @@ def test_repeats_folders_captions_and_fallbacks(tmp_path):
     assert by_name["b.jpg"].caption == "cat"  # no caption: the concept name
     assert by_name["c.PNG"].repeats == 1
     assert scan.missing_captions == 2
-    assert dict((p.name, why) for p, why in scan.problems) == {
+    assert dict((p.name, str(why)) for p, why in scan.problems) == {
         "broken.png": "not an image",
         "empty.jpg": "empty file",
     }
 
 
 def test_a_folder_with_nothing_usable_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match=r"no usable images: no .bmp, .jpeg, .jpg, .png, .webp"):
+        scan_folder(tmp_path)
     (tmp_path / "x.png").write_bytes(b"junk")
-    with pytest.raises(UserError, match=r"no usable images.*1 unusable"):
+    with pytest.raises(UserError, match=r"no usable images: 1 not an image; stylelora dataset"):
         scan_folder(tmp_path)
     with pytest.raises(UserError, match="folder not found"):
         scan_folder(tmp_path / "missing")
