@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from safetensors.torch import save_file
 
 from stylelora.adapters.state import Adapter, LoraModule, read_tensors
 from stylelora.errors import UserError
-from stylelora.export.atomic import atomic_dir, atomic_path
+from stylelora.export.atomic import atomic_dir, save_tensors
 from stylelora.export.names import Target, family_targets
 from stylelora.families.base import ModelFamily
 
@@ -70,9 +69,7 @@ def write_diffusers(out: Path, adapter: Adapter, family: ModelFamily, source: st
         config = lora_config_dict(modules)
         configs.update({f"{component}.{key}": value for key, value in config.items()})
     header = {**adapter.metadata, "format": "pt", DIFFUSERS_METADATA: json.dumps(configs)}
-    with atomic_path(out) as tmp:
-        save_file(tensors, tmp, metadata=header)
-    return out
+    return save_tensors(tensors, out, header)
 
 
 def write_peft(out: Path, adapter: Adapter, family: ModelFamily, source: str) -> Path:
@@ -85,7 +82,7 @@ def write_peft(out: Path, adapter: Adapter, family: ModelFamily, source: str) ->
             for path, module in modules.items():
                 tensors[f"base_model.model.{path}.lora_A.weight"] = module.down.contiguous()
                 tensors[f"base_model.model.{path}.lora_B.weight"] = module.up.contiguous()
-            save_file(tensors, tmp / component / "adapter_model.safetensors", adapter.metadata)
+            save_tensors(tensors, tmp / component / "adapter_model.safetensors", adapter.metadata)
     return out
 
 
