@@ -140,23 +140,65 @@ def modules_from_tensors(
     return modules, problems
 
 
-def truncation_problem(path: Path) -> str | None:
-    """If the file is shorter than its safetensors header says, say which tensors are cut off."""
+PICKLE_STARTS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def is_pickle(head: bytes) -> bool:
+    """torch.save writes a zip, older versions a bare pickle; a safetensors header whose length
+    starts the same way is told apart by its JSON, which starts at byte 8."""
+    return head.startswith(PICKLE_STARTS) and head[8:9] != b"{"
+
+
+def header_problem(path: Path) -> str | None:
+    """What is wrong with a file's safetensors header (a pickle, cut off, not a JSON object of
+    tensor entries and string metadata), or with its length; None when it is sound."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
-        head = handle.read(8)
+        head = handle.read(9)
+        if is_pickle(head):
+            return (
+                f"{path} is a pickle (PyTorch .pt/.ckpt), not a safetensors file: loading a "
+                "pickle can run code, so stylelora does not; use the .safetensors version"
+            )
+        head = head[:8]
         if len(head) < 8:
             return f"{path}: truncated ({size} bytes: not even a safetensors header)"
         (length,) = struct.unpack("<Q", head)
         if length > size:
             return f"{path}: truncated inside its header ({size} bytes, header needs {length + 8})"
+        handle.seek(8)
         try:
             header = json.loads(handle.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
+            return f"{path}: not a safetensors file (its header is not JSON)"
+    return layout_problem(path, header) or truncation_problem(path, header, 8 + length, size)
+
+
+def layout_problem(path: Path, header: Any) -> str | None:
+    """A header that is JSON but not safetensors': tensor entries and a str->str __metadata__."""
+    if not isinstance(header, dict):
+        return f"{path}: damaged header: a JSON {type(header).__name__}, not an object"
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        return f"{path}: damaged header: __metadata__ is not a map of strings to strings"
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if name != "__metadata__" and not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and o >= 0 for o in offsets)
+        ):
+            return f"{path}: damaged header: tensor {name} has no valid data_offsets"
+    return None
+
+
+def truncation_problem(path: Path, header: dict, data_start: int, size: int) -> str | None:
+    """If the file is shorter than its header says, which tensors are cut off."""
     ends = {k: v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"}
-    need = 8 + length + max(ends.values(), default=0)
-    cut = sorted(k for k, end in ends.items() if 8 + length + end > size)
+    need = data_start + max(ends.values(), default=0)
+    cut = sorted(k for k, end in ends.items() if data_start + end > size)
     if not cut:
         return None
     shown = ", ".join(cut[:3]) + (f" and {len(cut) - 3} more" if len(cut) > 3 else "")
@@ -185,14 +227,15 @@ def open_checked(path: str | Path) -> Iterator[Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: adapter file not found")
-    problem = truncation_problem(path)
+    problem = header_problem(path)
     if problem:
         raise UserError(problem)
     try:
         with safe_open(str(path), framework="pt") as handle:
             yield handle
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable .safetensors file ({exc})") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}: not a readable .safetensors file ({first})") from None
 
 
 def read_adapter(path: str | Path) -> Adapter:
