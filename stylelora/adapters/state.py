@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from stylelora.errors import UserError
 
 PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 PARTS[".dora_scale"] = "dora_scale"
+SUFFIXES = {part: suffix for suffix, part in PARTS.items()}
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
@@ -110,9 +112,18 @@ def pair_problems(name: str, parts: dict[str, torch.Tensor]) -> list[str]:
             f"{name}: lora_up {tuple(up.shape)} has rank {up.shape[1]} but lora_down "
             f"{tuple(down.shape)} has rank {down.shape[0]} (mismatched up/down pair)"
         ]
-    if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
-        return [f"{name}: holds NaN or infinite values"]
-    return []
+    return nonfinite_problems(
+        {f"{name}{suffix}": parts[part] for part, suffix in SUFFIXES.items() if part in parts}
+    )
+
+
+def nonfinite_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """One phrase naming the tensors holding NaN or infinite values (a UI renders them black)."""
+    bad = [key for key, value in tensors.items() if not torch.isfinite(value).all()]
+    if not bad:
+        return []
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return [f"{shown}: NaN or infinite values"]
 
 
 def modules_from_tensors(
@@ -238,16 +249,42 @@ def open_checked(path: str | Path) -> Iterator[Any]:
         raise UserError(f"{path}: not a readable .safetensors file ({first})") from None
 
 
+def convert_command(path: str | Path) -> str:
+    """The `stylelora export` command that writes `path` (any layout export reads) as kohya's.
+
+    A PEFT component's file is converted with its siblings: the folder `export --format peft`
+    wrote, so that the text encoders' adapters come along.
+    """
+    source = Path(path)
+    if source.name == "adapter_model.safetensors" and source.parent.name in (
+        "unet",
+        "text_encoder",
+        "text_encoder_2",
+    ):
+        source = source.parent.parent
+    out = source.with_name(f"{source.name.removesuffix('.safetensors')}-kohya.safetensors")
+    return (
+        f"stylelora export {shlex.quote(str(source))} --format kohya --out {shlex.quote(str(out))}"
+    )
+
+
+def checked_adapter(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> Adapter:
+    """kohya tensors as an Adapter; any problem in them (a bad pair, NaN) is a UserError."""
+    modules, problems = modules_from_tensors(tensors)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise UserError(f"{path}: {problems[0]}{more}; run `stylelora inspect` for all")
+    return Adapter(modules, metadata)
+
+
 def read_adapter(path: str | Path) -> Adapter:
     """A kohya-format adapter file; any problem in it is a UserError that names it."""
     tensors, metadata = read_tensors(path)
     if not any(key.startswith(KOHYA_PREFIXES) for key in tensors):
         raise UserError(
             f"{path}: not a kohya-format LoRA (no lora_unet_/lora_te_ keys); "
-            "convert it with `stylelora export --format kohya`"
+            f"convert it with: {convert_command(path)}"
         )
-    modules, problems = modules_from_tensors(tensors)
-    if problems:
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise UserError(f"{path}: {problems[0]}{more}; run `stylelora inspect` for all")
-    return Adapter(modules, metadata)
+    return checked_adapter(path, tensors, metadata)
