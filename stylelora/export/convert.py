@@ -125,7 +125,7 @@ def peft_components(path: Path) -> dict[str, Path]:
     peft` writes), one component's folder, or its `adapter_model.safetensors`."""
     path = Path(path)
     if path.is_dir() and not (path / PEFT_FILE).is_file():
-        found = {d.name: d / PEFT_FILE for d in sorted(path.iterdir()) if (d / PEFT_FILE).is_file()}
+        found = {c: path / c / PEFT_FILE for c in COMPONENTS if (path / c / PEFT_FILE).is_file()}
         if not found:
             raise UserError(f"{path}: no component folder (unet/, text_encoder/) with {PEFT_FILE}")
     else:
