@@ -4,21 +4,18 @@ adapter holding NaN (it would render a black image). All through the real CLI.""
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from lora_helpers import adapted_family
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
-from lora_helpers import adapted_family  # noqa: E402
-
-from stylelora.cli import main  # noqa: E402
-from stylelora.export.lora_file import save_lora_file  # noqa: E402
-from stylelora.families.tiny import tiny_model_path  # noqa: E402
+from stylelora.cli import main
+from stylelora.export.lora_file import save_lora_file
+from stylelora.families.tiny import tiny_model_path
 
 
 @pytest.fixture(scope="module")
