@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--clip-skip", type=int, help="as kohya and AUTOMATIC1111 count it: 2 = penultimate layer"
     )
-    sample.add_argument("--adapter", type=Path, help="kohya-format .safetensors adapter")
+    sample.add_argument(
+        "--adapter",
+        type=Path,
+        help="kohya or diffusers .safetensors, or a PEFT folder or file (as export writes)",
+    )
     sample.add_argument("--prompt", required=True)
     sample.add_argument("--negative", default="", help="negative prompt")
     sample.add_argument("--scale", type=float, default=1.0, help="adapter strength")
@@ -99,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 def add_tool_commands(commands) -> None:
     """export, merge, resize, combine, inspect: see stylelora/export/tools.py."""
     export = commands.add_parser("export", help="convert an adapter between formats")
-    export.add_argument("adapter", type=Path, help="kohya or diffusers-layout .safetensors")
+    export.add_argument(
+        "adapter", type=Path, help="kohya or diffusers .safetensors, or a PEFT folder or file"
+    )
     export.add_argument("--format", choices=["kohya", "diffusers", "peft"], required=True)
     export.add_argument("--out", type=Path, required=True, help="file (peft: a folder)")
     export.add_argument(

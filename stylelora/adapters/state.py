@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from stylelora.errors import UserError
 
 PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 PARTS[".dora_scale"] = "dora_scale"
+SUFFIXES = {part: suffix for suffix, part in PARTS.items()}
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
@@ -110,9 +112,18 @@ def pair_problems(name: str, parts: dict[str, torch.Tensor]) -> list[str]:
             f"{name}: lora_up {tuple(up.shape)} has rank {up.shape[1]} but lora_down "
             f"{tuple(down.shape)} has rank {down.shape[0]} (mismatched up/down pair)"
         ]
-    if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
-        return [f"{name}: holds NaN or infinite values"]
-    return []
+    return nonfinite_problems(
+        {f"{name}{suffix}": parts[part] for part, suffix in SUFFIXES.items() if part in parts}
+    )
+
+
+def nonfinite_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """One phrase naming the tensors holding NaN or infinite values (a UI renders them black)."""
+    bad = [key for key, value in tensors.items() if not torch.isfinite(value).all()]
+    if not bad:
+        return []
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return [f"{shown}: NaN or infinite values"]
 
 
 def modules_from_tensors(
@@ -140,23 +151,65 @@ def modules_from_tensors(
     return modules, problems
 
 
-def truncation_problem(path: Path) -> str | None:
-    """If the file is shorter than its safetensors header says, say which tensors are cut off."""
+PICKLE_STARTS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def is_pickle(head: bytes) -> bool:
+    """torch.save writes a zip, older versions a bare pickle; a safetensors header whose length
+    starts the same way is told apart by its JSON, which starts at byte 8."""
+    return head.startswith(PICKLE_STARTS) and head[8:9] != b"{"
+
+
+def header_problem(path: Path) -> str | None:
+    """What is wrong with a file's safetensors header (a pickle, cut off, not a JSON object of
+    tensor entries and string metadata), or with its length; None when it is sound."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
-        head = handle.read(8)
+        head = handle.read(9)
+        if is_pickle(head):
+            return (
+                f"{path} is a pickle (PyTorch .pt/.ckpt), not a safetensors file: loading a "
+                "pickle can run code, so stylelora does not; use the .safetensors version"
+            )
+        head = head[:8]
         if len(head) < 8:
             return f"{path}: truncated ({size} bytes: not even a safetensors header)"
         (length,) = struct.unpack("<Q", head)
         if length > size:
             return f"{path}: truncated inside its header ({size} bytes, header needs {length + 8})"
+        handle.seek(8)
         try:
             header = json.loads(handle.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
+            return f"{path}: not a safetensors file (its header is not JSON)"
+    return layout_problem(path, header) or truncation_problem(path, header, 8 + length, size)
+
+
+def layout_problem(path: Path, header: Any) -> str | None:
+    """A header that is JSON but not safetensors': tensor entries and a str->str __metadata__."""
+    if not isinstance(header, dict):
+        return f"{path}: damaged header: a JSON {type(header).__name__}, not an object"
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        return f"{path}: damaged header: __metadata__ is not a map of strings to strings"
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if name != "__metadata__" and not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and o >= 0 for o in offsets)
+        ):
+            return f"{path}: damaged header: tensor {name} has no valid data_offsets"
+    return None
+
+
+def truncation_problem(path: Path, header: dict, data_start: int, size: int) -> str | None:
+    """If the file is shorter than its header says, which tensors are cut off."""
     ends = {k: v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"}
-    need = 8 + length + max(ends.values(), default=0)
-    cut = sorted(k for k, end in ends.items() if 8 + length + end > size)
+    need = data_start + max(ends.values(), default=0)
+    cut = sorted(k for k, end in ends.items() if data_start + end > size)
     if not cut:
         return None
     shown = ", ".join(cut[:3]) + (f" and {len(cut) - 3} more" if len(cut) > 3 else "")
@@ -185,14 +238,45 @@ def open_checked(path: str | Path) -> Iterator[Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: adapter file not found")
-    problem = truncation_problem(path)
+    problem = header_problem(path)
     if problem:
         raise UserError(problem)
     try:
         with safe_open(str(path), framework="pt") as handle:
             yield handle
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable .safetensors file ({exc})") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}: not a readable .safetensors file ({first})") from None
+
+
+def convert_command(path: str | Path) -> str:
+    """The `stylelora export` command that writes `path` (any layout export reads) as kohya's.
+
+    A PEFT component's file is converted with its siblings: the folder `export --format peft`
+    wrote, so that the text encoders' adapters come along.
+    """
+    source = Path(path)
+    if source.name == "adapter_model.safetensors" and source.parent.name in (
+        "unet",
+        "text_encoder",
+        "text_encoder_2",
+    ):
+        source = source.parent.parent
+    out = source.with_name(f"{source.name.removesuffix('.safetensors')}-kohya.safetensors")
+    return (
+        f"stylelora export {shlex.quote(str(source))} --format kohya --out {shlex.quote(str(out))}"
+    )
+
+
+def checked_adapter(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> Adapter:
+    """kohya tensors as an Adapter; any problem in them (a bad pair, NaN) is a UserError."""
+    modules, problems = modules_from_tensors(tensors)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise UserError(f"{path}: {problems[0]}{more}; run `stylelora inspect` for all")
+    return Adapter(modules, metadata)
 
 
 def read_adapter(path: str | Path) -> Adapter:
@@ -201,10 +285,6 @@ def read_adapter(path: str | Path) -> Adapter:
     if not any(key.startswith(KOHYA_PREFIXES) for key in tensors):
         raise UserError(
             f"{path}: not a kohya-format LoRA (no lora_unet_/lora_te_ keys); "
-            "convert it with `stylelora export --format kohya`"
+            f"convert it with: {convert_command(path)}"
         )
-    modules, problems = modules_from_tensors(tensors)
-    if problems:
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise UserError(f"{path}: {problems[0]}{more}; run `stylelora inspect` for all")
-    return Adapter(modules, metadata)
+    return checked_adapter(path, tensors, metadata)

@@ -1,4 +1,6 @@
-"""Write files so that a crash or a full disk never leaves a half-written one in place."""
+"""Write files so that a crash or a full disk never leaves a half-written one in place, with the
+modes the umask gives (0644 / 0755 under umask 022), so that a UI running as another user can
+read them: safetensors' `save_file` and `tempfile` make 0600 files and 0700 folders."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from stylelora.errors import UserError
 
@@ -19,6 +23,21 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def give_umask_modes(root: Path) -> None:
+    """`root` and everything under it get the modes a plain open() / mkdir() would give."""
+    mask = current_umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    if root.is_file():
+        os.chmod(root, file_mode)
+        return
+    os.chmod(root, dir_mode)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), dir_mode)
+        for name in files:
+            os.chmod(os.path.join(folder, name), file_mode)
 
 
 @contextlib.contextmanager
@@ -35,9 +54,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise UserError(f"{path.parent}: cannot write here ({exc.strerror})") from None
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual mode
     try:
         yield tmp
+        give_umask_modes(tmp)  # after the writer: save_file replaces `tmp` with its own 0600 file
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -67,6 +86,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     old = path.with_name(f".{path.name}.old-{tmp.name}")
     try:
         yield tmp
+        give_umask_modes(tmp)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
@@ -75,6 +95,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
+    """safetensors' `save_file`, atomically and with the umask's mode: every writer uses this."""
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
 
 
 # What mkstemp and mkdtemp leave of a write that a crash or a kill cut short:

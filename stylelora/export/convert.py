@@ -16,16 +16,26 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from safetensors.torch import save_file
 
-from stylelora.adapters.state import Adapter, LoraModule, read_tensors
+from stylelora.adapters.state import (
+    KOHYA_PREFIXES,
+    Adapter,
+    LoraModule,
+    checked_adapter,
+    read_header,
+    read_tensors,
+)
 from stylelora.errors import UserError
-from stylelora.export.atomic import atomic_dir, atomic_path
+from stylelora.export.atomic import atomic_dir, save_tensors
 from stylelora.export.names import Target, family_targets
 from stylelora.families.base import ModelFamily
 
 DIFFUSERS_METADATA = "lora_adapter_metadata"
 PEFT_PARTS = {".lora_A.weight": "down", ".lora_B.weight": "up"}
+PEFT_PREFIX = "base_model.model."
+PEFT_FILE = "adapter_model.safetensors"
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+CONFIG_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern")
 
 
 def by_component(
@@ -70,9 +80,7 @@ def write_diffusers(out: Path, adapter: Adapter, family: ModelFamily, source: st
         config = lora_config_dict(modules)
         configs.update({f"{component}.{key}": value for key, value in config.items()})
     header = {**adapter.metadata, "format": "pt", DIFFUSERS_METADATA: json.dumps(configs)}
-    with atomic_path(out) as tmp:
-        save_file(tensors, tmp, metadata=header)
-    return out
+    return save_tensors(tensors, out, header)
 
 
 def write_peft(out: Path, adapter: Adapter, family: ModelFamily, source: str) -> Path:
@@ -83,9 +91,9 @@ def write_peft(out: Path, adapter: Adapter, family: ModelFamily, source: str) ->
             LoraConfig(**lora_config_dict(modules)).save_pretrained(tmp / component)
             tensors = {}
             for path, module in modules.items():
-                tensors[f"base_model.model.{path}.lora_A.weight"] = module.down.contiguous()
-                tensors[f"base_model.model.{path}.lora_B.weight"] = module.up.contiguous()
-            save_file(tensors, tmp / component / "adapter_model.safetensors", adapter.metadata)
+                tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = module.down.contiguous()
+                tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = module.up.contiguous()
+            save_tensors(tensors, tmp / component / PEFT_FILE, adapter.metadata)
     return out
 
 
@@ -96,26 +104,113 @@ def pattern_value(config: dict, key: str, pattern: str, path: str, default):
     return config.get(key, default)
 
 
-def read_diffusers(path: str | Path, family: ModelFamily) -> Adapter:
-    """A diffusers-layout file (`unet.<path>.lora_A.weight`) as kohya-named modules."""
+def file_format(keys: list[str]) -> str:
+    """kohya, diffusers (`unet.<path>.lora_A.weight`), peft (`base_model.model.<path>...`)."""
+    if any(k.startswith(KOHYA_PREFIXES) for k in keys):
+        return "kohya"
+    if any(k.startswith(PEFT_PREFIX) for k in keys):
+        return "peft"
+    if any(k.endswith(".lora_A.weight") for k in keys):
+        return "diffusers"
+    return "unknown"
+
+
+def adapter_format(path: Path) -> str:
+    """The layout of an adapter file, or `peft` for a folder (what `--format peft` writes)."""
+    return "peft" if Path(path).is_dir() else file_format(read_header(path)[0])
+
+
+def peft_components(path: Path) -> dict[str, Path]:
+    """Component -> PEFT adapter file, for a folder of component folders (what `export --format
+    peft` writes), one component's folder, or its `adapter_model.safetensors`."""
+    path = Path(path)
+    if path.is_dir() and not (path / PEFT_FILE).is_file():
+        found = {c: path / c / PEFT_FILE for c in COMPONENTS if (path / c / PEFT_FILE).is_file()}
+        if not found:
+            raise UserError(f"{path}: no component folder (unet/, text_encoder/) with {PEFT_FILE}")
+    else:
+        file = path / PEFT_FILE if path.is_dir() else path
+        found = {file.parent.resolve().name: file}
+    for component, file in found.items():
+        if component not in COMPONENTS:
+            raise UserError(
+                f"{file}: a PEFT adapter file must be in a folder named for what it adapts "
+                f"({', '.join(COMPONENTS)}), as `stylelora export --format peft` writes it"
+            )
+    return found
+
+
+def peft_config(file: Path) -> dict:
+    config_file = file.with_name("adapter_config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"{config_file}: unreadable ({exc}); a PEFT adapter file needs its adapter_config.json "
+            "(rank and alpha) beside it"
+        ) from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file}: not a PEFT adapter config (not a JSON object)")
+    return config
+
+
+def peft_as_diffusers(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
+    """A PEFT folder or file as a diffusers-layout file's tensors, metadata and configs."""
+    tensors, metadata, configs = {}, {}, {}
+    for component, file in peft_components(path).items():
+        part, part_metadata = read_tensors(file)
+        for key, value in part.items():
+            if not key.startswith(PEFT_PREFIX):
+                raise UserError(f"{file}: {key} is not a PEFT LoRA tensor ({PEFT_PREFIX}...)")
+            tensors[f"{component}.{key.removeprefix(PEFT_PREFIX)}"] = value
+        config = peft_config(file)
+        configs.update({f"{component}.{k}": config[k] for k in CONFIG_KEYS if k in config})
+        metadata.update(part_metadata)
+    return tensors, metadata, configs
+
+
+def diffusers_parts(path: Path, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
+    """Tensors, metadata and per-component LoRA configs of a diffusers file or a PEFT layout."""
+    if fmt == "peft":
+        return peft_as_diffusers(path)
     tensors, metadata = read_tensors(path)
-    configs = json.loads(metadata.get(DIFFUSERS_METADATA, "{}"))
+    try:
+        configs = json.loads(metadata.get(DIFFUSERS_METADATA, "{}"))
+    except ValueError:
+        configs = None
+    if not isinstance(configs, dict):
+        raise UserError(f"{path}: its {DIFFUSERS_METADATA} header is not a JSON object")
+    return tensors, metadata, configs
+
+
+def diffusers_adapter(
+    parts: tuple[dict[str, torch.Tensor], dict[str, str], dict], family: ModelFamily, path: Path
+) -> Adapter:
+    """Diffusers-layout tensors (`unet.<path>.lora_A.weight`) as kohya-named, checked modules."""
+    tensors, metadata, configs = parts
     prefixes = {"unet": "lora_unet", **{a: p for p, a in family.text_encoder_attrs.items()}}
-    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         suffix = next((s for s in PEFT_PARTS if key.endswith(s)), None)
         component, _, module_path = key.removesuffix(suffix or "").partition(".")
         if suffix is None or component not in prefixes:
             raise UserError(f"{path}: {key} is not a diffusers LoRA tensor of a {family.name}")
-        parts.setdefault((component, module_path), {})[PEFT_PARTS[suffix]] = value.float()
-    modules = {}
-    for (component, module_path), pair in parts.items():
+        pairs.setdefault((component, module_path), {})[PEFT_PARTS[suffix]] = value.float()
+    kohya = {}
+    for (component, module_path), pair in pairs.items():
         if len(pair) != 2:
             raise UserError(f"{path}: {component}.{module_path} lacks lora_A or lora_B")
-        config = {k.partition(".")[2]: v for k, v in configs.items() if k.startswith(component)}
+        config = {
+            k.partition(".")[2]: v for k, v in configs.items() if k.startswith(component + ".")
+        }
         rank = pair["down"].shape[0]
         alpha = pattern_value(config, "lora_alpha", "alpha_pattern", module_path, rank)
         name = family.kohya_name(prefixes[component], module_path)
-        modules[name] = LoraModule(pair["down"], pair["up"], float(alpha))
+        kohya.update(LoraModule(pair["down"], pair["up"], float(alpha)).tensors(name))
     kept = {k: v for k, v in metadata.items() if k not in (DIFFUSERS_METADATA, "format")}
-    return Adapter(modules, {**family.metadata(), **kept})
+    return checked_adapter(path, kohya, {**family.metadata(), **kept})
+
+
+def read_diffusers(path: str | Path, family: ModelFamily) -> Adapter:
+    """A diffusers-layout file, a PEFT folder or a PEFT file, as kohya-named modules."""
+    return diffusers_adapter(diffusers_parts(Path(path), adapter_format(path)), family, path)

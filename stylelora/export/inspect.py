@@ -4,17 +4,17 @@ broken in a damaged one (truncation, unpaired or mismatched up/down, NaN, a hash
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 from stylelora.adapters.state import (
-    KOHYA_PREFIXES,
     Adapter,
+    convert_command,
     modules_from_tensors,
     read_tensors,
 )
 from stylelora.errors import UserError
+from stylelora.export.convert import adapter_format, diffusers_parts
 from stylelora.export.lora_file import file_hashes
 from stylelora.export.names import file_skeleton
 
@@ -38,14 +38,6 @@ SHOWN_METADATA = (
     "stylelora_resized",
     "stylelora_combined",
 )
-
-
-def file_format(keys: list[str]) -> str:
-    if any(k.startswith(KOHYA_PREFIXES) for k in keys):
-        return "kohya"
-    if any(k.endswith(".lora_A.weight") for k in keys):
-        return "diffusers"
-    return "unknown"
 
 
 def kind(name: str, module) -> str:
@@ -90,19 +82,31 @@ def hash_problem(tensors, metadata) -> list[str]:
     return []
 
 
+def other_layout(path: Path, fmt: str) -> list[str]:
+    """A diffusers or PEFT layout: what it holds and the command that converts it to kohya's."""
+    tensors, _, configs = diffusers_parts(path, fmt)
+    components = Counter(key.partition(".")[0] for key in tensors)
+    return [
+        f"file: {path}",
+        f"format: {fmt}",
+        "tensors: " + ", ".join(f"{c}: {n}" for c, n in sorted(components.items())),
+        f"ranks: {counted(v.shape[0] for k, v in tensors.items() if k.endswith('lora_A.weight'))}",
+        f"config keys: {len(configs)}",
+        f"UIs read kohya's format; convert with: {convert_command(path)}",
+    ]
+
+
 def inspect_file(path: str | Path) -> list[str]:
     """Report lines; a damaged file raises a UserError naming the problems."""
     path = Path(path)
+    fmt = adapter_format(path)
+    if fmt in ("diffusers", "peft"):
+        return other_layout(path, fmt)
     tensors, metadata = read_tensors(path)
-    fmt = file_format(list(tensors))
     if fmt != "kohya":
         keys = sorted(tensors)[:3]
-        meta = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-        return [
-            f"file: {path}",
-            f"format: {fmt}",
-            f"tensors: {len(tensors)}, e.g. {keys}",
-            f"diffusers config keys: {len(meta)}; convert with `stylelora export --format kohya`",
+        return [f"file: {path}", "format: unknown (no kohya, diffusers or PEFT LoRA keys)"] + [
+            f"tensors: {len(tensors)}, e.g. {keys}"
         ]
     modules, problems = modules_from_tensors(tensors)
     if problems:

@@ -8,10 +8,10 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
 from stylelora.adapters.kohya import peft_to_kohya
-from stylelora.export.atomic import atomic_path
+from stylelora.export.atomic import save_tensors
 from stylelora.families.base import ModelFamily
 
 
@@ -58,9 +58,7 @@ def write_lora_tensors(
     bad = [key for key, value in header.items() if not isinstance(value, str)]
     if bad:
         raise TypeError(f"metadata values must be strings: {bad}")
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=header)
-    return Path(path)
+    return save_tensors(tensors, path, header)
 
 
 def network_metadata(rank: int, alpha: float, args: dict) -> dict[str, str]:

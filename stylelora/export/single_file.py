@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from stylelora.export.atomic import atomic_path
+from stylelora.export.atomic import save_tensors
 from stylelora.families.base import ModelFamily
 from stylelora.families.ldm import TEXT_ENCODER_LAYOUTS, unet_state, vae_state
 
@@ -36,6 +35,4 @@ def save_single_file(
         .contiguous()
         for key, value in single_file_state(family).items()
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-    return path
+    return save_tensors(tensors, path, metadata)

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stylelora.adapters.state import Adapter, read_adapter, read_tensors
+from stylelora.adapters.state import Adapter, read_adapter
 from stylelora.errors import UserError
 from stylelora.export.combine import combine_adapters
-from stylelora.export.convert import read_diffusers, write_diffusers, write_peft
-from stylelora.export.inspect import file_format, inspect_file
+from stylelora.export.convert import (
+    adapter_format,
+    diffusers_adapter,
+    diffusers_parts,
+    write_diffusers,
+    write_peft,
+)
+from stylelora.export.inspect import inspect_file
 from stylelora.export.lora_file import write_lora_tensors
 from stylelora.export.merge import merge_adapters, parse_weighted, save_merged
 from stylelora.export.names import CONTEXT_SKELETONS, meta_family
@@ -37,15 +43,16 @@ def diffusers_skeleton(tensors: dict, metadata: dict[str, str]) -> str:
 
 
 def load_any(path: Path, model: str | None) -> tuple[Adapter, str]:
-    """A kohya or diffusers-layout file as kohya modules, and the format it was in."""
-    tensors, metadata = read_tensors(path)
-    fmt = file_format(list(tensors))
+    """A kohya or diffusers-layout file, or a PEFT folder or file, as kohya modules, and the
+    format it was in."""
+    fmt = adapter_format(path)
     if fmt == "kohya":
         return read_adapter(path), fmt
-    if fmt == "diffusers":
-        family = naming_family(model, diffusers_skeleton(tensors, metadata))
-        return read_diffusers(path, family), fmt
-    raise UserError(f"{path}: neither a kohya nor a diffusers LoRA file")
+    if fmt in ("diffusers", "peft"):
+        parts = diffusers_parts(path, fmt)
+        family = naming_family(model, diffusers_skeleton(parts[0], parts[1]))
+        return diffusers_adapter(parts, family, path), fmt
+    raise UserError(f"{path}: neither a kohya, a diffusers nor a PEFT LoRA file")
 
 
 def run_export(path: Path, fmt: str, out: Path, model: str | None) -> str:

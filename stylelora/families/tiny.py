@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from stylelora.errors import UserError
+from stylelora.export.atomic import give_umask_modes
 
 TINY_VERSION = 3  # bump when a builder changes, so cached folders are rebuilt
 SCHEDULER = dict(
@@ -200,6 +201,7 @@ def make_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
     try:
         torch.manual_seed(seed)
         BUILDERS[family](staging).save_pretrained(staging)
+        give_umask_modes(staging)  # mkdtemp made it 0700, save_pretrained's safetensors 0600
         if folder.exists():
             folder.rmdir()
         staging.rename(folder)

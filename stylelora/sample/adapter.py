@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from PIL import Image
 
-from stylelora.adapters.state import Adapter, read_adapter, read_header
+from stylelora.adapters.state import Adapter, nonfinite_problems, read_adapter, read_tensors
 from stylelora.errors import UserError
 from stylelora.export.apply import add_into_weights
 from stylelora.export.atomic import atomic_path
+from stylelora.export.convert import adapter_format, diffusers_adapter, diffusers_parts
 from stylelora.families import FAMILIES
 from stylelora.families.base import ModelFamily
 from stylelora.sample.prompts import SamplePrompt
@@ -47,15 +49,43 @@ def attach_adapter(
     diffusers drops DoRA's `dora_scale`, so a DoRA file is added into the weights at `scale`,
     with the formula AUTOMATIC1111 and ComfyUI use (export/apply.py), and False is returned.
     Anything else is loaded by diffusers' own loader as adapter `name`, not yet weighted: True.
+    A PEFT folder or file is converted to kohya's format first, as `stylelora export` does.
     `adapter`: the file already read, if the caller has it.
     """
-    keys, metadata = read_header(path)
-    check_family(family, path, keys, metadata)
-    if any(key.endswith(".dora_scale") for key in keys):
-        add_into_weights(family, adapter or read_adapter(path), scale, str(path))
+    fmt = adapter_format(path)
+    if fmt == "peft":
+        adapter = peft_adapter(family, path)
+        return load_lora(family, path, adapter.tensors(), name)
+    if fmt != "kohya":  # diffusers' own layouts: its loader reads them; we check their values
+        tensors, metadata = read_tensors(path)
+        check_family(family, path, list(tensors), metadata)
+        refuse_nonfinite(path, tensors)
+        return load_lora(family, path, str(path), name)
+    adapter = adapter or read_adapter(path)  # names a bad pair or NaN before any change
+    check_family(family, path, list(adapter.tensors()), adapter.metadata)
+    if adapter.is_dora:
+        add_into_weights(family, adapter, scale, str(path))
         return False
+    return load_lora(family, path, str(path), name)
+
+
+def peft_adapter(family: ModelFamily, path: Path) -> Adapter:
+    parts = diffusers_parts(path, "peft")
+    check_family(family, path, [], parts[1])
+    return diffusers_adapter(parts, family, path)
+
+
+def refuse_nonfinite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """NaN or infinite weights render a black image: the check inspect, merge and resize make."""
+    problems = nonfinite_problems(tensors)
+    if problems:
+        raise UserError(f"{path}: {problems[0]}")
+
+
+def load_lora(family: ModelFamily, path: Path, source: str | dict, name: str) -> bool:
+    """diffusers' `load_lora_weights` of a file or a kohya state dict; its errors in one line."""
     try:
-        family.pipe.load_lora_weights(str(path), adapter_name=name)
+        family.pipe.load_lora_weights(source, adapter_name=name)
     except (ValueError, KeyError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{path}: cannot apply it to a {family.name} model ({first})") from None

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from stylelora.data.dataset import ImageCaptionDataset
 from stylelora.errors import UserError
-from stylelora.export.atomic import atomic_path
+from stylelora.export.atomic import save_tensors
 from stylelora.families.base import ModelFamily
 
 Entry = tuple[int, bool]  # (index into the dataset, flipped)
@@ -129,8 +129,7 @@ def encode_and_save(
             "original_size": torch.tensor(item["original_size"]),
             "crop_top_left": torch.tensor(item["crop_top_left"]),
         }
-        with atomic_path(files[entry]) as tmp:
-            save_file(tensors, str(tmp))
+        save_tensors(tensors, files[entry])
 
 
 class CachedEntries(Mapping):

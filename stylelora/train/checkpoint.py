@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from stylelora.config import Config
 from stylelora.errors import UserError
+from stylelora.export.atomic import save_tensors
 from stylelora.train.ema import AdapterEMA
 from stylelora.train.guard import inject_fault
 
@@ -188,10 +189,10 @@ class Checkpointer:
 
     def write_own_files(self, tmp: Path, state: TrainState, scheduler: dict, config: dict) -> None:
         tensors = {name: p.detach().contiguous().cpu() for name, p in self.params.items()}
-        save_file(tensors, str(tmp / ADAPTER))
+        save_tensors(tensors, tmp / ADAPTER)
         inject_fault("kill-in-checkpoint", state.step)
         if self.ema is not None:
-            save_file(self.ema.state_dict(), str(tmp / EMA))
+            save_tensors(self.ema.state_dict(), tmp / EMA)
         payload = {"state": asdict(state), "lr_scheduler": scheduler, "config": config}
         (tmp / STATE).write_text(json.dumps(payload, indent=1))
 

@@ -212,6 +212,12 @@ def test_export_to_diffusers_and_peft_and_back(tmp_path):
     args = ["export", str(path), "--model", tiny, "--format", "peft", "--out", str(folder)]
     assert main(args) == 0
     assert (folder / "text_encoder_2" / "adapter_config.json").is_file()
+    from_peft = tmp_path / "from-peft.safetensors"
+    args = ["export", str(folder), "--model", tiny, "--format", "kohya", "--out", str(from_peft)]
+    assert main(args) == 0
+    again = load_file(from_peft)
+    assert set(original) == set(again)
+    assert all(torch.equal(original[k], again[k]) for k in original)
     from peft import PeftModel
 
     ours_unet = adapted_family("sdxl", seed=0, rank=4, alpha=2.0, **OPTIONS)[0].unet

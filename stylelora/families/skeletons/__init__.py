@@ -24,6 +24,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from stylelora.export.atomic import give_umask_modes
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 TOKENIZER_SOURCE = PACKAGE_DIR / "clip_tokenizer"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
@@ -100,6 +102,7 @@ def skeleton_dir(name: str, cache_dir: str | os.PathLike[str] | None = None) -> 
     aside = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=target.parent))
     try:
         _build(src, tmp, digest)
+        give_umask_modes(tmp)  # mkdtemp made it 0700
         for attempt in range(3):
             if target.exists():
                 # A stale folder (other package version): move it aside, then swap ours in.
