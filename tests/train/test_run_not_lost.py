@@ -74,8 +74,8 @@ def test_preview_sides_off_the_grid_are_rounded_down_as_kohya_does(
 
 
 def limit_file_size() -> None:
-    """In the child: no file may grow past 200 kB (a 512 px preview of noise is more, the
-    adapter far less); a write past that fails with EFBIG, as on a full disk."""
+    """In the child: no file may grow past 200 kB (a 384 px preview of the random model's noise
+    is more, the adapter far less); a write past that fails with EFBIG, as on a full disk."""
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
@@ -83,18 +83,16 @@ def limit_file_size() -> None:
 def test_a_preview_that_cannot_be_written_costs_one_line_not_the_adapter(
     tiny_sd15_dir, demo_subset, tmp_path
 ):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("zqxstyle, a red fish --w 384 --h 384\n")
     items = cli_items(
-        tiny_sd15_dir,
-        demo_subset(4),
-        "sample.width=512",
-        "sample.height=512",
-        "sample.every_n_steps=1",
-    )
+        tiny_sd15_dir, demo_subset(4), f"sample.prompts_file={str(prompts)!r}"
+    )  # one preview, at the end
     done = run_cli(items, tmp_path / "run", preexec_fn=limit_file_size)
     assert done.returncode == 0, done.stderr[-2000:]
     warnings = [line for line in done.stdout.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 2, done.stdout  # steps 1 and 2
-    assert warnings[0].startswith("warning: the preview at step 1 failed, training goes on:")
+    assert len(warnings) == 1, done.stdout
+    assert warnings[0].startswith("warning: the preview at step 2 failed, training goes on:")
     assert "File too large" in warnings[0]
     adapter = tmp_path / "run" / "demo-style.safetensors"
     assert len(load_file(adapter)) > 0
