@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from stylelora.errors import UserError
+from stylelora.errors import UserError, first_line
 
 PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 PARTS[".dora_scale"] = "dora_scale"
@@ -245,8 +245,7 @@ def open_checked(path: str | Path) -> Iterator[Any]:
         with safe_open(str(path), framework="pt") as handle:
             yield handle
     except (SafetensorError, OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{path}: not a readable .safetensors file ({first})") from None
+        raise UserError(f"{path}: not a readable .safetensors file ({first_line(exc)})") from None
 
 
 def convert_command(path: str | Path) -> str:

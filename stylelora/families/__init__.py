@@ -9,7 +9,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import SafetensorError, safe_open
 
-from stylelora.errors import UserError
+from stylelora.errors import UserError, first_line
 from stylelora.families.base import ModelFamily
 from stylelora.families.sd2 import SD2
 from stylelora.families.sd15 import SD15
@@ -51,9 +51,8 @@ def load_pipeline(
     try:
         pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
     except OSError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"model {model!r}: could not load it as a local folder or hub id ({first_line})"
+            f"model {model!r}: could not load it as a local folder or hub id ({first_line(exc)})"
         ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -69,8 +68,9 @@ def checkpoint_keys(path: Path) -> list[str]:
                 return list(handle.keys())
         state = torch.load(path, map_location="meta", weights_only=True)
     except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{path}: not a readable weights-only checkpoint ({first_line})") from None
+        raise UserError(
+            f"{path}: not a readable weights-only checkpoint ({first_line(exc)})"
+        ) from None
     state = state.get("state_dict", state) if isinstance(state, dict) else {}
     return list(state)
 
@@ -102,9 +102,8 @@ def load_single_file(path: Path, dtype: torch.dtype, config: str | None) -> Diff
             torch_dtype=dtype,
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(
-            f"{path}: could not load this {skeleton} checkpoint ({first_line})"
+            f"{path}: could not load this {skeleton} checkpoint ({first_line(exc)})"
         ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe

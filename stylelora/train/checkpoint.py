@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from stylelora.config import Config
-from stylelora.errors import UserError
+from stylelora.errors import UserError, first_line
 from stylelora.export.atomic import save_tensors
 from stylelora.train.ema import AdapterEMA
 from stylelora.train.guard import inject_fault
@@ -176,7 +176,7 @@ class Checkpointer:
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
             kept = complete_checkpoints(self.folder.parent)
-            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:120]
+            reason = getattr(exc, "strerror", None) or first_line(exc)[:120]
             raise UserError(
                 f"could not write the checkpoint of step {state.step} in {self.folder} "
                 f"(is the disk full? {reason}); "

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from stylelora.errors import first_line
 from stylelora.export.atomic import atomic_path
 from stylelora.export.lora_file import save_lora_file
 from stylelora.sample.preview import Previewer
@@ -407,5 +408,6 @@ def due(step: int, every: int, last: int | None = None) -> bool:
 
 
 def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    """`OSError: [Errno 28] No space left on device: ...`: what broke, in one line."""
+    name, line = type(exc).__name__, first_line(exc)
+    return line if line == name else f"{name}: {line}"
