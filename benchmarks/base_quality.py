@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "datasets"))
@@ -67,6 +67,13 @@ def nearest_color(rgb: np.ndarray) -> str:
     return min(COLORS, key=lambda name: float(np.linalg.norm(rgb - np.array(COLORS[name]))))
 
 
+def without_specks(mask: np.ndarray) -> np.ndarray:
+    """The mask opened by a 3x3 square: blotches of a pixel or two in a generated background
+    would otherwise stretch the bounding box the shapes are compared in."""
+    img = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(img.filter(ImageFilter.MinFilter(3)).filter(ImageFilter.MaxFilter(3))) > 127
+
+
 def normalise(mask: np.ndarray) -> np.ndarray:
     """The mask cropped to its bounding box, centred in a square and scaled to MASK x MASK."""
     ys, xs = np.nonzero(mask)
@@ -89,7 +96,7 @@ def templates(size: int) -> dict[str, list[np.ndarray]]:
     """Each subject's normalised silhouette and its mirror image."""
     out = {}
     for name in SUBJECT_NAMES:
-        mask = normalise(flat_shapes.template_mask(name, size))
+        mask = normalise(without_specks(flat_shapes.template_mask(name, size)))
         out[name] = [mask, mask[:, ::-1]]
     return out
 
@@ -101,9 +108,10 @@ def score_image(img: Image.Image, sample: Sample, shapes: dict[str, list[np.ndar
          pixels[:, :BORDER].reshape(-1, 3), pixels[:, -BORDER:].reshape(-1, 3)]
     )  # fmt: skip
     bg_rgb = np.median(border, axis=0)
-    mask = np.linalg.norm(pixels - bg_rgb, axis=2) > FOREGROUND_DISTANCE
-    fg_rgb = np.median(pixels[mask], axis=0) if mask.any() else bg_rgb
-    shape = normalise(mask)
+    far = np.linalg.norm(pixels - bg_rgb, axis=2) > FOREGROUND_DISTANCE
+    fg_rgb = np.median(pixels[far], axis=0) if far.any() else bg_rgb
+    mask = np.linalg.norm(pixels - fg_rgb, axis=2) < np.linalg.norm(pixels - bg_rgb, axis=2)
+    shape = normalise(without_specks(mask))
     fits = {name: max(iou(shape, m) for m in masks) for name, masks in shapes.items()}
     best = max(fits, key=fits.get)
     return Score(sample, nearest_color(fg_rgb), nearest_color(bg_rgb), fits[sample.subject], best)

@@ -7,7 +7,8 @@ in memory, nothing written but the model):
    reconstruction + a small KL;
 2. the text encoder (`CLIPTextModel`, the real CLIP BPE tokenizer) and the UNet
    (`UNet2DConditionModel` with cross-attention) together, on the epsilon loss with min-SNR
-   weighting and the caption dropped 10 % of the time (classifier-free guidance).
+   weighting and the caption dropped 10 % of the time (classifier-free guidance);
+3. the VAE decoder alone, on the frozen encoder's latents, for sharper pictures.
 
 The result is a complete diffusers folder (fp16 safetensors, the SD1.5 scheduler config) that
 `DiffusionPipeline.from_pretrained` loads; its tokenizer folder holds the configs only, the
@@ -170,7 +171,7 @@ def to_unit(pixels: torch.Tensor) -> torch.Tensor:
 
 def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
     """The generator of every random draw in one step: resuming replays the same draws."""
-    offset = {"vae": 1, "diffusion": 2}[phase]
+    offset = {"vae": 1, "diffusion": 2, "decoder": 3}[phase]
     return torch.Generator().manual_seed(seed * 1_000_003 + offset * 10_000_019 + step)
 
 
@@ -212,28 +213,38 @@ def load_state(folder: Path, name: str, modules: dict[str, torch.nn.Module], opt
 # --- phase 1: the VAE -----------------------------------------------------------------------
 
 
-def train_vae(vae: AutoencoderKL, pool: dict, args: argparse.Namespace) -> None:
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    sched = get_cosine_schedule_with_warmup(opt, args.vae_steps // 20, args.vae_steps)
-    start = load_state(args.work, "vae", {"model": vae}, opt, sched) if args.resume else 0
+def train_autoencoder(vae: AutoencoderKL, pool: dict, args: argparse.Namespace, phase: str) -> None:
+    """Phase 'vae': the whole VAE on reconstruction + a small KL. Phase 'decoder': the decoder
+    alone, on latents of the now frozen encoder (those the UNet learned), for sharper pictures
+    in truer colours, as SD's VAE decoder was fine-tuned after the fact."""
+    whole = phase == "vae"
+    steps = args.vae_steps if whole else args.decoder_steps
+    params = list(vae.parameters() if whole else [*vae.post_quant_conv.parameters(),
+                                                     *vae.decoder.parameters()])  # fmt: skip
+    opt = torch.optim.AdamW(params, lr=args.vae_lr, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, steps // 20, steps)
+    start = load_state(args.work, phase, {"model": vae}, opt, sched) if args.resume else 0
     vae.train()
-    bar = tqdm(range(start, args.vae_steps), desc="VAE", initial=start, total=args.vae_steps)
+    bar = tqdm(range(start, steps), desc="VAE" if whole else "VAE decoder", initial=start,
+               total=steps)  # fmt: skip
     for step in bar:
-        gen = step_generator(args.seed, "vae", step)
+        gen = step_generator(args.seed, phase, step)
         idx = torch.randint(len(pool["pixels"]), (args.vae_batch,), generator=gen)
         x = to_unit(pool["pixels"][idx])
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
+        with torch.set_grad_enabled(whole):
+            posterior = vae.encode(x).latent_dist
+            latents = posterior.sample(generator=gen)
+        recon = vae.decode(latents).sample
         rec = F.mse_loss(recon, x) + F.l1_loss(recon, x)
-        loss = rec + args.kl_weight * posterior.kl().mean()
+        loss = rec + args.kl_weight * posterior.kl().mean() if whole else rec
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         bar.set_postfix(rec=f"{rec.item():.4f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.vae_steps:
-            save_state(args.work, "vae", {"model": vae}, opt, sched, step + 1)
+        if (step + 1) % args.save_every == 0 or step + 1 == steps:
+            save_state(args.work, phase, {"model": vae}, opt, sched, step + 1)
     vae.eval()
 
 
@@ -339,6 +350,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--decoder-steps", type=int, default=2500, help="decoder-only steps, last")
     p.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=8e-4)
@@ -363,11 +375,12 @@ def main(argv: list[str] | None = None) -> None:
     pool = make_pool(args.images, args.seed, tokenizer)
     torch.manual_seed(args.seed)
     vae, text_encoder, unet = make_vae(sizes), make_text_encoder(sizes, tokenizer), make_unet(sizes)
-    train_vae(vae, pool, args)
+    train_autoencoder(vae, pool, args, "vae")
     latents = encode_pool(vae, pool["pixels"])
     args.scaling_factor = vae.config.scaling_factor
     empty_ids = tokenize(tokenizer, [""])[0]
     train_diffusion(unet, text_encoder, latents, pool["ids"], empty_ids, args)
+    train_autoencoder(vae, pool, args, "decoder")
     write_pipeline(args.out, vae, text_encoder.eval(), unet.eval(), tokenizer)
     minutes = (time.perf_counter() - started) / 60
     size_mb = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 1e6

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "datasets"))
 import pretrain_demo_base  # noqa: E402
 
 TINY_RUN = ["--tiny", "--images", "16", "--vae-steps", "2", "--vae-batch", "2", "--batch", "2",
-            "--save-every", "1", "--threads", "1"]  # fmt: skip
+            "--decoder-steps", "2", "--save-every", "1", "--threads", "1"]  # fmt: skip
 
 
 def pretrain(tmp_path: Path, name: str, steps: int, *extra: str) -> Path:
@@ -33,8 +33,8 @@ def pretrain(tmp_path: Path, name: str, steps: int, *extra: str) -> Path:
     return out
 
 
-def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+def weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
+    return load_file(folder / component / "diffusion_pytorch_model.safetensors")
 
 
 def test_pretraining_writes_a_loadable_sd15_folder_and_resumes(tmp_path: Path) -> None:
@@ -43,8 +43,9 @@ def test_pretraining_writes_a_loadable_sd15_folder_and_resumes(tmp_path: Path) -
         pretrain(tmp_path, "first", 3, "--work", str(tmp_path / "work"), "--stop-after", "2")
     resumed = pretrain(tmp_path, "resumed", 3, "--resume")
     assert json.loads((tmp_path / "work" / "diffusion.json").read_text())["step"] == 3
-    a, b = unet_weights(straight), unet_weights(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)  # resuming replays the same draws
+    for component in ("unet", "vae"):  # resuming replays the same draws
+        a, b = weights(straight, component), weights(resumed, component)
+        assert all(torch.equal(a[k], b[k]) for k in a), component
     assert not (straight / "tokenizer" / "vocab.json").exists()  # shipped once, gzipped
 
     folder = materialise(straight, tmp_path / "cache" / "base")
