@@ -12,10 +12,12 @@ background") and scores each picture:
   better.
 
 A prompt passes when both colours and the shape pass. `--check-scorer` scores the generator's
-own pictures of the same prompts instead (at random places and sizes), which should all pass.
+own pictures of the same prompts instead (at random places and sizes), which should all pass;
+`--reconstruct` scores them after a round trip through the model's VAE: the most the model's
+own pictures can score.
 
     python benchmarks/base_quality.py [--model demo:sd15] [--steps 20] [--guidance 5]
-                                      [--grid grid.png] [--check-scorer]
+                                      [--grid grid.png] [--check-scorer | --reconstruct]
 """
 
 from __future__ import annotations
@@ -137,6 +139,19 @@ def generator_images(prompts: list[Sample], size: int) -> list[Image.Image]:
     return [flat_shapes.render(s, size, rng) for s in prompts]
 
 
+@torch.no_grad()
+def reconstructions(model: str, images: list[Image.Image]) -> list[Image.Image]:
+    """`images` through the model's VAE and back: the most its pictures can score."""
+    from stylelora.families import load_pipeline
+
+    vae = load_pipeline(model).vae
+    pixels = torch.from_numpy(np.stack([np.asarray(img) for img in images]))
+    x = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
+    y = vae.decode(vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(0))).sample
+    out = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in out]
+
+
 def save_grid(images: list[Image.Image], scores: list[Score], path: Path, cols: int = 8) -> None:
     side = images[0].width
     rows = -(-len(images) // cols)
@@ -180,11 +195,16 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--batch", type=int, default=28)
     parser.add_argument("--grid", type=Path, help="save the pictures here, framed pass/fail")
     parser.add_argument("--check-scorer", action="store_true", help="score the generator's own")
+    parser.add_argument(
+        "--reconstruct", action="store_true", help="score the generator's own after the VAE"
+    )
     args = parser.parse_args(argv)
     prompts = flat_shapes.eval_prompts()
     started = time.perf_counter()
     if args.check_scorer:
         images = generator_images(prompts, args.size)
+    elif args.reconstruct:
+        images = reconstructions(args.model, generator_images(prompts, args.size))
     else:
         images = generate(args.model, prompts, args)
     shapes = templates(args.size)
