@@ -52,7 +52,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flat_shapes  # noqa: E402
 
-from stylelora.families.skeletons import skeleton_dir  # noqa: E402
+from stylelora.export.atomic import give_umask_modes  # noqa: E402
+from stylelora.families.skeletons import skeleton_dir, source_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "stylelora" / "families" / "demo_base"
@@ -333,8 +334,15 @@ def write_pipeline(out: Path, vae, text_encoder, unet, tokenizer: CLIPTokenizer)
     if out.exists():
         shutil.rmtree(out)
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
-    for name in ("vocab.json", "merges.txt"):  # the package ships them once, gzipped
-        (out / "tokenizer" / name).unlink(missing_ok=True)
+    ship_tokenizer_configs(out)
+    give_umask_modes(out)  # save_pretrained writes safetensors 0600
+
+
+def ship_tokenizer_configs(out: Path) -> None:
+    """Replace the saved tokenizer (a 3.6 MB tokenizer.json) by the SD1.5 skeleton's tokenizer
+    configs: the package ships the BPE files once, gzipped, and adds them when it loads."""
+    shutil.rmtree(out / "tokenizer")
+    shutil.copytree(source_dir("sd15") / "tokenizer", out / "tokenizer")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
