@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="render an image with an adapter")
     sample.add_argument(
-        "--model", required=True, help='base model: hub id, folder, single file, or "tiny:sdxl"'
+        "--model",
+        required=True,
+        help='base model: hub id, folder, single file, "demo:sd15" or "tiny:sdxl"',
     )
     sample.add_argument(
         "--model-config",

@@ -223,7 +223,8 @@ class Config(Section):
     )
     name: Annotated[str, Field(min_length=1, pattern=r"^[\w.\-]+$")]
     model: str = Field(
-        description='A hub id, a diffusers folder, a single-file checkpoint, or "tiny:sd15".'
+        description='A hub id, a diffusers folder, a single-file checkpoint, "demo:sd15" (the '
+        'shipped pretrained demo base) or "tiny:sd15" (random weights).'
     )
     single_file_config: Path | None = Field(
         default=None, description="Diffusers folder of component configs for a single file."

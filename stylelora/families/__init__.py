@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 
 from stylelora.errors import UserError, first_line
 from stylelora.families.base import ModelFamily
+from stylelora.families.demo import demo_model_path
 from stylelora.families.sd2 import SD2
 from stylelora.families.sd15 import SD15
 from stylelora.families.sdxl import SDXL
@@ -32,11 +33,13 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 def load_pipeline(
     model: str, dtype: torch.dtype = torch.float32, config: str | None = None
 ) -> DiffusionPipeline:
-    """A diffusers pipeline from `tiny:<family>`, a local diffusers folder, a single-file
-    checkpoint (`config`: a diffusers folder of component configs, default the family's
-    skeleton), or a hub id."""
+    """A diffusers pipeline from `tiny:<family>` (random weights), `demo:sd15` (the shipped
+    pretrained demo base), a local diffusers folder, a single-file checkpoint (`config`: a
+    diffusers folder of component configs, default the family's skeleton), or a hub id."""
     if model.startswith("tiny:"):
         source = str(tiny_model_path(model.removeprefix("tiny:")))
+    elif model.startswith("demo:"):
+        source = str(demo_model_path(model.removeprefix("demo:")))
     else:
         source = model
         path = Path(model).expanduser()

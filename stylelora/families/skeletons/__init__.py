@@ -52,11 +52,11 @@ def _tokenizer_dirs(src: Path) -> list[Path]:
 
 def _digest(src: Path) -> str:
     """Hash of every packaged file the materialised folder is made from."""
-    files = sorted(p for p in src.rglob("*") if p.is_file())
-    files += sorted(p for p in TOKENIZER_SOURCE.glob("*.gz"))
+    files = [(p, src.parent) for p in sorted(src.rglob("*")) if p.is_file()]
+    files += [(p, PACKAGE_DIR) for p in sorted(TOKENIZER_SOURCE.glob("*.gz"))]
     h = hashlib.sha256()
-    for path in files:
-        h.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0")
+    for path, base in files:
+        h.update(path.relative_to(base).as_posix().encode() + b"\0")
         h.update(path.read_bytes() + b"\0")
     return h.hexdigest()
 
@@ -91,9 +91,14 @@ def skeleton_dir(name: str, cache_dir: str | os.PathLike[str] | None = None) -> 
     rebuilt when the packaged files change. The folder is assembled in a temporary sibling and
     renamed into place, so a reader never sees a half-written one, even with several processes.
     """
-    src = source_dir(name)
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    target = root / "skeletons" / name
+    return materialise(source_dir(name), root / "skeletons" / name)
+
+
+def materialise(src: Path, target: Path) -> Path:
+    """Copy the packaged diffusers folder `src` to `target`, adding `vocab.json` and
+    `merges.txt` to each of its tokenizer folders, unless `target` already holds this build."""
+    name = src.name
     digest = _digest(src)
     if _is_current(target, digest):
         return target
@@ -122,4 +127,4 @@ def skeleton_dir(name: str, cache_dir: str | os.PathLike[str] | None = None) -> 
     return target
 
 
-__all__ = ["SKELETONS", "cache_root", "skeleton_dir", "source_dir"]
+__all__ = ["SKELETONS", "cache_root", "materialise", "skeleton_dir", "source_dir"]

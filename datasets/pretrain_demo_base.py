@@ -1,0 +1,399 @@
+"""Pretrain the small SD1.5-layout base model that stylelora ships as `demo:sd15`.
+
+Trains from scratch, on flat pictures of many subjects in many colours (`flat_shapes.py`, drawn
+in memory, nothing written but the model):
+
+1. the VAE (`AutoencoderKL`, 64 px images to 8x8x4 latents, SD1.5's factor 8) on
+   reconstruction + a small KL;
+2. the text encoder (`CLIPTextModel`, the real CLIP BPE tokenizer) and the UNet
+   (`UNet2DConditionModel` with cross-attention) together, on the epsilon loss with min-SNR
+   weighting and the caption dropped 10 % of the time (classifier-free guidance);
+3. the VAE decoder alone, on the frozen encoder's latents, for sharper pictures.
+
+The result is a complete diffusers folder (fp16 safetensors, the SD1.5 scheduler config) that
+`DiffusionPipeline.from_pretrained` loads; its tokenizer folder holds the configs only, the
+package adds the BPE files it already ships (see `stylelora/families/demo.py`).
+
+    python datasets/pretrain_demo_base.py                  # stylelora/families/demo_base/
+    python datasets/pretrain_demo_base.py --resume         # continue an interrupted run
+    python datasets/pretrain_demo_base.py --tiny --out /tmp/base --vae-steps 2 --steps 2
+
+Every random draw comes from a generator seeded by (seed, phase, step), so a resumed run is
+the run that was not interrupted, and two runs on one machine (same torch, same thread
+count) write bitwise-identical weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import compute_snr
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import flat_shapes  # noqa: E402
+
+from stylelora.export.atomic import give_umask_modes  # noqa: E402
+from stylelora.families.skeletons import skeleton_dir, source_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "stylelora" / "families" / "demo_base"
+SIZE = 64
+# SD1.5's training schedule; sampling uses PNDM with the same betas, as SD1.5's model_index.
+SCHEDULE = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+)
+SAMPLING = dict(steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Widths of the three models; `--tiny` takes the smallest that still run."""
+
+    vae_channels: tuple[int, ...]
+    vae_groups: int
+    text_width: int
+    text_layers: int
+    unet_channels: tuple[int, ...]
+    unet_groups: int
+    unet_heads: int
+
+
+# One group in the VAE's norms: groups of a few channels would normalise away most of what
+# says a flat picture's colour. The VAE's 64 px level is what costs most per picture: 8 wide.
+FULL = Sizes((8, 16, 32, 64), 1, 64, 3, (64, 128, 128), 32, 8)
+TINY = Sizes((8, 8, 8, 8), 4, 16, 1, (16, 16, 16), 4, 2)
+LATENT_SIZE = SIZE // 8  # four VAE blocks, three downsamplings, as in SD1.5
+
+
+def make_vae(s: Sizes) -> AutoencoderKL:
+    n = len(s.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=s.vae_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=s.vae_groups,
+        sample_size=SIZE,
+    )
+    # Start with a narrow posterior (std ~0.05): under SD's tiny KL weight the log-variance
+    # would otherwise start at 0 and take Adam thousands of steps to shrink, while the decoder
+    # learns from latents drowned in noise.
+    with torch.no_grad():
+        vae.quant_conv.bias[4:] = -6.0
+    return vae
+
+
+def make_text_encoder(s: Sizes, tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=s.text_width,
+        intermediate_size=4 * s.text_width,
+        num_hidden_layers=s.text_layers,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_act="quick_gelu",
+        projection_dim=s.text_width,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def make_unet(s: Sizes) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        block_out_channels=s.unet_channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=s.text_width,
+        attention_head_dim=s.unet_heads,
+        norm_num_groups=s.unet_groups,
+    )
+
+
+def load_tokenizer() -> CLIPTokenizer:
+    """The real CLIP BPE tokenizer, from the SD1.5 skeleton the package ships."""
+    return CLIPTokenizer.from_pretrained(skeleton_dir("sd15") / "tokenizer")
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def make_pool(count: int, seed: int, tokenizer: CLIPTokenizer) -> dict[str, torch.Tensor]:
+    """`count` training pictures (uint8, N x 3 x 64 x 64) and their token ids (N x 77)."""
+    images, captions = [], []
+    for img, caption in tqdm(
+        flat_shapes.training_images(count, SIZE, seed), total=count, desc="drawing", leave=False
+    ):
+        images.append(np.asarray(img))
+        captions.append(caption)
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return {"pixels": pixels, "ids": tokenize(tokenizer, captions)}
+
+
+def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length,
+        truncation=True, return_tensors="pt",
+    ).input_ids  # fmt: skip
+
+
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.float() / 127.5 - 1
+
+
+def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
+    """The generator of every random draw in one step: resuming replays the same draws."""
+    offset = {"vae": 1, "diffusion": 2, "decoder": 3}[phase]
+    return torch.Generator().manual_seed(seed * 1_000_003 + offset * 10_000_019 + step)
+
+
+# --- checkpoints: safetensors for tensors, JSON for the rest (no pickles) ------------------
+
+
+def save_state(folder: Path, name: str, modules: dict[str, torch.nn.Module], opt, sched,
+               step: int) -> None:  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, module in modules.items():
+        save_file(module.state_dict(), folder / f"{name}-{key}.safetensors")
+    state = opt.state_dict()
+    tensors = {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
+    save_file(tensors, folder / f"{name}-optimizer.safetensors")
+    meta = {"step": step, "param_groups": state["param_groups"], "lr": sched.state_dict()}
+    tmp = folder / f"{name}.json.tmp"
+    tmp.write_text(json.dumps(meta))
+    tmp.replace(folder / f"{name}.json")  # written last: the checkpoint is complete
+
+
+def load_state(folder: Path, name: str, modules: dict[str, torch.nn.Module], opt,
+               sched) -> int:  # fmt: skip
+    """Restore a checkpoint written by `save_state`; return its step (0 if there is none)."""
+    meta_path = folder / f"{name}.json"
+    if not meta_path.exists():
+        return 0
+    meta = json.loads(meta_path.read_text())
+    for key, module in modules.items():
+        module.load_state_dict(load_file(folder / f"{name}-{key}.safetensors"))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for flat, tensor in load_file(folder / f"{name}-optimizer.safetensors").items():
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = tensor
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    sched.load_state_dict(meta["lr"])
+    return meta["step"]
+
+
+# --- phase 1: the VAE -----------------------------------------------------------------------
+
+
+def train_autoencoder(vae: AutoencoderKL, pool: dict, args: argparse.Namespace, phase: str) -> None:
+    """Phase 'vae': the whole VAE on reconstruction + a small KL. Phase 'decoder': the decoder
+    alone, on latents of the now frozen encoder (those the UNet learned), for sharper pictures
+    in truer colours, as SD's VAE decoder was fine-tuned after the fact."""
+    whole = phase == "vae"
+    steps = args.vae_steps if whole else args.decoder_steps
+    params = list(vae.parameters() if whole else [*vae.post_quant_conv.parameters(),
+                                                     *vae.decoder.parameters()])  # fmt: skip
+    opt = torch.optim.AdamW(params, lr=args.vae_lr, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, steps // 20, steps)
+    start = load_state(args.work, phase, {"model": vae}, opt, sched) if args.resume else 0
+    vae.train()
+    bar = tqdm(range(start, steps), desc="VAE" if whole else "VAE decoder", initial=start,
+               total=steps)  # fmt: skip
+    for step in bar:
+        gen = step_generator(args.seed, phase, step)
+        idx = torch.randint(len(pool["pixels"]), (args.vae_batch,), generator=gen)
+        x = to_unit(pool["pixels"][idx])
+        with torch.set_grad_enabled(whole):
+            posterior = vae.encode(x).latent_dist
+            latents = posterior.sample(generator=gen)
+        recon = vae.decode(latents).sample
+        rec = F.mse_loss(recon, x) + F.l1_loss(recon, x)
+        loss = rec + args.kl_weight * posterior.kl().mean() if whole else rec
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(rec=f"{rec.item():.4f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == steps:
+            save_state(args.work, phase, {"model": vae}, opt, sched, step + 1)
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_pool(vae: AutoencoderKL, pixels: torch.Tensor, batch: int = 256) -> dict:
+    """Each picture's posterior mean and std (the diffusion phase samples from them), and the
+    VAE's scaling factor: 1 / RMS of the sampled latents, as SD derives its 0.18215."""
+    means, stds = [], []
+    for start in tqdm(range(0, len(pixels), batch), desc="encoding", leave=False):
+        dist = vae.encode(to_unit(pixels[start : start + batch])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    spread = (mean.pow(2).mean() + std.pow(2).mean()).sqrt().item()
+    vae.register_to_config(scaling_factor=round(1.0 / spread, 5))
+    return {"mean": mean, "std": std}
+
+
+# --- phase 2: text encoder and UNet --------------------------------------------------------
+
+
+def diffusion_loss(unet, text_encoder, scheduler: DDPMScheduler, latents: dict, ids, empty_ids,
+                   idx, gen: torch.Generator, args) -> torch.Tensor:  # fmt: skip
+    """Epsilon loss with min-SNR-gamma weights, on a batch of pool entries `idx`."""
+    mean, std = latents["mean"][idx], latents["std"][idx]
+    z = (mean + std * torch.randn(mean.shape, generator=gen)) * args.scaling_factor
+    tokens = ids[idx].clone()
+    drop = torch.rand(len(idx), generator=gen) < args.caption_dropout
+    tokens[drop] = empty_ids
+    noise = torch.randn(z.shape, generator=gen)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+    noisy = scheduler.add_noise(z, noise, t)
+    hidden = text_encoder(tokens)[0]
+    pred = unet(noisy, t, encoder_hidden_states=hidden).sample
+    snr = compute_snr(scheduler, t)
+    weight = torch.clamp(snr, max=args.min_snr_gamma) / snr
+    per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weight).mean()
+
+
+def train_diffusion(unet, text_encoder, latents: dict, ids: torch.Tensor, empty_ids, args):
+    scheduler = DDPMScheduler(**SCHEDULE, prediction_type="epsilon")
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    sched = get_cosine_schedule_with_warmup(opt, min(200, args.steps // 10), args.steps)
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    start = load_state(args.work, "diffusion", modules, opt, sched) if args.resume else 0
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(range(start, args.steps), desc="UNet + text encoder", initial=start,
+               total=args.steps)  # fmt: skip
+    average = None
+    for step in bar:
+        gen = step_generator(args.seed, "diffusion", step)
+        idx = torch.randint(len(ids), (args.batch,), generator=gen)
+        loss = diffusion_loss(unet, text_encoder, scheduler, latents, ids, empty_ids, idx, gen,
+                              args)  # fmt: skip
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        average = loss.item() if average is None else 0.98 * average + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{average:.4f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_state(args.work, "diffusion", modules, opt, sched, step + 1)
+        if step + 1 == args.stop_after:
+            raise SystemExit(f"stopped after step {step + 1} (--stop-after); go on with --resume")
+
+
+# --- the result -----------------------------------------------------------------------------
+
+
+def write_pipeline(out: Path, vae, text_encoder, unet, tokenizer: CLIPTokenizer) -> None:
+    """A complete SD1.5-layout diffusers folder in fp16, minus the tokenizer's BPE files."""
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**SCHEDULE, **SAMPLING),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    ship_tokenizer_configs(out)
+    give_umask_modes(out)  # save_pretrained writes safetensors 0600
+
+
+def ship_tokenizer_configs(out: Path) -> None:
+    """Replace the saved tokenizer (a 3.6 MB tokenizer.json) by the SD1.5 skeleton's tokenizer
+    configs: the package ships the BPE files once, gzipped, and adds them when it loads."""
+    shutil.rmtree(out / "tokenizer")
+    shutil.copytree(source_dir("sd15") / "tokenizer", out / "tokenizer")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the diffusers folder to write")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "demo-base-pretrain",
+                   help="checkpoints, for --resume (default: runs/demo-base-pretrain)")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="tiny models, for tests")
+    p.add_argument("--images", type=int, default=12000, help="training pictures drawn")
+    p.add_argument("--vae-steps", type=int, default=5000)
+    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--decoder-steps", type=int, default=2500, help="decoder-only steps, last")
+    p.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--min-snr-gamma", type=float, default=5.0)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps")
+    p.add_argument("--stop-after", type=int, help="stop at this step, as if interrupted (tests)")
+    # One thread: bitwise reproducible on any machine with the same torch, and on a shared
+    # 2-core machine several times faster than two threads waiting on each other.
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not args.resume and args.work.exists():
+        shutil.rmtree(args.work)
+    started = time.perf_counter()
+    sizes = TINY if args.tiny else FULL
+    tokenizer = load_tokenizer()
+    pool = make_pool(args.images, args.seed, tokenizer)
+    torch.manual_seed(args.seed)
+    vae, text_encoder, unet = make_vae(sizes), make_text_encoder(sizes, tokenizer), make_unet(sizes)
+    train_autoencoder(vae, pool, args, "vae")
+    latents = encode_pool(vae, pool["pixels"])
+    args.scaling_factor = vae.config.scaling_factor
+    empty_ids = tokenize(tokenizer, [""])[0]
+    train_diffusion(unet, text_encoder, latents, pool["ids"], empty_ids, args)
+    train_autoencoder(vae, pool, args, "decoder")
+    write_pipeline(args.out, vae, text_encoder.eval(), unet.eval(), tokenizer)
+    minutes = (time.perf_counter() - started) / 60
+    size_mb = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 1e6
+    print(f"wrote {args.out} ({size_mb:.1f} MB) in {minutes:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
