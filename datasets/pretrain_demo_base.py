@@ -374,7 +374,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        pretrain(args)
+    finally:  # called in-process (the tests), the caller keeps its own thread count
+        torch.set_num_threads(threads)
+
+
+def pretrain(args: argparse.Namespace) -> None:
     if not args.resume and args.work.exists():
         shutil.rmtree(args.work)
     started = time.perf_counter()
