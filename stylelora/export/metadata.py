@@ -7,7 +7,7 @@ from collections import Counter
 from datetime import datetime, timezone
 
 from stylelora import __version__
-from stylelora.config import Config
+from stylelora.config import Config, TrainConfig
 from stylelora.data.scan import ScanResult
 from stylelora.export.lora_file import format_number, network_metadata
 from stylelora.families.base import ModelFamily
@@ -50,7 +50,7 @@ def variant_args(adapter) -> dict:
     return args
 
 
-def optimizer_description(train) -> str:
+def optimizer_description(train: TrainConfig) -> str:
     """As kohya writes it: the class actually used, and the user's arguments in brackets."""
     cls = optimizer_class(train.optimizer)
     args = ",".join(f"{key}={value}" for key, value in train.optimizer_args.items())
