@@ -10,24 +10,31 @@ in memory, nothing written but the model):
    weighting and the caption dropped 10 % of the time (classifier-free guidance);
 3. the VAE decoder alone, on the frozen encoder's latents, for sharper pictures.
 
+Two processes share each step (torch's DistributedDataParallel over gloo, one thread each:
+on two CPU cores about 1.6 times the steps two threads in one process make). Every batch is
+drawn whole from one generator seeded by (seed, phase, step) and split between the processes,
+so any number of processes draws the same pictures, noise and timesteps. The UNet and the text
+encoder are written as their exponential moving average (diffusers' `EMAModel`).
+
 The result is a complete diffusers folder (fp16 safetensors, the SD1.5 scheduler config) that
 `DiffusionPipeline.from_pretrained` loads; its tokenizer folder holds the configs only, the
 package adds the BPE files it already ships (see `stylelora/families/demo.py`).
 
     python datasets/pretrain_demo_base.py                  # stylelora/families/demo_base/
     python datasets/pretrain_demo_base.py --resume         # continue an interrupted run
-    python datasets/pretrain_demo_base.py --tiny --out /tmp/base --vae-steps 2 --steps 2
+    python datasets/pretrain_demo_base.py --tiny --processes 1 --out /tmp/base --steps 2
 
-Every random draw comes from a generator seeded by (seed, phase, step), so a resumed run is
-the run that was not interrupted, and two runs on one machine (same torch, same thread
-count) write bitwise-identical weights.
+A resumed run is the run that was not interrupted, and two runs on one machine (same torch,
+same number of processes) write bitwise-identical weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
@@ -44,8 +53,9 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -147,12 +157,12 @@ def load_tokenizer() -> CLIPTokenizer:
 # --- data ---------------------------------------------------------------------------------
 
 
-def make_pool(count: int, seed: int, tokenizer: CLIPTokenizer) -> dict[str, torch.Tensor]:
+def make_pool(count: int, seed: int, tokenizer: CLIPTokenizer,
+              quiet: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
     """`count` training pictures (uint8, N x 3 x 64 x 64) and their token ids (N x 77)."""
     images, captions = [], []
-    for img, caption in tqdm(
-        flat_shapes.training_images(count, SIZE, seed), total=count, desc="drawing", leave=False
-    ):
+    pictures = flat_shapes.training_images(count, SIZE, seed)
+    for img, caption in tqdm(pictures, total=count, desc="drawing", leave=False, disable=quiet):
         images.append(np.asarray(img))
         captions.append(caption)
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
@@ -176,11 +186,31 @@ def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + offset * 10_000_019 + step)
 
 
+@dataclass(frozen=True)
+class Team:
+    """This process's place among the processes that share each step."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def share(self, batch: torch.Tensor) -> torch.Tensor:
+        """This process's slice of a batch drawn whole: the draws do not depend on `size`."""
+        return batch.chunk(self.size)[self.rank]
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """`module` with its gradients averaged over the team at each backward pass."""
+        return DistributedDataParallel(module) if self.size > 1 else module
+
+
 # --- checkpoints: safetensors for tensors, JSON for the rest (no pickles) ------------------
 
 
 def save_state(folder: Path, name: str, modules: dict[str, torch.nn.Module], opt, sched,
-               step: int) -> None:  # fmt: skip
+               step: int, ema: EMAModel | None = None) -> None:  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     for key, module in modules.items():
         save_file(module.state_dict(), folder / f"{name}-{key}.safetensors")
@@ -188,13 +218,17 @@ def save_state(folder: Path, name: str, modules: dict[str, torch.nn.Module], opt
     tensors = {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
     save_file(tensors, folder / f"{name}-optimizer.safetensors")
     meta = {"step": step, "param_groups": state["param_groups"], "lr": sched.state_dict()}
+    if ema is not None:
+        save_file({str(i): p for i, p in enumerate(ema.shadow_params)},
+                  folder / f"{name}-ema.safetensors")  # fmt: skip
+        meta["ema_step"] = ema.optimization_step
     tmp = folder / f"{name}.json.tmp"
     tmp.write_text(json.dumps(meta))
     tmp.replace(folder / f"{name}.json")  # written last: the checkpoint is complete
 
 
-def load_state(folder: Path, name: str, modules: dict[str, torch.nn.Module], opt,
-               sched) -> int:  # fmt: skip
+def load_state(folder: Path, name: str, modules: dict[str, torch.nn.Module], opt, sched,
+               ema: EMAModel | None = None) -> int:  # fmt: skip
     """Restore a checkpoint written by `save_state`; return its step (0 if there is none)."""
     meta_path = folder / f"{name}.json"
     if not meta_path.exists():
@@ -208,53 +242,77 @@ def load_state(folder: Path, name: str, modules: dict[str, torch.nn.Module], opt
         state.setdefault(int(index), {})[key] = tensor
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     sched.load_state_dict(meta["lr"])
+    if ema is not None:
+        shadow = load_file(folder / f"{name}-ema.safetensors")
+        ema.load_state_dict({"shadow_params": [shadow[str(i)] for i in range(len(shadow))],
+                             "optimization_step": meta["ema_step"]})  # fmt: skip
     return meta["step"]
 
 
 # --- phase 1: the VAE -----------------------------------------------------------------------
 
 
-def train_autoencoder(vae: AutoencoderKL, pool: dict, args: argparse.Namespace, phase: str) -> None:
+class Roundtrip(torch.nn.Module):
+    """Encode, sample the posterior with the given noise, decode: one module for DDP to wrap.
+    `whole=False` keeps the encoder out of the graph (the decoder phase)."""
+
+    def __init__(self, vae: AutoencoderKL, whole: bool) -> None:
+        super().__init__()
+        self.vae, self.whole = vae, whole
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.set_grad_enabled(self.whole and torch.is_grad_enabled()):
+            posterior = self.vae.encode(x).latent_dist
+            latents = posterior.mean + posterior.std * noise
+        return self.vae.decode(latents).sample, posterior.kl().mean()
+
+
+def train_autoencoder(vae: AutoencoderKL, pool: dict, args: argparse.Namespace, phase: str,
+                      team: Team) -> None:  # fmt: skip
     """Phase 'vae': the whole VAE on reconstruction + a small KL. Phase 'decoder': the decoder
     alone, on latents of the now frozen encoder (those the UNet learned), for sharper pictures
     in truer colours, as SD's VAE decoder was fine-tuned after the fact."""
     whole = phase == "vae"
     steps = args.vae_steps if whole else args.decoder_steps
-    params = list(vae.parameters() if whole else [*vae.post_quant_conv.parameters(),
-                                                     *vae.decoder.parameters()])  # fmt: skip
+    vae.requires_grad_(True)
+    if not whole:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.vae_lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, steps // 20, steps)
     start = load_state(args.work, phase, {"model": vae}, opt, sched) if args.resume else 0
+    model = team.wrap(Roundtrip(vae, whole))
     vae.train()
     bar = tqdm(range(start, steps), desc="VAE" if whole else "VAE decoder", initial=start,
-               total=steps)  # fmt: skip
+               total=steps, disable=not team.leader)  # fmt: skip
     for step in bar:
         gen = step_generator(args.seed, phase, step)
         idx = torch.randint(len(pool["pixels"]), (args.vae_batch,), generator=gen)
-        x = to_unit(pool["pixels"][idx])
-        with torch.set_grad_enabled(whole):
-            posterior = vae.encode(x).latent_dist
-            latents = posterior.sample(generator=gen)
-        recon = vae.decode(latents).sample
+        noise = torch.randn((args.vae_batch, 4, LATENT_SIZE, LATENT_SIZE), generator=gen)
+        x = to_unit(pool["pixels"][team.share(idx)])
+        recon, kl = model(x, team.share(noise))
         rec = F.mse_loss(recon, x) + F.l1_loss(recon, x)
-        loss = rec + args.kl_weight * posterior.kl().mean() if whole else rec
+        loss = rec + args.kl_weight * kl if whole else rec
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         bar.set_postfix(rec=f"{rec.item():.4f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == steps:
+        if team.leader and ((step + 1) % args.save_every == 0 or step + 1 == steps):
             save_state(args.work, phase, {"model": vae}, opt, sched, step + 1)
+    vae.requires_grad_(False)
     vae.eval()
 
 
 @torch.no_grad()
-def encode_pool(vae: AutoencoderKL, pixels: torch.Tensor, batch: int = 256) -> dict:
+def encode_pool(vae: AutoencoderKL, pixels: torch.Tensor, team: Team, batch: int = 256) -> dict:
     """Each picture's posterior mean and std (the diffusion phase samples from them), and the
     VAE's scaling factor: 1 / RMS of the sampled latents, as SD derives its 0.18215."""
     means, stds = [], []
-    for start in tqdm(range(0, len(pixels), batch), desc="encoding", leave=False):
+    for start in tqdm(range(0, len(pixels), batch), desc="encoding", leave=False,
+                      disable=not team.leader):  # fmt: skip
         dist = vae.encode(to_unit(pixels[start : start + batch])).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
@@ -267,53 +325,73 @@ def encode_pool(vae: AutoencoderKL, pixels: torch.Tensor, batch: int = 256) -> d
 # --- phase 2: text encoder and UNet --------------------------------------------------------
 
 
-def diffusion_loss(unet, text_encoder, scheduler: DDPMScheduler, latents: dict, ids, empty_ids,
-                   idx, gen: torch.Generator, args) -> torch.Tensor:  # fmt: skip
-    """Epsilon loss with min-SNR-gamma weights, on a batch of pool entries `idx`."""
+class Denoiser(torch.nn.Module):
+    """The text encoder and the UNet as one module: what DDP wraps in the diffusion phase."""
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.text_encoder(tokens)[0]
+        return self.unet(noisy, t, encoder_hidden_states=hidden).sample
+
+
+def diffusion_loss(model: torch.nn.Module, scheduler: DDPMScheduler, latents: dict, ids,
+                   empty_ids, gen: torch.Generator, args, team: Team) -> torch.Tensor:  # fmt: skip
+    """Epsilon loss with min-SNR-gamma weights, on this process's share of a batch."""
+    n, shape = args.batch, (args.batch, 4, LATENT_SIZE, LATENT_SIZE)
+    idx = torch.randint(len(ids), (n,), generator=gen)
+    sample_noise = torch.randn(shape, generator=gen)
+    drop = torch.rand(n, generator=gen) < args.caption_dropout
+    noise = torch.randn(shape, generator=gen)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=gen)
+    idx, sample_noise, drop, noise, t = (team.share(x) for x in (idx, sample_noise, drop, noise, t))
+
     mean, std = latents["mean"][idx], latents["std"][idx]
-    z = (mean + std * torch.randn(mean.shape, generator=gen)) * args.scaling_factor
+    z = (mean + std * sample_noise) * args.scaling_factor
     tokens = ids[idx].clone()
-    drop = torch.rand(len(idx), generator=gen) < args.caption_dropout
     tokens[drop] = empty_ids
-    noise = torch.randn(z.shape, generator=gen)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
-    noisy = scheduler.add_noise(z, noise, t)
-    hidden = text_encoder(tokens)[0]
-    pred = unet(noisy, t, encoder_hidden_states=hidden).sample
+    pred = model(scheduler.add_noise(z, noise, t), t, tokens)
     snr = compute_snr(scheduler, t)
     weight = torch.clamp(snr, max=args.min_snr_gamma) / snr
     per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * weight).mean()
 
 
-def train_diffusion(unet, text_encoder, latents: dict, ids: torch.Tensor, empty_ids, args):
+def train_diffusion(unet, text_encoder, latents: dict, ids: torch.Tensor, empty_ids, args,
+                    team: Team) -> None:  # fmt: skip
+    """Train both; on return they hold the moving average of their weights."""
     scheduler = DDPMScheduler(**SCHEDULE, prediction_type="epsilon")
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    denoiser = Denoiser(unet, text_encoder)
+    params = list(denoiser.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     sched = get_cosine_schedule_with_warmup(opt, min(200, args.steps // 10), args.steps)
+    ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
     modules = {"unet": unet, "text_encoder": text_encoder}
-    start = load_state(args.work, "diffusion", modules, opt, sched) if args.resume else 0
-    unet.train()
-    text_encoder.train()
+    start = load_state(args.work, "diffusion", modules, opt, sched, ema) if args.resume else 0
+    model = team.wrap(denoiser)
+    denoiser.train()
     bar = tqdm(range(start, args.steps), desc="UNet + text encoder", initial=start,
-               total=args.steps)  # fmt: skip
+               total=args.steps, disable=not team.leader)  # fmt: skip
     average = None
     for step in bar:
         gen = step_generator(args.seed, "diffusion", step)
-        idx = torch.randint(len(ids), (args.batch,), generator=gen)
-        loss = diffusion_loss(unet, text_encoder, scheduler, latents, ids, empty_ids, idx, gen,
-                              args)  # fmt: skip
+        loss = diffusion_loss(model, scheduler, latents, ids, empty_ids, gen, args, team)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        ema.step(params)
         average = loss.item() if average is None else 0.98 * average + 0.02 * loss.item()
         bar.set_postfix(loss=f"{average:.4f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            save_state(args.work, "diffusion", modules, opt, sched, step + 1)
+        if team.leader and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+            save_state(args.work, "diffusion", modules, opt, sched, step + 1, ema)
         if step + 1 == args.stop_after:
             raise SystemExit(f"stopped after step {step + 1} (--stop-after); go on with --resume")
+    ema.copy_to(params)
+    denoiser.eval()
 
 
 # --- the result -----------------------------------------------------------------------------
@@ -354,50 +432,82 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny models, for tests")
     p.add_argument("--images", type=int, default=12000, help="training pictures drawn")
-    p.add_argument("--vae-steps", type=int, default=5000)
-    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--vae-steps", type=int, default=2500)
+    p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--decoder-steps", type=int, default=2500, help="decoder-only steps, last")
-    p.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--decoder-steps", type=int, default=1200, help="decoder-only steps, last")
+    p.add_argument("--steps", type=int, default=4000, help="UNet + text encoder steps")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps")
     p.add_argument("--stop-after", type=int, help="stop at this step, as if interrupted (tests)")
-    # One thread: bitwise reproducible on any machine with the same torch, and on a shared
-    # 2-core machine several times faster than two threads waiting on each other.
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    return p.parse_args(argv)
+    p.add_argument("--processes", type=int, default=2, help="processes sharing each step")
+    # One thread per process: bitwise reproducible on any machine with the same torch, and on
+    # a 2-core machine faster than threads waiting on each other.
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    args = p.parse_args(argv)
+    for name in ("batch", "vae_batch"):
+        if getattr(args, name) % args.processes:
+            p.error(f"--{name.replace('_', '-')} must be a multiple of --processes")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
+    if args.processes == 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+        try:
+            pretrain(args, Team())
+        finally:  # called in-process (the tests), the caller keeps its own thread count
+            torch.set_num_threads(threads)
+        return
     try:
-        pretrain(args)
-    finally:  # called in-process (the tests), the caller keeps its own thread count
-        torch.set_num_threads(threads)
+        mp.spawn(worker, args=(args, free_port()), nprocs=args.processes)
+    except mp.ProcessException as exc:
+        raise SystemExit(f"pretraining stopped ({exc}); --resume goes on from the last "
+                         "checkpoint") from None  # fmt: skip
 
 
-def pretrain(args: argparse.Namespace) -> None:
-    if not args.resume and args.work.exists():
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker(rank: int, args: argparse.Namespace, port: int) -> None:
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=args.processes)  # fmt: skip
+    try:
+        pretrain(args, Team(rank, args.processes))
+    finally:
+        dist.destroy_process_group()
+
+
+def pretrain(args: argparse.Namespace, team: Team) -> None:
+    if team.leader and not args.resume and args.work.exists():
         shutil.rmtree(args.work)
     started = time.perf_counter()
     sizes = TINY if args.tiny else FULL
     tokenizer = load_tokenizer()
-    pool = make_pool(args.images, args.seed, tokenizer)
+    pool = make_pool(args.images, args.seed, tokenizer, quiet=not team.leader)
     torch.manual_seed(args.seed)
     vae, text_encoder, unet = make_vae(sizes), make_text_encoder(sizes, tokenizer), make_unet(sizes)
-    train_autoencoder(vae, pool, args, "vae")
-    latents = encode_pool(vae, pool["pixels"])
+    train_autoencoder(vae, pool, args, "vae", team)
+    latents = encode_pool(vae, pool["pixels"], team)
     args.scaling_factor = vae.config.scaling_factor
     empty_ids = tokenize(tokenizer, [""])[0]
-    train_diffusion(unet, text_encoder, latents, pool["ids"], empty_ids, args)
-    train_autoencoder(vae, pool, args, "decoder")
-    write_pipeline(args.out, vae, text_encoder.eval(), unet.eval(), tokenizer)
+    train_diffusion(unet, text_encoder, latents, pool["ids"], empty_ids, args, team)
+    train_autoencoder(vae, pool, args, "decoder", team)
+    if not team.leader:
+        return
+    write_pipeline(args.out, vae, text_encoder, unet, tokenizer)
     minutes = (time.perf_counter() - started) / 60
     size_mb = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 1e6
     print(f"wrote {args.out} ({size_mb:.1f} MB) in {minutes:.1f} min")

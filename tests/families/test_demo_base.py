@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "datasets"))
 import pretrain_demo_base  # noqa: E402
 
 TINY_RUN = ["--tiny", "--images", "16", "--vae-steps", "2", "--vae-batch", "2", "--batch", "2",
-            "--decoder-steps", "2", "--save-every", "1", "--threads", "1"]  # fmt: skip
+            "--decoder-steps", "2", "--save-every", "1", "--processes", "1"]  # fmt: skip
 
 
 def pretrain(tmp_path: Path, name: str, steps: int, *extra: str) -> Path:
