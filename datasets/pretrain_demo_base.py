@@ -437,7 +437,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--decoder-steps", type=int, default=1000, help="decoder-only steps, last")
-    p.add_argument("--steps", type=int, default=3700, help="UNet + text encoder steps")
+    p.add_argument("--steps", type=int, default=4200, help="UNet + text encoder steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema-decay", type=float, default=0.999)
