@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         mp.spawn(worker, args=(args, free_port()), nprocs=args.processes)
-    except mp.ProcessException as exc:
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as exc:
         raise SystemExit(f"pretraining stopped ({exc}); --resume goes on from the last "
                          "checkpoint") from None  # fmt: skip
 

@@ -204,6 +204,12 @@ class SampleConfig(Section):
     scheduler: Literal["default", "euler", "euler_a", "ddim", "dpmpp_2m"] = "default"
     every_n_epochs: NonNegInt = 0
 
+    @field_validator("prompts_file", mode="before")
+    @classmethod
+    def empty_means_none(cls, value):
+        """`--set sample.prompts_file=''` takes a config's prompt file away (no previews)."""
+        return None if value == "" else value
+
 
 class ValidationConfig(Section):
     dir: Path | None = Field(default=None, description="Folder of held-out images and captions.")

@@ -67,7 +67,7 @@ def test_train_writes_a_preview_grid_per_preview_step(demo_run):
 def test_sample_compare_puts_base_and_adapted_side_by_side(demo_run, tmp_path):
     out = tmp_path / "cmp.png"
     result = run(
-        "sample", "--model", "tiny:sd15", "--adapter", str(demo_run / "demo-style.safetensors"),
+        "sample", "--model", "demo:sd15", "--adapter", str(demo_run / "demo-style.safetensors"),
         "--prompt", "zqxstyle, a fish", "--scale", "3", "--seed", "1", "--steps", "3",
         "--out", str(out), "--compare",
     )  # fmt: skip

@@ -99,6 +99,11 @@ def test_prompts_and_prompts_file_together_are_refused():
         load_config(DEMO_CONFIG, ['sample.prompts=["a"]'])
 
 
+def test_an_empty_prompts_file_takes_the_configs_prompts_away():
+    cfg = load_config(DEMO_CONFIG, ["sample.prompts_file=''", 'sample.prompts=["a"]'])
+    assert cfg.sample.prompts_file is None and cfg.sample.prompts == ["a"]
+
+
 def test_validation_dir_and_split_together_are_refused():
     with pytest.raises(UserError, match="validation.dir or validation.split, not both"):
         load_config(DEMO_CONFIG, ["validation.split=0.2", "validation.dir='held-out'"])
