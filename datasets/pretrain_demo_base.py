@@ -60,6 +60,7 @@ from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import codec_pictures  # noqa: E402
 import flat_shapes  # noqa: E402
 
 from stylelora.export.atomic import give_umask_modes  # noqa: E402
@@ -169,6 +170,14 @@ def make_pool(count: int, seed: int, tokenizer: CLIPTokenizer,
     return {"pixels": pixels, "ids": tokenize(tokenizer, captions)}
 
 
+def codec_pool(count: int, seed: int, quiet: bool = False) -> torch.Tensor:
+    """`count` generic pictures for the VAE (uint8, N x 3 x 64 x 64), no captions."""
+    pictures = (codec_pictures.codec_picture(i, SIZE, seed) for i in range(count))
+    arrays = [np.asarray(img) for img in tqdm(pictures, total=count, desc="drawing for the VAE",
+                                             leave=False, disable=quiet)]  # fmt: skip
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
     return tokenizer(
         captions, padding="max_length", max_length=tokenizer.model_max_length,
@@ -267,8 +276,8 @@ class Roundtrip(torch.nn.Module):
         return self.vae.decode(latents).sample, posterior.kl().mean()
 
 
-def train_autoencoder(vae: AutoencoderKL, pool: dict, args: argparse.Namespace, phase: str,
-                      team: Team) -> None:  # fmt: skip
+def train_autoencoder(vae: AutoencoderKL, pixels: torch.Tensor, args: argparse.Namespace,
+                      phase: str, team: Team) -> None:  # fmt: skip
     """Phase 'vae': the whole VAE on reconstruction + a small KL. Phase 'decoder': the decoder
     alone, on latents of the now frozen encoder (those the UNet learned), for sharper pictures
     in truer colours, as SD's VAE decoder was fine-tuned after the fact."""
@@ -288,9 +297,9 @@ def train_autoencoder(vae: AutoencoderKL, pool: dict, args: argparse.Namespace, 
                total=steps, disable=not team.leader)  # fmt: skip
     for step in bar:
         gen = step_generator(args.seed, phase, step)
-        idx = torch.randint(len(pool["pixels"]), (args.vae_batch,), generator=gen)
+        idx = torch.randint(len(pixels), (args.vae_batch,), generator=gen)
         noise = torch.randn((args.vae_batch, 4, LATENT_SIZE, LATENT_SIZE), generator=gen)
-        x = to_unit(pool["pixels"][team.share(idx)])
+        x = to_unit(pixels[team.share(idx)])
         recon, kl = model(x, team.share(noise))
         rec = F.mse_loss(recon, x) + F.l1_loss(recon, x)
         loss = rec + args.kl_weight * kl if whole else rec
@@ -431,13 +440,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny models, for tests")
-    p.add_argument("--images", type=int, default=12000, help="training pictures drawn")
-    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--images", type=int, default=12000, help="captioned flat pictures drawn")
+    p.add_argument("--codec-images", type=int, default=12000, help="generic pictures, for the VAE")
+    p.add_argument("--vae-steps", type=int, default=2500)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--decoder-steps", type=int, default=1000, help="decoder-only steps, last")
-    p.add_argument("--steps", type=int, default=4200, help="UNet + text encoder steps")
+    p.add_argument("--steps", type=int, default=4000, help="UNet + text encoder steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema-decay", type=float, default=0.999)
@@ -497,14 +507,17 @@ def pretrain(args: argparse.Namespace, team: Team) -> None:
     sizes = TINY if args.tiny else FULL
     tokenizer = load_tokenizer()
     pool = make_pool(args.images, args.seed, tokenizer, quiet=not team.leader)
+    # The VAE learns from the flat pictures and as many generic ones (codec_pictures.py)
+    codec = codec_pool(args.codec_images, args.seed, quiet=not team.leader)
+    vae_pixels = torch.cat([pool["pixels"], codec])
     torch.manual_seed(args.seed)
     vae, text_encoder, unet = make_vae(sizes), make_text_encoder(sizes, tokenizer), make_unet(sizes)
-    train_autoencoder(vae, pool, args, "vae", team)
+    train_autoencoder(vae, vae_pixels, args, "vae", team)
     latents = encode_pool(vae, pool["pixels"], team)
     args.scaling_factor = vae.config.scaling_factor
     empty_ids = tokenize(tokenizer, [""])[0]
     train_diffusion(unet, text_encoder, latents, pool["ids"], empty_ids, args, team)
-    train_autoencoder(vae, pool, args, "decoder", team)
+    train_autoencoder(vae, vae_pixels, args, "decoder", team)
     if not team.leader:
         return
     write_pipeline(args.out, vae, text_encoder, unet, tokenizer)
