@@ -5,10 +5,9 @@ texture its UNet or an adapter asks of it. The demo base's UNet and text encoder
 flat pictures only (`flat_shapes.py`); were its VAE trained on those alone, it would know 12
 colours and smooth edges, and no adapter could make it draw anything else. So the VAE learns
 from these too: the same subjects filled with any RGB colour, on plain or graded backgrounds,
-perhaps outlined, perhaps filled or backed with stripes or a grid of dots, each of any colour,
-width, spacing and angle, perhaps with pixel noise. Every element is drawn at random and
-independently of the others; none is the demo style's (its four colours and charcoal, its
-halftone, its hatching).
+perhaps outlined, sometimes filled or backed with stripes or a grid of dots, each of any
+colour, width, spacing and angle. Every element is drawn at random and independently of the
+others; none is the demo style's (its four colours and charcoal, its halftone, its hatching).
 
 Output is deterministic: `codec_picture(index, size, seed)` gives the same pixels every time.
 """
@@ -104,19 +103,14 @@ def codec_picture(index: int, size: int, seed: int = SEED) -> Image.Image:
     rng = random.Random(f"codec-{seed}-{index}")
     side = size * SUPERSAMPLE
     img = background(rng, side)
-    if rng.random() < 0.5:
+    if rng.random() < 0.25:
         img.paste(random_color(rng), mask=pattern(rng, side))
     for _ in range(1 if rng.random() < 0.8 else 2):
         mask = subject_mask(rng, side)
         img.paste(random_color(rng), mask=mask)
-        if rng.random() < 0.3:
+        if rng.random() < 0.15:
             img.paste(random_color(rng), mask=ImageChops.multiply(mask, pattern(rng, side)))
         if rng.random() < 0.5:
             width = max(1, round(rng.uniform(0.5, 2.0) * SUPERSAMPLE))
             img.paste(random_color(rng), mask=outline(mask, width))
-    img = img.resize((size, size), Image.Resampling.BOX)
-    if rng.random() < 0.2:
-        noise = np.random.default_rng(rng.randrange(2**32)).normal(0, rng.uniform(3, 12),
-                                                                  (size, size, 3))  # fmt: skip
-        img = Image.fromarray(np.clip(np.asarray(img) + noise, 0, 255).round().astype(np.uint8))
-    return img
+    return img.resize((size, size), Image.Resampling.BOX)
