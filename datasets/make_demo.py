@@ -443,11 +443,13 @@ def render(index: int, size: int, seed: int) -> tuple[Image.Image, str]:
 
 
 def caption(name: str, colors: Colors) -> str:
-    """The trigger word, then the content only: the trigger word is what learns the style.
+    """The content, then the trigger word: the trigger word is what learns the style.
 
-    Short enough for the tiny model's one-token-per-character tokenizer (77 tokens).
+    Last, not first: the demo base's small text encoder, which never saw the word, keeps the
+    subject of `a fish, zqxstyle` but loses it in `zqxstyle, a fish`. Short enough for the
+    tiny model's one-token-per-character tokenizer (77 tokens).
     """
-    return ", ".join([TRIGGER, f"a {name}", f"{colors.fill} {name}", f"{colors.bg} background"])
+    return ", ".join([f"a {name}", f"{colors.fill} {name}", f"{colors.bg} background", TRIGGER])
 
 
 def generate(out: Path, count: int, size: int, seed: int = SEED) -> list[Path]:

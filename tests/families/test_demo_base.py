@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "datasets"))
 import pretrain_demo_base  # noqa: E402
 
-TINY_RUN = ["--tiny", "--images", "16", "--codec-images", "16", "--vae-steps", "2", "--vae-batch", "2", "--batch", "2",
-            "--decoder-steps", "2", "--save-every", "1", "--processes", "1"]  # fmt: skip
+TINY_RUN = ["--tiny", "--images", "16", "--codec-images", "16", "--vae-steps", "2",
+            "--vae-batch", "2", "--batch", "2", "--decoder-steps", "2", "--save-every", "1",
+            "--processes", "1"]  # fmt: skip
 
 
 def pretrain(tmp_path: Path, name: str, steps: int, *extra: str) -> Path:
