@@ -40,11 +40,25 @@ def demo_subset(tmp_path: Path):
     return copy
 
 
+# The short run the tests were written for, on top of the demo config (which trains the demo
+# base for 1000 steps): tests that train the tiny model stay quick and keep their figures.
+TEST_RUN = (
+    "train.max_steps=120",
+    "train.lr_warmup_steps=10",
+    "adapter.alpha=4.0",
+    "adapter.unet_targets='cross-attn'",
+    "sample.every_n_steps=40",
+    "sample.num_inference_steps=12",
+    "sample.guidance_scale=5.0",
+)
+
+
 def demo_config(tmp_path: Path, *overrides: str):
-    """The demo config, writing into `tmp_path`, with `key=value` overrides."""
+    """The demo config, shortened (`TEST_RUN`), writing into `tmp_path`, with `key=value`
+    overrides."""
     from stylelora.config import load_config
 
-    cfg = load_config(DEMO_CONFIG, list(overrides))
+    cfg = load_config(DEMO_CONFIG, [*TEST_RUN, *overrides])
     cfg.output_dir = tmp_path / "run"
     return cfg
 

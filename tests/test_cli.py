@@ -42,7 +42,7 @@ def test_train_writes_adapter_with_metadata(demo_run):
     assert all(k.startswith("lora_unet_") for k in keys)
     assert metadata["ss_network_module"] == "networks.lora"
     assert metadata["ss_network_dim"] == "8"
-    assert metadata["ss_network_alpha"] == "4"
+    assert metadata["ss_network_alpha"] == "8"  # configs/demo.toml
     assert metadata["ss_base_model_version"] == "sd_v1"
     assert metadata["ss_output_name"] == "demo-style"
     assert metadata["ss_steps"] == "6"
@@ -126,7 +126,8 @@ def test_unknown_key_is_one_line_naming_the_key():
 
 def test_missing_dataset_folder_is_one_line_naming_the_path(tmp_path):
     missing = tmp_path / "no-such-folder"
-    result = run("train", str(DEMO_CONFIG), "--set", f"data.dir={str(missing)!r}")
+    result = run("train", str(DEMO_CONFIG), "--output-dir", str(tmp_path / "run"),
+                 "--set", f"data.dir={str(missing)!r}")  # fmt: skip
     assert_one_line_error(result, "data.dir", str(missing), "not found")
 
 

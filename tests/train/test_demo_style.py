@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, demo_config
+from conftest import DEMO_CONFIG, ROOT
 
+from stylelora.config import load_config
 from stylelora.families.demo import PACKAGED
 from stylelora.train.trainer import train
 
@@ -27,7 +28,8 @@ STEPS = 300  # the demo's learning rate and batch, fewer steps
     not (PACKAGED["sd15"] / "model_index.json").exists(), reason="demo base not shipped"
 )
 def test_a_short_lora_moves_an_unseen_subject_toward_the_style_palette(tmp_path: Path) -> None:
-    cfg = demo_config(tmp_path, f"train.max_steps={STEPS}", "sample.prompts_file=''")
+    cfg = load_config(DEMO_CONFIG, [f"train.max_steps={STEPS}", "sample.prompts_file=''"])
+    cfg.output_dir = tmp_path / "run"
     train(cfg)
     adapter = cfg.output_dir / f"{cfg.name}.safetensors"
     groups = {"not in style set": ["ghost"]}  # a subject the style set has not

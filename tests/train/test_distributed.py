@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import DEMO_CONFIG, ROOT, demo_config
+from conftest import DEMO_CONFIG, ROOT, TEST_RUN, demo_config
 from safetensors.torch import load_file
 
 from stylelora.data.dataset import BucketBatchSampler, DataOptions, ImageCaptionDataset
@@ -36,7 +36,7 @@ def torchrun(out: Path, *overrides: str) -> subprocess.CompletedProcess:
     torchrun = Path(sys.executable).with_name("torchrun")
     args = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port())]
     args += ["-m", "stylelora", "train", str(DEMO_CONFIG), "--output-dir", str(out)]
-    args += [arg for item in overrides for arg in ("--set", item)]
+    args += [arg for item in (*TEST_RUN, *overrides) for arg in ("--set", item)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_CONFIG, training_config
+from conftest import DEMO_CONFIG, TEST_RUN, training_config
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -39,7 +39,7 @@ def cli_items(model: Path, data: Path, *more: str) -> list[str]:
 def run_cli(items: list[str], output: Path, env: dict | None = None, **kwargs):
     command = [sys.executable, "-m", "stylelora", "train", str(DEMO_CONFIG)]
     command += ["--output-dir", str(output)]
-    for item in items:
+    for item in (*TEST_RUN, *items):  # as `training_config` does
         command += ["--set", item]
     return subprocess.run(
         command,
