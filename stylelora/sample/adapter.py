@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from stylelora.adapters.state import Adapter, nonfinite_problems, read_adapter, read_tensors
-from stylelora.errors import UserError
+from stylelora.errors import UserError, first_line
 from stylelora.export.apply import add_into_weights
 from stylelora.export.atomic import atomic_path
 from stylelora.export.convert import adapter_format, diffusers_adapter, diffusers_parts
@@ -87,8 +87,9 @@ def load_lora(family: ModelFamily, path: Path, source: str | dict, name: str) ->
     try:
         family.pipe.load_lora_weights(source, adapter_name=name)
     except (ValueError, KeyError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{path}: cannot apply it to a {family.name} model ({first})") from None
+        raise UserError(
+            f"{path}: cannot apply it to a {family.name} model ({first_line(exc)})"
+        ) from None
     return True
 
 
