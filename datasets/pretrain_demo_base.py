@@ -164,18 +164,25 @@ def make_pool(count: int, seed: int, tokenizer: CLIPTokenizer,
     images, captions = [], []
     pictures = flat_shapes.training_images(count, SIZE, seed)
     for img, caption in tqdm(pictures, total=count, desc="drawing", leave=False, disable=quiet):
-        images.append(np.asarray(img))
+        images.append(img)
         captions.append(caption)
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return {"pixels": pixels, "ids": tokenize(tokenizer, captions)}
+    return {"pixels": stack_pixels(images), "ids": tokenize(tokenizer, captions)}
 
 
 def codec_pool(count: int, seed: int, quiet: bool = False) -> torch.Tensor:
     """`count` generic pictures for the VAE (uint8, N x 3 x 64 x 64), no captions."""
     pictures = (codec_pictures.codec_picture(i, SIZE, seed) for i in range(count))
-    arrays = [np.asarray(img) for img in tqdm(pictures, total=count, desc="drawing for the VAE",
-                                             leave=False, disable=quiet)]  # fmt: skip
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return stack_pixels(list(tqdm(pictures, total=count, desc="drawing for the VAE", leave=False,
+                                  disable=quiet)))  # fmt: skip
+
+
+def stack_pixels(images: list) -> torch.Tensor:
+    """RGB pictures as one uint8 N x 3 x H x W tensor."""
+    return (
+        torch.from_numpy(np.stack([np.asarray(img) for img in images]))
+        .permute(0, 3, 1, 2)
+        .contiguous()
+    )
 
 
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
@@ -322,9 +329,9 @@ def encode_pool(vae: AutoencoderKL, pixels: torch.Tensor, team: Team, batch: int
     means, stds = [], []
     for start in tqdm(range(0, len(pixels), batch), desc="encoding", leave=False,
                       disable=not team.leader):  # fmt: skip
-        dist = vae.encode(to_unit(pixels[start : start + batch])).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
+        posterior = vae.encode(to_unit(pixels[start : start + batch])).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
     mean, std = torch.cat(means), torch.cat(stds)
     spread = (mean.pow(2).mean() + std.pow(2).mean()).sqrt().item()
     vae.register_to_config(scaling_factor=round(1.0 / spread, 5))
