@@ -150,6 +150,17 @@ def fresh(model: str, adapter: Path | None = None, scale: float = 1.0):
     return family.pipe
 
 
+@torch.no_grad()
+def through_vae(images: list[Image.Image], model: str) -> list[Image.Image]:
+    """The images encoded and decoded by the model's VAE: the best any adapter on the UNet can
+    hope to draw them."""
+    vae = fresh(model).vae
+    pixels = torch.from_numpy(np.stack([np.asarray(img, np.float32) for img in images]))
+    latents = vae.encode(pixels.permute(0, 3, 1, 2) / 127.5 - 1).latent_dist.mean
+    decoded = vae.decode(latents).sample.clamp(-1, 1).permute(0, 2, 3, 1)
+    return [Image.fromarray(a) for a in ((decoded + 1) * 127.5).round().byte().numpy()]
+
+
 def summarise(group: str, scale: float, images, base, palette: np.ndarray) -> Row:
     return Row(
         group,
@@ -182,9 +193,9 @@ def merge(adapter: Path, out: Path, model: str) -> str:
 
 # What each option does to the style, for the README's table: `--set` overrides of the demo.
 OPTIONS: dict[str, list[str]] = {
-    "default (configs/demo.toml)": [],
+    "default (configs/demo.toml, `attn-mlp`)": [],
     "text-encoder adapters": ["adapter.text_encoder=true"],
-    "`attn-mlp`": ["adapter.unet_targets='attn-mlp'"],
+    "`attention` only": ["adapter.unet_targets='attention'"],
     "`full` (LoCon)": ["adapter.unet_targets='full'"],
     "DoRA": ["adapter.use_dora=true"],
     "min-SNR 5": ["train.min_snr_gamma=5.0"],
@@ -268,14 +279,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
                                args.model)  # fmt: skip
     style = style_images()
     palette = style_palette(style)
-    reference = [
-        np.mean([f(img) for img in style])
-        for f in (partial(palette_distance, palette=palette), texture)
-    ]
+    measures = (partial(palette_distance, palette=palette), texture)
+    reference = [np.mean([f(img) for img in style]) for f in measures]
+    decoded = [np.mean([f(img) for img in through_vae(style, args.model)]) for f in measures]
     print(f"{'subjects':18s} {'scale':>5s} {'palette dist':>12s} {'texture':>8s} {'IoU':>5s}")
     for r in rows:
         print(f"{r.group:18s} {r.scale:5.2f} {r.distance:12.1f} {r.texture:8.2f} {r.iou:5.2f}")
     print(f"{'style images':18s} {'':5s} {reference[0]:12.1f} {reference[1]:8.2f}")
+    print(f"{'  through the VAE':18s} {'':5s} {decoded[0]:12.1f} {decoded[1]:8.2f}")
     for line in verdict(rows) if "not in style set" in groups else []:
         print(line)
     if args.grid:
