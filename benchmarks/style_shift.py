@@ -42,6 +42,9 @@ from flat_shapes import OTHER_SUBJECTS, article  # noqa: E402
 from make_demo import SUBJECTS as STYLE_SUBJECTS  # noqa: E402
 from make_demo import TRIGGER  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from base_quality import reconstructions  # noqa: E402
+
 STYLE_DIR = ROOT / "datasets" / "demo-style"
 CONFIG = ROOT / "configs" / "demo.toml"
 SIZE = 64
@@ -148,17 +151,6 @@ def fresh(model: str, adapter: Path | None = None, scale: float = 1.0):
         apply_adapter(family, adapter, scale)
     family.pipe.set_progress_bar_config(disable=True)
     return family.pipe
-
-
-@torch.no_grad()
-def through_vae(images: list[Image.Image], model: str) -> list[Image.Image]:
-    """The images encoded and decoded by the model's VAE: the best any adapter on the UNet can
-    hope to draw them."""
-    vae = fresh(model).vae
-    pixels = torch.from_numpy(np.stack([np.asarray(img, np.float32) for img in images]))
-    latents = vae.encode(pixels.permute(0, 3, 1, 2) / 127.5 - 1).latent_dist.mean
-    decoded = vae.decode(latents).sample.clamp(-1, 1).permute(0, 2, 3, 1)
-    return [Image.fromarray(a) for a in ((decoded + 1) * 127.5).round().byte().numpy()]
 
 
 def summarise(group: str, scale: float, images, base, palette: np.ndarray) -> Row:
@@ -281,7 +273,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     palette = style_palette(style)
     measures = (partial(palette_distance, palette=palette), texture)
     reference = [np.mean([f(img) for img in style]) for f in measures]
-    decoded = [np.mean([f(img) for img in through_vae(style, args.model)]) for f in measures]
+    decoded = [np.mean([f(img) for img in reconstructions(args.model, style)]) for f in measures]
     print(f"{'subjects':18s} {'scale':>5s} {'palette dist':>12s} {'texture':>8s} {'IoU':>5s}")
     for r in rows:
         print(f"{r.group:18s} {r.scale:5.2f} {r.distance:12.1f} {r.texture:8.2f} {r.iou:5.2f}")
