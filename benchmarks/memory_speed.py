@@ -112,15 +112,14 @@ def frozen_step(run: TrainingRun, batch: dict, draws: int) -> None:
     batch = send_to_device(batch, device)
     count = len(batch["captions"])
     generators = [derived_generator(run.cfg.seed, draws, i) for i in range(count)]
-    noised = draw_noise(family, run.noise_scheduler, batch, generators)
+    noised = draw_noise(family, run.objective, batch, generators)
     with torch.no_grad():
         text = run.text_cache.encode(batch["captions"]) if run.text_cache else None
         text = text or family.encode_prompts(batch["captions"])
-    noisy = run.noise_scheduler.add_noise(noised.latents, noised.noise, noised.timesteps)
-    noisy = noisy.to(family.unet.dtype).requires_grad_(True)
+    noisy = run.objective.noisy(noised).to(family.unet.dtype).requires_grad_(True)
     with adapters_disabled([family.unet]), run.accelerator.autocast():
-        out = family.unet(noisy, noised.timesteps, **family.unet_inputs(text, batch)).sample
-        F.mse_loss(out.float(), noised.noise).backward()
+        out = family.denoise(family.unet, noisy, noised.timesteps, text, batch)
+        F.mse_loss(out.float(), run.objective.target(noised).float()).backward()
 
 
 def synchronize() -> None:

@@ -1,8 +1,8 @@
 """The interface every model family implements; the trainer, sampler and exporter use only this.
 
 A family wraps a loaded diffusers pipeline and answers what differs between SD1.x, SD2.x and
-SDXL: how prompts are encoded, what extra conditioning the UNet takes, the prediction type, and
-how kohya names the adapted modules.
+SDXL: how prompts are encoded, how the denoiser is called and what extra conditioning it takes,
+the training objective (`objective.py`), and how kohya names the adapted modules.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from stylelora.errors import UserError
+from stylelora.families.objective import DDPMObjective, Objective
 
 # One CPU generator for a whole batch, or one per sample.
 Generators = torch.Generator | list[torch.Generator]
@@ -114,9 +115,22 @@ class ModelFamily:
         encoder = next(iter(self.text_encoders().values()))
         return next(encoder.parameters()).device
 
-    def noise_scheduler(self) -> DDPMScheduler:
-        """The training-time scheduler, built from the model's own scheduler config."""
-        return DDPMScheduler.from_config(self.pipe.scheduler.config)
+    def training_objective(self) -> Objective:
+        """What the denoiser is trained on: DDPM noising with the model's own betas and
+        prediction type (its scheduler config, after `set_schedule`)."""
+        return DDPMObjective(DDPMScheduler.from_config(self.pipe.scheduler.config))
+
+    def denoise(
+        self,
+        denoiser: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: dict[str, torch.Tensor],
+        batch: dict[str, Any],
+    ) -> torch.Tensor:
+        """The denoiser's output for `noisy` latents (cast to its dtype) at `timesteps`."""
+        dtype = next(denoiser.parameters()).dtype
+        return denoiser(noisy.to(dtype), timesteps, **self.unet_inputs(text, batch)).sample
 
     @property
     def prediction_type(self) -> str:

@@ -19,7 +19,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, ProjectConfiguration, send_to_device, set_seed
-from diffusers import DDPMScheduler
 from torch.utils.data import DataLoader
 
 from stylelora.adapters.inject import adapter_parameters, inject_adapters, rank_above_width
@@ -37,9 +36,10 @@ from stylelora.errors import UserError
 from stylelora.export.atomic import atomic_path, remove_stale_temporaries
 from stylelora.families import load_family
 from stylelora.families.base import ModelFamily
+from stylelora.families.objective import Objective
 from stylelora.sample.prompts import SamplePrompt, on_size_grid, parse_prompt_file
 from stylelora.train.cache import TextCache, cache_latents
-from stylelora.train.loss import draw_noise, timestep_range, training_loss
+from stylelora.train.loss import draw_noise, training_loss
 from stylelora.train.optim import (
     build_lr_scheduler,
     build_optimizer,
@@ -75,7 +75,7 @@ class TrainingRun:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     sampler: BucketBatchSampler
     loader: DataLoader
-    noise_scheduler: DDPMScheduler
+    objective: Objective  # the family's: noising, timesteps, target, loss weights
     text_cache: TextCache | None
     idle: list[torch.nn.Module]  # frozen modules parked off the accelerator between previews
     validation: FixedSet | None
@@ -117,8 +117,8 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
     family = family or load_model(cfg)
     for note in family.notes:
         accelerator.print(note)
-    noise_scheduler = family.noise_scheduler()
-    timestep_range(noise_scheduler, cfg.train)  # a range outside the schedule stops here
+    objective = family.training_objective()
+    objective.timestep_range(cfg.train)  # a range outside the schedule stops here
     prepare_model(family, cfg, accelerator)
     set_seed(cfg.seed)  # PEFT draws the adapters' initial weights from torch's global RNG
     adapted = inject_adapters(family, cfg.adapter)
@@ -165,7 +165,7 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
         lr_scheduler=lr_scheduler,
         sampler=sampler,
         loader=loader,
-        noise_scheduler=noise_scheduler,
+        objective=objective,
         text_cache=text_cache,
         idle=idle,
         validation=validation,
@@ -204,11 +204,9 @@ def backward_pass(run: TrainingRun, batch: dict[str, Any], draws: int) -> torch.
         ]
         if run.text_cache:
             batch["text"] = run.text_cache.encode(batch["captions"])
-        noised = draw_noise(run.family, run.noise_scheduler, batch, generators, cfg.train)
+        noised = draw_noise(run.family, run.objective, batch, generators, cfg.train)
         with accelerator.autocast():  # covers the text encoders, which are not prepared
-            loss = training_loss(
-                run.family, run.unet, run.noise_scheduler, noised, batch, cfg.train
-            )
+            loss = training_loss(run.family, run.unet, run.objective, noised, batch, cfg.train)
         accelerator.backward(loss)
     if accelerator.sync_gradients:
         average_text_encoder_grads(run)

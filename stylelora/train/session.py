@@ -80,7 +80,6 @@ class Session:
         self.cfg, self.accelerator, self.family = run.cfg, run.accelerator, run.family
         self.adapted, self.unet, self.optimizer = run.adapted, run.unet, run.optimizer
         self.lr_scheduler, self.loader, self.sampler = run.lr_scheduler, run.loader, run.sampler
-        self.noise_scheduler, self.validation = run.noise_scheduler, run.validation
         self.dataset_lines, self.idle = run.dataset_lines, run.idle
         train = self.cfg.train
         self.params = trainable(self.adapted)
@@ -133,7 +132,7 @@ class Session:
             unit="step",
             disable=not self.accelerator.is_local_main_process,
         )
-        if self.validation and not self.state.validation:
+        if self.run.validation and not self.state.validation:
             self.validate()
 
     def resume(self, folder: Path) -> None:
@@ -222,7 +221,7 @@ class Session:
         self.session_steps += 1
         state.lrs.append(self.lr_scheduler.get_last_lr()[0])
         self.log_step()
-        if self.validation and state.step % cfg.validation.every_n_steps == 0:
+        if self.run.validation and state.step % cfg.validation.every_n_steps == 0:
             self.validate()
         if self.previewer and due(state.step, cfg.sample.every_n_steps, cfg.train.max_steps):
             self.preview()
@@ -255,7 +254,7 @@ class Session:
             self.progress.set_postfix(postfix)
 
     def validate(self) -> None:
-        loss = validation_loss(self.family, self.unet, self.noise_scheduler, self.validation)
+        loss = validation_loss(self.family, self.unet, self.run.objective, self.run.validation)
         self.state.validation.append((self.state.step, loss))
         self.accelerator.log({"validation_loss": loss}, step=self.state.step)
         self.say(f"step {self.state.step}: validation loss {loss:.5f}")

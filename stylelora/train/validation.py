@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler
 
 from stylelora.config import Config
 from stylelora.data.dataset import DataOptions, ImageCaptionDataset, collate, derived_generator
@@ -22,7 +21,8 @@ from stylelora.data.report import scan_dataset
 from stylelora.data.scan import ImageRecord
 from stylelora.errors import UserError
 from stylelora.families.base import ModelFamily
-from stylelora.train.loss import NoisedBatch, denoising_loss, draw_noise
+from stylelora.families.objective import NoisedBatch, Objective
+from stylelora.train.loss import denoising_loss, draw_noise
 
 
 @dataclass
@@ -32,7 +32,7 @@ class FixedSet:
 
 def fixed_set(
     family: ModelFamily,
-    scheduler: DDPMScheduler,
+    objective: Objective,
     items: list[dict[str, Any]],
     seed: int,
     batch_size: int = 4,
@@ -43,20 +43,20 @@ def fixed_set(
         batch = collate(items[start : start + batch_size])
         generator = derived_generator(seed, start)
         pixels = batch["pixel_values"].to(family.vae.device)
-        batches.append((draw_noise(family, scheduler, pixels, generator), batch))
+        batches.append((draw_noise(family, objective, pixels, generator), batch))
     return FixedSet(batches)
 
 
 def fixed_timestep_set(
     family: ModelFamily,
-    scheduler: DDPMScheduler,
+    objective: Objective,
     items: list[dict[str, Any]],
     timesteps: list[int],
     seed: int,
     batch_size: int = 4,
 ) -> FixedSet:
     """Every item at every one of `timesteps`, with noise drawn from `seed`."""
-    total = scheduler.config.num_train_timesteps
+    total = objective.num_timesteps
     if any(t >= total for t in timesteps):
         raise UserError(f"validation.timesteps: each must be below {total} (got {timesteps})")
     batches = []
@@ -64,7 +64,7 @@ def fixed_timestep_set(
         batch = collate(items[start : start + batch_size])
         pixels = batch["pixel_values"].to(family.vae.device)
         with torch.no_grad():
-            base = draw_noise(family, scheduler, pixels, derived_generator(seed, start))
+            base = draw_noise(family, objective, pixels, derived_generator(seed, start))
         for t in timesteps:
             noise = torch.randn(base.latents.shape, generator=derived_generator(seed, start, t))
             steps = torch.full((len(pixels),), t, dtype=torch.long, device=pixels.device)
@@ -122,14 +122,14 @@ def eval_mode(modules: list[torch.nn.Module]) -> Iterator[None]:
 
 @torch.no_grad()
 def validation_loss(
-    family: ModelFamily, unet: torch.nn.Module, scheduler: DDPMScheduler, fixed: FixedSet
+    family: ModelFamily, denoiser: torch.nn.Module, objective: Objective, fixed: FixedSet
 ) -> float:
     """Mean denoising loss over the fixed set, weighted by batch size, with dropout off."""
     total, count = 0.0, 0
-    with eval_mode([unet, *family.text_encoders().values()]):
+    with eval_mode([denoiser, *family.text_encoders().values()]):
         for noised, batch in fixed.batches:
             size = noised.latents.shape[0]
-            total += denoising_loss(family, unet, scheduler, noised, batch).item() * size
+            total += denoising_loss(family, denoiser, objective, noised, batch).item() * size
             count += size
     return total / count
 
@@ -141,7 +141,7 @@ def validation_set(family: ModelFamily, held_out: list, cfg: Config) -> FixedSet
     settings = cfg.validation
     fixed = fixed_timestep_set(
         family,
-        family.noise_scheduler(),
+        family.training_objective(),
         held_out_items(held_out, cfg),
         settings.timesteps,
         settings.seed,

@@ -49,7 +49,7 @@ def test_prediction_type_override_changes_the_sd2_version():
 
 def test_zero_terminal_snr_rescales_training_and_preview_schedules():
     family = load_family("tiny:sd2v", zero_terminal_snr=True)
-    training = family.noise_scheduler()
+    training = family.training_objective().scheduler
     assert training.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-6)
     assert family.pipe.scheduler.config.timestep_spacing == "trailing"
     assert family.pipe.scheduler.config.rescale_betas_zero_snr is True

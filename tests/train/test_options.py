@@ -13,14 +13,14 @@ from stylelora.adapters.inject import inject_adapters
 from stylelora.config import AdapterConfig, TrainConfig
 from stylelora.errors import UserError
 from stylelora.families import load_family
-from stylelora.train.ema import AdapterEMA
-from stylelora.train.loss import (
-    elementwise_loss,
+from stylelora.families.objective import (
+    DDPMObjective,
     min_snr_weights,
     multires_noise,
     offset_noise,
-    timestep_range,
 )
+from stylelora.train.ema import AdapterEMA
+from stylelora.train.loss import elementwise_loss
 from stylelora.train.optim import parameter_groups
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000)
@@ -75,12 +75,13 @@ def test_multires_noise_is_renormalised_and_spatially_correlated():
 
 
 def test_timestep_range_and_its_errors():
-    assert timestep_range(SCHEDULER, None) == (0, 1000)
+    objective = DDPMObjective(SCHEDULER)
+    assert objective.timestep_range(None) == (0, 1000)
     options = TrainConfig(min_timestep=100, max_timestep=400)
-    assert timestep_range(SCHEDULER, options) == (100, 400)
-    assert timestep_range(SCHEDULER, TrainConfig(max_timestep=1000)) == (0, 1000)
+    assert objective.timestep_range(options) == (100, 400)
+    assert objective.timestep_range(TrainConfig(max_timestep=1000)) == (0, 1000)
     with pytest.raises(UserError, match="train.max_timestep 5000: the model is trained on 1000"):
-        timestep_range(SCHEDULER, TrainConfig(max_timestep=5000))
+        objective.timestep_range(TrainConfig(max_timestep=5000))
     with pytest.raises(ValueError, match="max_timestep 100 must be above train.min_timestep 100"):
         TrainConfig(min_timestep=100, max_timestep=100)
 

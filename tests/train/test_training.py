@@ -19,12 +19,12 @@ def held_out_loss(model_dir, data_dir, adapter=None) -> float:
     if adapter is not None:
         pipe.load_lora_weights(str(adapter))
     family = detect_family(pipe)
-    scheduler = family.noise_scheduler()
+    objective = family.training_objective()
     records = scan_folder(data_dir).records
     dataset = ImageCaptionDataset(records, DataOptions(resolution=64, trigger_word="zqxstyle"))
     items = [dataset[(i, 0)] for i in range(len(dataset))] * 4  # 4 noise draws per image
-    fixed = fixed_set(family, scheduler, items, seed=1234, batch_size=8)
-    return validation_loss(family, family.unet, scheduler, fixed)
+    fixed = fixed_set(family, objective, items, seed=1234, batch_size=8)
+    return validation_loss(family, family.unet, objective, fixed)
 
 
 def test_training_lowers_the_loss_on_held_out_images(tiny_sd15_dir, demo_subset, tmp_path):
