@@ -177,16 +177,27 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
 
 
 def training_step(run: TrainingRun, batch: dict[str, Any], draws: int) -> torch.Tensor:
-    """One micro-batch, then on a step's last micro-batch a plain optimizer step (the
-    benchmarks' step; the trainer's own adds the non-finite guard: Session.optimizer_step)."""
+    """One micro-batch, then on a step's last micro-batch the optimizer step (the benchmarks'
+    and tests' step; the trainer's Session.optimizer_step adds the non-finite guard)."""
     loss = backward_pass(run, batch, draws)
-    if run.accelerator.sync_gradients and run.cfg.train.max_grad_norm > 0:
-        run.accelerator.clip_grad_norm_(
-            optimizer_params(run.optimizer), run.cfg.train.max_grad_norm
-        )
-    run.optimizer.step()  # accelerate's optimizer waits out an accumulation window by itself
-    run.optimizer.zero_grad(set_to_none=True)
+    if run.accelerator.sync_gradients:
+        optimizer_step(run)
     return loss
+
+
+def optimizer_step(run: TrainingRun, finite: bool = True) -> bool:
+    """At the end of an accumulation window: clip and step if the step is `finite`, then zero
+    the gradients. Whether the optimizer stepped: fp16's gradient scaler skips an overflow."""
+    stepped = False
+    if finite:
+        if run.cfg.train.max_grad_norm > 0:
+            run.accelerator.clip_grad_norm_(
+                optimizer_params(run.optimizer), run.cfg.train.max_grad_norm
+            )
+        run.optimizer.step()
+        stepped = not run.accelerator.optimizer_step_was_skipped
+    run.optimizer.zero_grad(set_to_none=True)
+    return stepped
 
 
 def backward_pass(run: TrainingRun, batch: dict[str, Any], draws: int) -> torch.Tensor:

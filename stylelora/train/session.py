@@ -32,7 +32,12 @@ from stylelora.train.checkpoint import (
 from stylelora.train.ema import AdapterEMA
 from stylelora.train.guard import NonFiniteGuard, StopRequest, inject_fault, step_is_finite
 from stylelora.train.placement import visiting
-from stylelora.train.run import TrainingRun, full_adapter_weights, optimizer_params
+from stylelora.train.run import (
+    TrainingRun,
+    full_adapter_weights,
+    optimizer_params,
+    optimizer_step,
+)
 from stylelora.train.validation import validation_loss
 
 
@@ -76,28 +81,28 @@ class Session:
     window: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        run = self.run
-        self.cfg, self.accelerator, self.family = run.cfg, run.accelerator, run.family
-        self.adapted, self.unet, self.optimizer = run.adapted, run.unet, run.optimizer
-        self.lr_scheduler, self.loader, self.sampler = run.lr_scheduler, run.loader, run.sampler
-        self.dataset_lines, self.idle = run.dataset_lines, run.idle
-        train = self.cfg.train
-        self.params = trainable(self.adapted)
+        train = self.run.cfg.train
+        self.params = trainable(self.run.adapted)
         self.ema = (
             AdapterEMA(list(self.params.values()), train.ema_decay) if train.ema_decay else None
         )
         self.checkpointer = Checkpointer(
-            self.accelerator, self.cfg.output_dir, train.checkpoints_keep, self.params, self.ema
+            self.run.accelerator,
+            self.run.cfg.output_dir,
+            train.checkpoints_keep,
+            self.params,
+            self.ema,
         )
         self.guard = NonFiniteGuard(train.max_nonfinite_steps)
-        self.started = time.time()
-        self.seconds_before = 0.0
+        # This session's steps began then; earlier sessions of a resumed run trained for
+        # `seconds_before` (run.started is when this process set the run up, for the metadata).
+        self.began, self.seconds_before = self.run.started, 0.0
         self.session_steps = 0
         self.progress: tqdm | None = None
 
     @property
     def main(self) -> bool:
-        return self.accelerator.is_main_process
+        return self.run.accelerator.is_main_process
 
     def say(self, line: str) -> None:
         if not self.main:
@@ -120,33 +125,33 @@ class Session:
     def begin(self, resume: str | None) -> None:
         """Resume if asked, check the disk, start the trackers, the progress bar, validation."""
         if resume:
-            self.resume(find_checkpoint(self.cfg.output_dir, resume))
-        self.started, self.seconds_before = time.time(), self.state.seconds
-        if self.cfg.train.checkpoint_every_n_steps:
+            self.resume(find_checkpoint(self.run.cfg.output_dir, resume))
+        self.began, self.seconds_before = time.time(), self.state.seconds
+        if self.run.cfg.train.checkpoint_every_n_steps:
             check_free_space(self.checkpointer.folder, self.checkpoint_bytes())
         self.start_trackers()
         self.progress = tqdm(
-            total=self.cfg.train.max_steps,
+            total=self.run.cfg.train.max_steps,
             initial=self.state.step,
             desc="training",
             unit="step",
-            disable=not self.accelerator.is_local_main_process,
+            disable=not self.run.accelerator.is_local_main_process,
         )
         if self.run.validation and not self.state.validation:
             self.validate()
 
     def resume(self, folder: Path) -> None:
         state, scheduler, saved = self.checkpointer.load(folder)
-        self.lr_scheduler.load_state_dict(scheduler)
+        self.run.lr_scheduler.load_state_dict(scheduler)
         self.state = state
         self.guard = NonFiniteGuard(
-            self.cfg.train.max_nonfinite_steps, state.skipped, state.skipped_in_a_row
+            self.run.cfg.train.max_nonfinite_steps, state.skipped, state.skipped_in_a_row
         )
         self.say(
             f"resuming from {folder}: step {state.step}, epoch {state.epoch}, "
             f"batch {state.position} of the epoch"
         )
-        changed = config_changes(saved, self.cfg)
+        changed = config_changes(saved, self.run.cfg)
         if changed:
             self.say(f"  settings changed since the checkpoint: {', '.join(changed[:8])}")
 
@@ -154,26 +159,26 @@ class Session:
         """About what `checkpoints_keep` checkpoints and one being written take."""
         adapter = sum(p.numel() * p.element_size() for p in self.params.values())
         per_checkpoint = adapter * (3 + (1 if self.ema else 0)) + 2**20
-        return per_checkpoint * (self.cfg.train.checkpoints_keep + 1)
+        return per_checkpoint * (self.run.cfg.train.checkpoints_keep + 1)
 
     def start_trackers(self) -> None:
-        if self.cfg.train.log_with == "none":
+        if self.run.cfg.train.log_with == "none":
             return
         kwargs = {"tensorboard": {"purge_step": self.state.step + 1}} if self.state.step else {}
-        self.accelerator.init_trackers(
-            self.cfg.name, config=flat_config(self.cfg), init_kwargs=kwargs
+        self.run.accelerator.init_trackers(
+            self.run.cfg.name, config=flat_config(self.run.cfg), init_kwargs=kwargs
         )
 
     # --- each step ---------------------------------------------------------------------
 
     def epoch_batches(self) -> DataLoader:
         """This epoch's loader, past the batches a resumed run has already drawn."""
-        self.sampler.set_epoch(self.state.epoch)
-        if hasattr(self.loader, "set_epoch"):
-            self.loader.set_epoch(self.state.epoch)  # accelerate re-sets the sampler's epoch
+        self.run.sampler.set_epoch(self.state.epoch)
+        if hasattr(self.run.loader, "set_epoch"):
+            self.run.loader.set_epoch(self.state.epoch)  # accelerate re-sets the sampler's epoch
         if self.state.position:
-            return self.accelerator.skip_first_batches(self.loader, self.state.position)
-        return self.loader
+            return self.run.accelerator.skip_first_batches(self.run.loader, self.state.position)
+        return self.run.loader
 
     def optimizer_step(self, loss: torch.Tensor) -> bool:
         """At the end of an accumulation window: clip and step unless anything is non-finite.
@@ -183,18 +188,14 @@ class Session:
         scaler skips (it overflowed; the scaler lowers its scale) is not taken and not counted.
         """
         self.window.append(loss.detach().float().item())
-        if not self.accelerator.sync_gradients:
+        if not self.run.accelerator.sync_gradients:
             return False
-        params = optimizer_params(self.optimizer)
-        scaled = self.accelerator.scaler is not None
-        finite = not any_process(self.accelerator, not step_is_finite(self.window, params, scaled))
-        stepped = finite
-        if finite:
-            if self.cfg.train.max_grad_norm > 0:
-                self.accelerator.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
-            self.optimizer.step()
-            stepped = not self.accelerator.optimizer_step_was_skipped
-        self.optimizer.zero_grad(set_to_none=True)
+        params = optimizer_params(self.run.optimizer)
+        scaled = self.run.accelerator.scaler is not None
+        finite = not any_process(
+            self.run.accelerator, not step_is_finite(self.window, params, scaled)
+        )
+        stepped = optimizer_step(self.run, finite)
         loss_value = sum(self.window) / len(self.window)
         self.window.clear()
         self.record_guard(finite)
@@ -213,39 +214,39 @@ class Session:
 
     def after_step(self, stop: StopRequest) -> None:
         """Everything that follows an optimizer step, each only when it is due."""
-        cfg, state = self.cfg, self.state
-        self.lr_scheduler.step()
+        cfg, state = self.run.cfg, self.state
+        self.run.lr_scheduler.step()
         if self.ema:
             self.ema.update()
         state.step += 1
         self.session_steps += 1
-        state.lrs.append(self.lr_scheduler.get_last_lr()[0])
+        state.lrs.append(self.run.lr_scheduler.get_last_lr()[0])
         self.log_step()
         if self.run.validation and state.step % cfg.validation.every_n_steps == 0:
             self.validate()
         if self.previewer and due(state.step, cfg.sample.every_n_steps, cfg.train.max_steps):
             self.preview()
         inject_fault("interrupt", state.step)
-        self.stopping = any_process(self.accelerator, stop.requested)
+        self.stopping = any_process(self.run.accelerator, stop.requested)
         if self.stopping or due(state.step, cfg.train.checkpoint_every_n_steps):
             self.checkpoint()
 
     def end_epoch(self) -> None:
         self.state.epoch += 1
         self.state.position = 0
-        every = self.cfg.sample.every_n_epochs
+        every = self.run.cfg.sample.every_n_epochs
         if self.previewer and every and self.state.epoch % every == 0:
             self.preview()
 
     @property
     def done(self) -> bool:
-        return self.stopping or self.state.step >= self.cfg.train.max_steps
+        return self.stopping or self.state.step >= self.run.cfg.train.max_steps
 
     def log_step(self) -> None:
         state = self.state
         values = {"loss": state.losses[-1], "lr": state.lrs[-1], "skipped_steps": state.skipped}
         with self.side_task(f"the log of step {state.step}"):
-            self.accelerator.log(values, step=state.step)
+            self.run.accelerator.log(values, step=state.step)
         if self.progress is not None:
             self.progress.update(1)
             postfix = {"loss": f"{state.losses[-1]:.4f}", "lr": f"{state.lrs[-1]:.2e}"}
@@ -254,40 +255,46 @@ class Session:
             self.progress.set_postfix(postfix)
 
     def validate(self) -> None:
-        loss = validation_loss(self.family, self.unet, self.run.objective, self.run.validation)
+        loss = validation_loss(
+            self.run.family, self.run.unet, self.run.objective, self.run.validation
+        )
         self.state.validation.append((self.state.step, loss))
-        self.accelerator.log({"validation_loss": loss}, step=self.state.step)
+        self.run.accelerator.log({"validation_loss": loss}, step=self.state.step)
         self.say(f"step {self.state.step}: validation loss {loss:.5f}")
 
     def preview(self) -> None:
         step = self.state.step
-        relative = f"samples/{self.cfg.name}_{step:06d}.png"
+        relative = f"samples/{self.run.cfg.name}_{step:06d}.png"
         # Every process records it: whether a preview is still due decides who waits where.
         if not self.state.previews or self.state.previews[-1][0] != step:
             self.state.previews.append((step, relative))
         if self.main:
             with self.side_task(f"the preview at step {step}"):
-                with visiting(self.idle, self.accelerator.device):
+                with visiting(self.run.idle, self.run.accelerator.device):
                     sheet = self.previewer.render()
-                with atomic_path(self.cfg.output_dir / relative) as tmp:
+                with atomic_path(self.run.cfg.output_dir / relative) as tmp:
                     sheet.save(tmp, format="PNG")
                 self.log_image(sheet)
             self.report("running")
-        self.accelerator.wait_for_everyone()
+        self.run.accelerator.wait_for_everyone()
 
     def log_image(self, sheet) -> None:
-        if self.cfg.train.log_with != "tensorboard":
+        if self.run.cfg.train.log_with != "tensorboard":
             return
-        tracker = self.accelerator.get_tracker("tensorboard")
+        tracker = self.run.accelerator.get_tracker("tensorboard")
         tracker.log_images(
             {"preview": np.asarray(sheet)[None]}, step=self.state.step, dataformats="NHWC"
         )
 
+    def seconds_trained(self) -> float:
+        """Seconds of training over every session of this run, to now."""
+        return self.seconds_before + time.time() - self.began
+
     def checkpoint(self) -> Path:
         state = self.state
-        state.seconds = self.seconds_before + time.time() - self.started
+        state.seconds = self.seconds_trained()
         folder = self.checkpointer.save(
-            state, self.lr_scheduler.state_dict(), self.cfg.model_dump(mode="json")
+            state, self.run.lr_scheduler.state_dict(), self.run.cfg.model_dump(mode="json")
         )
         self.say(f"checkpoint: step {state.step} saved to {folder}")
         return folder
@@ -296,7 +303,7 @@ class Session:
 
     @property
     def adapter_path(self) -> Path:
-        return self.cfg.output_dir / f"{self.cfg.name}.safetensors"
+        return self.run.cfg.output_dir / f"{self.run.cfg.name}.safetensors"
 
     def finish(self, stop: StopRequest) -> RunResult:
         """After the loop: the result of an interrupted run, or the last preview and export.
@@ -305,7 +312,7 @@ class Session:
         adapter written); one before it skips a final preview that is still due.
         """
         state = self.state
-        if self.stopping and state.step < self.cfg.train.max_steps:
+        if self.stopping and state.step < self.run.cfg.train.max_steps:
             self.report(f"interrupted at step {state.step}")
             result = self.result(None)
             result.interrupted = True
@@ -324,11 +331,11 @@ class Session:
     def export(self) -> Path | None:
         """Write the adapter (and its EMA, beside it or instead of it); return the EMA path."""
         adapter_path = self.adapter_path
-        self.accelerator.wait_for_everyone()
+        self.run.accelerator.wait_for_everyone()
         ema_path = None
-        if self.ema and self.cfg.train.ema_export == "beside":
+        if self.ema and self.run.cfg.train.ema_export == "beside":
             ema_path = adapter_path.with_name(f"{adapter_path.stem}-ema.safetensors")
-        with full_adapter_weights(self.accelerator, self.unet):
+        with full_adapter_weights(self.run.accelerator, self.run.unet):
             if self.main:
                 self.write_adapters(adapter_path, ema_path)
         return ema_path
@@ -339,12 +346,12 @@ class Session:
         metadata = self.metadata(self.state.step, epochs)
         if self.ema and not ema_path:
             with self.ema.swapped_in():
-                save_lora_file(adapter_path, self.family, self.adapted, metadata)
+                save_lora_file(adapter_path, self.run.family, self.run.adapted, metadata)
         else:
-            save_lora_file(adapter_path, self.family, self.adapted, metadata)
+            save_lora_file(adapter_path, self.run.family, self.run.adapted, metadata)
         if ema_path:
             with self.ema.swapped_in():
-                save_lora_file(ema_path, self.family, self.adapted, metadata)
+                save_lora_file(ema_path, self.run.family, self.run.adapted, metadata)
         self.say(f"saved {adapter_path}" + (f" and {ema_path}" if ema_path else ""))
 
     def report(self, status: str) -> None:
@@ -355,12 +362,12 @@ class Session:
 
     def written_previews(self) -> list[tuple[int, str]]:
         """The previews on disk: a failed one stays in the state, which every process shares."""
-        return [(s, p) for s, p in self.state.previews if (self.cfg.output_dir / p).is_file()]
+        return [(s, p) for s, p in self.state.previews if (self.run.cfg.output_dir / p).is_file()]
 
     def write_report(self, status: str) -> None:
-        state, cfg = self.state, self.cfg
-        seconds = self.seconds_before + time.time() - self.started
-        per_step = (time.time() - self.started) / max(self.session_steps, 1)
+        state, cfg = self.state, self.run.cfg
+        seconds = self.seconds_trained()
+        per_step = (time.time() - self.began) / max(self.session_steps, 1)
         left = max(cfg.train.max_steps - state.step, 0) * per_step
         data = ReportData(
             name=cfg.name,
@@ -372,7 +379,7 @@ class Session:
             validation=state.validation,
             previews=self.written_previews(),
             skipped=state.skipped,
-            dataset=self.dataset_lines,
+            dataset=self.run.dataset_lines,
             config=cfg.model_dump(mode="json"),
             timings={
                 "report written": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -389,7 +396,7 @@ class Session:
             adapter_path=self.adapter_path,
             steps=state.step,
             losses=state.losses,
-            previews=[self.cfg.output_dir / path for _, path in self.written_previews()],
+            previews=[self.run.cfg.output_dir / path for _, path in self.written_previews()],
             ema_path=ema_path,
             skipped=state.skipped,
             validation=state.validation,
@@ -399,7 +406,7 @@ class Session:
         if self.progress is not None:
             self.progress.close()
             self.progress = None
-        self.accelerator.end_training()
+        self.run.accelerator.end_training()
 
 
 def due(step: int, every: int, last: int | None = None) -> bool:
