@@ -55,8 +55,6 @@ from stylelora.train.optim import check_optimizer
 from stylelora.train.placement import WEIGHT_DTYPES
 from stylelora.train.run import TrainingRun, build_run, training_step
 
-SKELETONS = {"sd15": "sd15", "sdxl": "sdxl"}
-
 
 def random_component(folder: Path, library: str, class_name: str):
     """A pipeline component from its config alone: random weights, real sizes."""
@@ -73,7 +71,7 @@ def random_component(folder: Path, library: str, class_name: str):
 
 def random_family(name: str, dtype: torch.dtype) -> ModelFamily:
     """The full-size `name` pipeline with random weights, built directly in `dtype`."""
-    folder = skeleton_dir(SKELETONS[name])
+    folder = skeleton_dir(name)
     index = json.loads((folder / "model_index.json").read_text())
     pipeline_cls = getattr(importlib.import_module("diffusers"), index["_class_name"])
     previous = torch.get_default_dtype()

@@ -81,7 +81,7 @@ def test_sample_compare_puts_base_and_adapted_side_by_side(demo_run, tmp_path):
     ("family", "pipeline"),
     [
         ("sd15", "StableDiffusionPipeline"),
-        ("sd2v", "StableDiffusionPipeline"),
+        ("sd2", "StableDiffusionPipeline"),
         ("sdxl", "StableDiffusionXLPipeline"),
     ],
 )
@@ -103,7 +103,7 @@ def test_make_tiny_model_writes_a_loadable_diffusers_folder(tmp_path, family, pi
 
 def test_make_tiny_model_names_the_families_it_knows(tmp_path):
     result = run("make-tiny-model", "--family", "sd3", str(tmp_path / "tiny"))
-    assert_one_line_error(result, "'sd3'", "sd15, sd2v, sdxl")
+    assert_one_line_error(result, "'sd3'", "sd15, sd2, sdxl")
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

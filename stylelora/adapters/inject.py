@@ -13,12 +13,7 @@ from peft.tuners.lora import LoraLayer
 
 from stylelora.adapters.dora import use_column_dora
 from stylelora.adapters.dropout import add_module_dropout
-from stylelora.adapters.targets import (
-    TEXT_ENCODER_TARGETS,
-    UNET_TARGETS,
-    Targets,
-    unet_targets,
-)
+from stylelora.adapters.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS, Targets
 from stylelora.config import AdapterConfig
 from stylelora.families.base import ModelFamily
 
@@ -66,12 +61,12 @@ def inject_adapters(family: ModelFamily, cfg: AdapterConfig) -> dict[str, torch.
 
     adapted = {"lora_unet": family.unet}
     conv = (cfg.conv_rank or cfg.rank, cfg.conv_alpha or cfg.alpha)
-    targets = unet_targets(family.unet, cfg.unet_targets)
+    targets = family.denoiser_targets(cfg.unet_targets)
     add_adapter(family.unet, lora_config(cfg.rank, cfg.alpha, targets, cfg, conv), cfg)
     if cfg.text_encoder:
         rank = cfg.text_encoder_rank or cfg.rank
         alpha = cfg.text_encoder_alpha or cfg.alpha
-        te_targets = Targets(main=TEXT_ENCODER_TARGETS[cfg.text_encoder_targets])
+        te_targets = family.text_encoder_targets(cfg.text_encoder_targets)
         for prefix, encoder in family.text_encoders().items():
             add_adapter(encoder, lora_config(rank, alpha, te_targets, cfg, conv), cfg)
             adapted[prefix] = encoder

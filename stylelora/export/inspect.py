@@ -16,7 +16,7 @@ from stylelora.adapters.state import (
 from stylelora.errors import UserError
 from stylelora.export.convert import adapter_format, diffusers_parts
 from stylelora.export.lora_file import file_hashes
-from stylelora.export.names import file_skeleton
+from stylelora.export.names import file_family
 
 KINDS = (
     ("attn1", "self-attention"),
@@ -56,7 +56,7 @@ def describe(path: Path, adapter: Adapter, fmt: str) -> list[str]:
     lines = [
         f"file: {path} ({path.stat().st_size / 2**20:.2f} MiB)",
         f"format: {fmt}" + (" + DoRA (dora_scale)" if adapter.is_dora else ""),
-        f"family: {file_skeleton(adapter)}"
+        f"family: {file_family(adapter).name}"
         + ("" if "ss_base_model_version" in adapter.metadata else " (told from names/shapes)"),
         f"modules: {len(modules)} ("
         + ", ".join(f"{c}: {n}" for c, n in sorted(components.items()))

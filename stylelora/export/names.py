@@ -8,20 +8,13 @@ names some trainers write (`lora_unet_down_blocks_1_attentions_0_...`).
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
 from stylelora.adapters.state import Adapter
 from stylelora.families import FAMILIES
 from stylelora.families.base import ModelFamily
-
-# ss_base_model_version prefix -> bundled skeleton; cross-attention width -> skeleton.
-VERSION_SKELETONS = (("sdxl", "sdxl"), ("sd_v2", "sd21v"), ("sd_v1", "sd15"))
-CONTEXT_SKELETONS = {768: "sd15", 1024: "sd21v", 2048: "sdxl"}
-SKELETON_FAMILY = {"sd15": "sd15", "sd21v": "sd2", "sdxl": "sdxl"}
 
 
 @dataclass(frozen=True)
@@ -48,38 +41,23 @@ def family_targets(family: ModelFamily) -> dict[str, Target]:
     return names
 
 
-def file_skeleton(adapter: Adapter) -> str:
-    """The bundled skeleton (sd15, sd21v, sdxl) of the family an adapter was made for."""
-    version = adapter.metadata.get("ss_base_model_version", "")
-    for prefix, skeleton in VERSION_SKELETONS:
-        if version.startswith(prefix):
-            return skeleton
-    names = adapter.modules
-    if any(n.startswith(("lora_te1_", "lora_te2_")) or "_input_blocks_" in n for n in names):
-        return "sdxl"
-    for name, module in names.items():
-        if name.startswith("lora_unet_") and name.endswith("attn2_to_k"):
-            return CONTEXT_SKELETONS.get(module.down.shape[1], "sd15")
-    return "sd15"
+def file_family(adapter: Adapter) -> type[ModelFamily]:
+    """The family an adapter was made for: its `ss_base_model_version`, else its names, else
+    its cross-attention width; SD1.x when nothing tells."""
+    return adapter_family(
+        adapter.metadata.get("ss_base_model_version", ""),
+        list(adapter.modules),
+        [m.down.shape[1] for n, m in adapter.modules.items() if n.endswith("attn2_to_k")],
+    )
 
 
-def meta_family(skeleton: str) -> ModelFamily:
-    """The real architecture of a bundled skeleton, on the meta device (no weights, no memory)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from stylelora.families.skeletons import skeleton_dir
-
-    folder = skeleton_dir(skeleton)
-    parts = {}
-    with torch.device("meta"):
-        config = UNet2DConditionModel.load_config(folder / "unet")
-        parts["unet"] = UNet2DConditionModel.from_config(config)
-        classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
-        for attr, cls in classes.items():
-            if (folder / attr).is_dir():
-                parts[attr] = cls(CLIPTextConfig.from_pretrained(folder / attr))
-    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    parts["scheduler"] = SimpleNamespace(config=scheduler)
-    family_cls = next(f for f in FAMILIES if f.name == SKELETON_FAMILY[skeleton])
-    return family_cls(SimpleNamespace(**parts))
+def adapter_family(version: str, names: list[str], context_widths: list[int]) -> type[ModelFamily]:
+    """The family of an adapter file in any layout, from what it says of itself."""
+    for family in FAMILIES:
+        if version.startswith(family.kohya_version_prefix):
+            return family
+    for family in FAMILIES:
+        if family.claims_names(names):
+            return family
+    by_width = {family.context_width: family for family in FAMILIES}
+    return by_width.get(context_widths[0], FAMILIES[0]) if context_widths else FAMILIES[0]

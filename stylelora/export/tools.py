@@ -18,28 +18,23 @@ from stylelora.export.convert import (
 from stylelora.export.inspect import inspect_file
 from stylelora.export.lora_file import write_lora_tensors
 from stylelora.export.merge import merge_adapters, parse_weighted, save_merged
-from stylelora.export.names import CONTEXT_SKELETONS, meta_family
+from stylelora.export.names import adapter_family, file_family
 from stylelora.export.resize import resize_adapter
 from stylelora.families.base import ModelFamily
 
 
-def naming_family(model: str | None, skeleton: str) -> ModelFamily:
+def naming_family(model: str | None, family: type[ModelFamily]) -> ModelFamily:
     """The model whose module paths kohya names map to: `--model`, or the real architecture."""
     if model:
         from stylelora.families import load_family
 
         return load_family(model)
-    return meta_family(skeleton)
+    return family.on_meta_device()
 
 
-def diffusers_skeleton(tensors: dict, metadata: dict[str, str]) -> str:
-    version = metadata.get("ss_base_model_version", "")
-    if version.startswith("sdxl") or any(k.startswith("text_encoder_2.") for k in tensors):
-        return "sdxl"
-    if version.startswith("sd_v2"):
-        return "sd21v"
+def diffusers_family(tensors: dict, metadata: dict[str, str]) -> type[ModelFamily]:
     widths = [v.shape[1] for k, v in tensors.items() if "attn2.to_k.lora_A" in k]
-    return CONTEXT_SKELETONS.get(widths[0], "sd15") if widths else "sd15"
+    return adapter_family(metadata.get("ss_base_model_version", ""), list(tensors), widths)
 
 
 def load_any(path: Path, model: str | None) -> tuple[Adapter, str]:
@@ -50,19 +45,17 @@ def load_any(path: Path, model: str | None) -> tuple[Adapter, str]:
         return read_adapter(path), fmt
     if fmt in ("diffusers", "peft"):
         parts = diffusers_parts(path, fmt)
-        family = naming_family(model, diffusers_skeleton(parts[0], parts[1]))
+        family = naming_family(model, diffusers_family(parts[0], parts[1]))
         return diffusers_adapter(parts, family, path), fmt
     raise UserError(f"{path}: neither a kohya, a diffusers nor a PEFT LoRA file")
 
 
 def run_export(path: Path, fmt: str, out: Path, model: str | None) -> str:
-    from stylelora.export.names import file_skeleton
-
     adapter, source_format = load_any(path, model)
     if fmt == "kohya":
         write_lora_tensors(out, adapter.tensors(), adapter.metadata)
     else:
-        family = naming_family(model, file_skeleton(adapter))
+        family = naming_family(model, file_family(adapter))
         writer = write_diffusers if fmt == "diffusers" else write_peft
         writer(out, adapter, family, str(path))
     return f"wrote {out} ({source_format} -> {fmt}, {len(adapter.modules)} modules)"

@@ -6,7 +6,7 @@ import pickle
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 from safetensors import SafetensorError, safe_open
 
 from stylelora.errors import UserError, first_line
@@ -18,15 +18,8 @@ from stylelora.families.sdxl import SDXL
 from stylelora.families.skeletons import skeleton_dir
 from stylelora.families.tiny import tiny_model_path
 
+# Every family; adding one is its module (a ModelFamily subclass) plus its line here.
 FAMILIES: list[type[ModelFamily]] = [SD15, SD2, SDXL]
-
-
-# A single file's family, told by a key only that family's checkpoints have, in this order.
-SINGLE_FILE_MARKERS = (
-    ("conditioner.embedders.1.", "sdxl", StableDiffusionXLPipeline),
-    ("cond_stage_model.model.", "sd21v", StableDiffusionPipeline),  # OpenCLIP: SD2.x
-    ("cond_stage_model.transformer.", "sd15", StableDiffusionPipeline),
-)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -78,13 +71,13 @@ def checkpoint_keys(path: Path) -> list[str]:
     return list(state)
 
 
-def single_file_family(path: Path) -> tuple[str, type[DiffusionPipeline]]:
-    """The skeleton name and pipeline class of an AUTOMATIC1111-layout checkpoint."""
+def single_file_family(path: Path) -> type[ModelFamily]:
+    """The family of an AUTOMATIC1111-layout checkpoint, told by its keys."""
     keys = checkpoint_keys(path)
     if any(key.startswith("model.diffusion_model.") for key in keys):
-        for marker, skeleton, pipeline in SINGLE_FILE_MARKERS:
-            if any(key.startswith(marker) for key in keys):
-                return skeleton, pipeline
+        for family in FAMILIES:
+            if any(key.startswith(family.single_file_marker) for key in keys):
+                return family
     raise UserError(
         f"{path}: not an SD1.x, SD2.x or SDXL checkpoint in AUTOMATIC1111 layout "
         "(no model.diffusion_model.* with cond_stage_model.* or conditioner.* keys)"
@@ -96,17 +89,17 @@ def load_single_file(path: Path, dtype: torch.dtype, config: str | None) -> Diff
 
     diffusers reads .ckpt files with torch.load(weights_only=True), as checkpoint_keys does.
     """
-    skeleton, pipeline = single_file_family(path)
+    family = single_file_family(path)
     try:
-        pipe = pipeline.from_single_file(
+        pipe = family.pipeline_class.from_single_file(
             str(path),
-            config=str(config or skeleton_dir(skeleton)),
+            config=str(config or skeleton_dir(family.name)),
             local_files_only=True,
             torch_dtype=dtype,
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UserError(
-            f"{path}: could not load this {skeleton} checkpoint ({first_line(exc)})"
+            f"{path}: could not load this {family.name} checkpoint ({first_line(exc)})"
         ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -8,12 +8,16 @@ the training objective (`objective.py`), and how kohya names the adapted modules
 from __future__ import annotations
 
 import inspect
+import json
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
+from stylelora.adapters.targets import TEXT_ENCODER_TARGETS, Targets, unet_targets
 from stylelora.errors import UserError
 from stylelora.families.objective import DDPMObjective, Objective
 
@@ -22,13 +26,26 @@ Generators = torch.Generator | list[torch.Generator]
 
 
 class ModelFamily:
-    """Base class: SD1.x behaviour; subclasses override what their family changes."""
+    """Base class: SD1.x behaviour; subclasses override what their family changes.
 
+    A family is one module: this class with its tables below, its bundled component configs
+    (`skeletons/<name>/`, for single files and for naming without a model) and its tiny builder.
+    """
+
+    # The family's one name: `tiny:<name>`, `skeletons/<name>/`, `stylelora inspect`'s answer.
     name: ClassVar[str]
+    # The diffusers pipeline class its models load as (single files too).
+    pipeline_class: ClassVar[type[DiffusionPipeline]]
+    # A tensor-name prefix only this family's AUTOMATIC1111-layout single files have.
+    single_file_marker: ClassVar[str]
+    # The UNet's cross-attention width: tells an adapter file without metadata by its shapes.
+    context_width: ClassVar[int]
     # The `ss_base_model_version` AUTOMATIC1111 and ComfyUI read to tell families apart.
     kohya_base_version: ClassVar[str]
-    # Every `ss_base_model_version` whose adapters fit this family's modules.
+    # Every `ss_base_model_version` whose adapters fit this family's modules, and the prefix
+    # they share (an adapter file's family is told by it: "sdxl" also covers "sdxl_base_v0-9").
     kohya_versions: ClassVar[tuple[str, ...]]
+    kohya_version_prefix: ClassVar[str]
     # The SAI model-spec architecture id (`modelspec.architecture`, with "/lora" appended).
     modelspec_architecture: ClassVar[str]
     # kohya key prefix -> pipeline attribute of each text encoder.
@@ -50,6 +67,38 @@ class ModelFamily:
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
         raise NotImplementedError
+
+    @classmethod
+    def claims_names(cls, names: list[str]) -> bool:
+        """Whether an adapter's module names (kohya or diffusers) can only be this family's."""
+        return False
+
+    @classmethod
+    def build_tiny(cls, folder: Path) -> DiffusionPipeline:
+        """A tiny random pipeline of this layout (its tokenizers written into `folder`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def on_meta_device(cls) -> ModelFamily:
+        """The real architecture, from the bundled configs, on the meta device (no weights,
+        no memory): what names kohya files when no model is given."""
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        from stylelora.families.skeletons import skeleton_dir
+
+        folder = skeleton_dir(cls.name)
+        parts = {}
+        with torch.device("meta"):
+            config = UNet2DConditionModel.load_config(folder / "unet")
+            parts["unet"] = UNet2DConditionModel.from_config(config)
+            classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+            for attr, text_cls in classes.items():
+                if (folder / attr).is_dir():
+                    parts[attr] = text_cls(CLIPTextConfig.from_pretrained(folder / attr))
+        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        parts["scheduler"] = SimpleNamespace(config=scheduler)
+        return cls(SimpleNamespace(**parts))
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -97,6 +146,14 @@ class ModelFamily:
                 scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
             )
         self.pipe.scheduler = scheduler
+
+    def denoiser_targets(self, preset: str) -> Targets:
+        """The denoiser's modules a target preset adapts (kohya's rules for SD UNets)."""
+        return unet_targets(self.unet, preset)
+
+    def text_encoder_targets(self, preset: str) -> Targets:
+        """The text encoders' modules a target preset adapts (CLIP's names, as kohya)."""
+        return Targets(main=list(TEXT_ENCODER_TARGETS[preset]))
 
     def text_encoders(self) -> dict[str, torch.nn.Module]:
         """Text encoders keyed by their kohya prefix."""

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from pathlib import Path
+
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 
 from stylelora.families.base import ModelFamily
+from stylelora.families.tiny import (
+    SCHEDULER,
+    tiny_text_encoder,
+    tiny_unet,
+    tiny_vae,
+    write_tiny_tokenizer,
+)
 
 
 class SD2(ModelFamily):
     name = "sd2"
+    pipeline_class = StableDiffusionPipeline
     kohya_versions = ("sd_v2", "sd_v2_v")
+    kohya_version_prefix = "sd_v2"
+    single_file_marker = "cond_stage_model.model."  # OpenCLIP
     single_file_text_encoders = {"text_encoder": ("cond_stage_model.model.", "openclip")}
+    context_width = 1024
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
@@ -18,6 +31,29 @@ class SD2(ModelFamily):
             return False
         # OpenCLIP's text tower uses gelu where OpenAI's CLIP (SD1) uses quick_gelu.
         return pipe.text_encoder.config.hidden_act == "gelu"
+
+    @classmethod
+    def build_tiny(cls, folder: Path) -> DiffusionPipeline:
+        """SD2.x-v layout: gelu (OpenCLIP) text encoder, linear projections, v-prediction."""
+        tokenizer = write_tiny_tokenizer(folder / "tokenizer")
+        unet = tiny_unet(
+            attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True
+        )
+        scheduler = DDIMScheduler(
+            **{k: v for k, v in SCHEDULER.items() if k != "skip_prk_steps"},
+            clip_sample=False,
+            prediction_type="v_prediction",
+        )
+        return StableDiffusionPipeline(
+            vae=tiny_vae(),
+            text_encoder=tiny_text_encoder(len(tokenizer), hidden_act="gelu"),
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
 
     @property
     def kohya_base_version(self) -> str:  # type: ignore[override]

@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, EulerDiscreteScheduler, StableDiffusionXLPipeline
+from transformers import CLIPTextModelWithProjection
 
 from stylelora.families.base import ModelFamily
 from stylelora.families.ldm import original_unet_path
+from stylelora.families.tiny import (
+    SCHEDULER,
+    tiny_text_config,
+    tiny_text_encoder,
+    tiny_unet,
+    tiny_vae,
+    write_tiny_tokenizer,
+)
 
 
 class SDXL(ModelFamily):
     name = "sdxl"
+    pipeline_class = StableDiffusionXLPipeline
     kohya_base_version = "sdxl_base_v1-0"
     kohya_versions = ("sdxl_base_v1-0",)
+    kohya_version_prefix = "sdxl"
     modelspec_architecture = "stable-diffusion-xl-v1-base"
     text_encoder_attrs = {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
     single_file_text_encoders = {
         "text_encoder": ("conditioner.embedders.0.transformer.", "clip"),
         "text_encoder_2": ("conditioner.embedders.1.model.", "openclip"),
     }
+    single_file_marker = "conditioner.embedders.1."
+    context_width = 2048
 
     def __init__(self, pipe: DiffusionPipeline, clip_skip: int | None = None):
         super().__init__(pipe)
@@ -35,6 +49,52 @@ class SDXL(ModelFamily):
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
         return isinstance(pipe, StableDiffusionXLPipeline)
+
+    @classmethod
+    def claims_names(cls, names: list[str]) -> bool:
+        """Two text encoders (kohya's or diffusers' names), or the UNet's sgm names."""
+        marks = ("lora_te1_", "lora_te2_", "text_encoder_2.")
+        return any(n.startswith(marks) or "_input_blocks_" in n for n in names)
+
+    @classmethod
+    def build_tiny(cls, folder: Path) -> DiffusionPipeline:
+        """SDXL layout: CLIP and OpenCLIP-with-projection text encoders, size/crop time ids."""
+        tokenizer = write_tiny_tokenizer(folder / "tokenizer")
+        tokenizer_2 = write_tiny_tokenizer(folder / "tokenizer_2")
+        # Widths differ as in the real model (768, 1280): single-file loading tells them apart so.
+        text_encoder_2 = CLIPTextModelWithProjection(
+            tiny_text_config(len(tokenizer_2), "gelu", hidden_size=48)
+        )
+        time_dim = 8
+        unet = tiny_unet(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+            cross_attention_dim=32 + 48,  # both encoders' hidden states side by side
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim
+            + text_encoder_2.config.projection_dim,
+        )
+        scheduler = EulerDiscreteScheduler(
+            **{
+                k: v
+                for k, v in SCHEDULER.items()
+                if k not in ("skip_prk_steps", "set_alpha_to_one")
+            },
+            timestep_spacing="leading",
+        )
+        return StableDiffusionXLPipeline(
+            vae=tiny_vae(scaling_factor=0.13025, force_upcast=True),
+            text_encoder=tiny_text_encoder(len(tokenizer)),
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+        )
 
     def vae_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         # The SDXL VAE overflows to NaN in fp16; bf16 has the range it needs.

@@ -1,4 +1,5 @@
-"""Tiny random pipelines with the real families' layout, for the demo and the tests.
+"""Tiny random pipelines with the real families' layout, for the demo and the tests: the parts
+each family's `build_tiny` puts together, and the cached, atomically written folders.
 
 They are saved with `save_pretrained` and loaded back through the same `from_pretrained` code a
 user's real model takes, so the whole path is exercised offline.
@@ -10,24 +11,16 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
-    DiffusionPipeline,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
-    CLIPTextModelWithProjection,
     CLIPTokenizer,
 )
 
@@ -112,87 +105,13 @@ def tiny_unet(**layout) -> UNet2DConditionModel:
     return UNet2DConditionModel(**{**base, **layout})
 
 
-def build_tiny_sd15(folder: Path) -> DiffusionPipeline:
-    tokenizer = write_tiny_tokenizer(folder / "tokenizer")
-    return StableDiffusionPipeline(
-        vae=tiny_vae(),
-        text_encoder=tiny_text_encoder(len(tokenizer)),
-        tokenizer=tokenizer,
-        unet=tiny_unet(),
-        scheduler=PNDMScheduler(**SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def build_tiny_sd2v(folder: Path) -> DiffusionPipeline:
-    """SD2.x-v layout: gelu (OpenCLIP) text encoder, linear projections, v-prediction."""
-    tokenizer = write_tiny_tokenizer(folder / "tokenizer")
-    unet = tiny_unet(attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
-    scheduler = DDIMScheduler(
-        **{k: v for k, v in SCHEDULER.items() if k != "skip_prk_steps"},
-        clip_sample=False,
-        prediction_type="v_prediction",
-    )
-    return StableDiffusionPipeline(
-        vae=tiny_vae(),
-        text_encoder=tiny_text_encoder(len(tokenizer), hidden_act="gelu"),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def build_tiny_sdxl(folder: Path) -> DiffusionPipeline:
-    """SDXL layout: CLIP and OpenCLIP-with-projection text encoders, size/crop time ids."""
-    tokenizer = write_tiny_tokenizer(folder / "tokenizer")
-    tokenizer_2 = write_tiny_tokenizer(folder / "tokenizer_2")
-    # Widths differ as in the real model (768, 1280): single-file loading tells them apart so.
-    text_encoder_2 = CLIPTextModelWithProjection(
-        tiny_text_config(len(tokenizer_2), "gelu", hidden_size=48)
-    )
-    time_dim = 8
-    unet = tiny_unet(
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2),
-        cross_attention_dim=32 + 48,  # both encoders' hidden states side by side
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + text_encoder_2.config.projection_dim,
-    )
-    scheduler = EulerDiscreteScheduler(
-        **{k: v for k, v in SCHEDULER.items() if k not in ("skip_prk_steps", "set_alpha_to_one")},
-        timestep_spacing="leading",
-    )
-    return StableDiffusionXLPipeline(
-        vae=tiny_vae(scaling_factor=0.13025, force_upcast=True),
-        text_encoder=tiny_text_encoder(len(tokenizer)),
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=scheduler,
-    )
-
-
-BUILDERS: dict[str, Callable[[Path], DiffusionPipeline]] = {
-    "sd15": build_tiny_sd15,
-    "sd2v": build_tiny_sd2v,
-    "sdxl": build_tiny_sdxl,
-}
-
-
 def make_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
     """Write a complete diffusers-format tiny pipeline of `family` to `folder`, atomically."""
-    if family not in BUILDERS:
-        raise UserError(f"tiny model family {family!r}: choose one of {', '.join(BUILDERS)}")
+    from stylelora.families import FAMILIES
+
+    builders = {cls.name: cls.build_tiny for cls in FAMILIES}
+    if family not in builders:
+        raise UserError(f"tiny model family {family!r}: choose one of {', '.join(builders)}")
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         raise UserError(f"{folder}: folder is not empty; choose a new folder for the tiny model")
@@ -200,7 +119,7 @@ def make_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         torch.manual_seed(seed)
-        BUILDERS[family](staging).save_pretrained(staging)
+        builders[family](staging).save_pretrained(staging)
         give_umask_modes(staging)  # mkdtemp made it 0700, save_pretrained's safetensors 0600
         if folder.exists():
             folder.rmdir()

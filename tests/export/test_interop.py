@@ -32,8 +32,8 @@ def rendered(pipe):
 
 
 # tiny family -> the text-encoder prefixes its files carry
-TE_PREFIXES = {"sd15": {"lora_te"}, "sd2v": {"lora_te"}, "sdxl": {"lora_te1", "lora_te2"}}
-CASES = [("sd15", False), ("sd15", True), ("sd2v", True), ("sdxl", False), ("sdxl", True)]
+TE_PREFIXES = {"sd15": {"lora_te"}, "sd2": {"lora_te"}, "sdxl": {"lora_te1", "lora_te2"}}
+CASES = [("sd15", False), ("sd15", True), ("sd2", True), ("sdxl", False), ("sdxl", True)]
 
 
 @pytest.mark.parametrize(

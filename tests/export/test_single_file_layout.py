@@ -15,7 +15,7 @@ from stylelora.families.sd15 import SD15
 from stylelora.families.sdxl import SDXL
 from stylelora.families.skeletons import skeleton_dir
 
-CASES = {"sd15": SD15, "sd21v": SD2, "sdxl": SDXL}
+CASES = {"sd15": SD15, "sd2": SD2, "sdxl": SDXL}
 ENCODER_CLASSES = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
 
 

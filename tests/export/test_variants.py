@@ -14,9 +14,9 @@ from stylelora.export.apply import add_into_weights
 from stylelora.export.lora_file import save_lora_file
 from stylelora.families import detect_family
 
-FAMILIES = ["sd15", "sd2v", "sdxl"]
+FAMILIES = ["sd15", "sd2", "sdxl"]
 # cross-attn on every family is test_interop's; kohya's presets on every family, attention once.
-CASES = [(t, p) for t in FAMILIES for p in ("attn-mlp", "full")] + [("sd2v", "attention")]
+CASES = [(t, p) for t in FAMILIES for p in ("attn-mlp", "full")] + [("sd2", "attention")]
 
 
 @pytest.mark.parametrize(("tiny", "preset"), CASES)

@@ -24,7 +24,7 @@ from stylelora.train.trainer import train
 EXPECTED = {
     # tiny: (family, prediction type, ss_base_model_version, ss_v2, modelspec architecture)
     "sd15": ("sd15", "epsilon", "sd_v1", "False", "stable-diffusion-v1"),
-    "sd2v": ("sd2", "v_prediction", "sd_v2_v", "True", "stable-diffusion-v2-768-v"),
+    "sd2": ("sd2", "v_prediction", "sd_v2_v", "True", "stable-diffusion-v2-768-v"),
     "sdxl": ("sdxl", "epsilon", "sdxl_base_v1-0", "False", "stable-diffusion-xl-v1-base"),
 }
 PROMPT = SamplePrompt("a fish", width=64, height=64, seed=3, steps=2, guidance_scale=5.0)
@@ -41,14 +41,14 @@ def test_family_is_detected_with_its_metadata(tiny):
 
 
 def test_prediction_type_override_changes_the_sd2_version():
-    family = load_family("tiny:sd2v", prediction_type="epsilon")
+    family = load_family("tiny:sd2", prediction_type="epsilon")
     assert family.prediction_type == "epsilon"
     assert family.kohya_base_version == "sd_v2"
     assert family.modelspec_architecture == "stable-diffusion-v2-512"
 
 
 def test_zero_terminal_snr_rescales_training_and_preview_schedules():
-    family = load_family("tiny:sd2v", zero_terminal_snr=True)
+    family = load_family("tiny:sd2", zero_terminal_snr=True)
     training = family.training_objective().scheduler
     assert training.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-6)
     assert family.pipe.scheduler.config.timestep_spacing == "trailing"
@@ -120,7 +120,7 @@ def test_a_path_outside_the_unet_layout_has_no_sgm_name():
         original_unet_path("down_blocks.9.resnets.0.conv1", real_sdxl_unet_config())
 
 
-@pytest.mark.parametrize("tiny", ["sd2v", "sdxl"])
+@pytest.mark.parametrize("tiny", ["sd2", "sdxl"])
 def test_openclip_layers_get_q_k_v_and_out_together(tiny):
     """AUTOMATIC1111 skips an OpenCLIP attention layer unless all four projections are there."""
     family = load_family(f"tiny:{tiny}")
@@ -146,7 +146,7 @@ def test_sdxl_vae_stays_fp32_under_fp16_and_previews_render():
     assert np.isfinite(render(family.pipe, PROMPT, output_type="np")).all()
 
 
-@pytest.mark.parametrize("tiny", ["sd2v", "sdxl"])
+@pytest.mark.parametrize("tiny", ["sd2", "sdxl"])
 def test_family_trains_previews_and_exports(tiny, demo_subset, tmp_path):
     cfg = training_config(
         tmp_path,
@@ -173,7 +173,7 @@ def test_family_trains_previews_and_exports(tiny, demo_subset, tmp_path):
     assert any(k.startswith("lora_unet_") for k in keys)
 
 
-@pytest.mark.parametrize("tiny", ["sd15", "sd2v"])
+@pytest.mark.parametrize("tiny", ["sd15", "sd2"])
 def test_clip_skip_takes_an_earlier_layer_through_the_final_norm(tiny):
     family = load_family(f"tiny:{tiny}")
     captions = ["a fish", "a house"]

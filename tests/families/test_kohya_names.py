@@ -33,7 +33,7 @@ from stylelora.families.sdxl import SDXL
 from stylelora.families.skeletons import skeleton_dir
 
 DATA = Path(__file__).parent / "data"
-FAMILIES = {"sd15": SD15, "sd21v": SD2, "sdxl": SDXL}
+FAMILIES = {"sd15": SD15, "sd2": SD2, "sdxl": SDXL}
 ENCODER_CLASSES = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
 SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 

@@ -55,7 +55,7 @@ CASES: dict[str, tuple[str, tuple[str, ...]]] = {
         ),
     ),
     "sd2 v-prediction, zero terminal SNR, LoCon, min-SNR": (
-        "sd2v",
+        "sd2",
         (
             "adapter.unet_targets='full'",
             "adapter.conv_rank=2",

@@ -21,7 +21,7 @@ from stylelora.sample.render import render
 UNET = "model.diffusion_model.input_blocks.0.0.weight"
 MARKERS = {
     "sd15": "cond_stage_model.transformer.text_model.final_layer_norm.weight",
-    "sd21v": "cond_stage_model.model.ln_final.weight",
+    "sd2": "cond_stage_model.model.ln_final.weight",
     "sdxl": "conditioner.embedders.1.model.ln_final.weight",
 }
 
@@ -52,12 +52,13 @@ def checkpoint(folder, skeleton: str, suffix: str = ".safetensors"):
     ("skeleton", "pipeline"),
     [
         ("sd15", StableDiffusionPipeline),
-        ("sd21v", StableDiffusionPipeline),
+        ("sd2", StableDiffusionPipeline),
         ("sdxl", StableDiffusionXLPipeline),
     ],
 )
 def test_family_of_a_single_file_is_told_from_its_keys(tmp_path, skeleton, pipeline, suffix):
-    assert single_file_family(checkpoint(tmp_path, skeleton, suffix)) == (skeleton, pipeline)
+    family = single_file_family(checkpoint(tmp_path, skeleton, suffix))
+    assert (family.name, family.pipeline_class) == (skeleton, pipeline)
 
 
 def test_file_of_no_known_family_is_one_clear_line(tmp_path):
@@ -82,7 +83,7 @@ def test_other_suffixes_are_refused(tmp_path):
         load_pipeline(str(path))
 
 
-@pytest.mark.parametrize(("skeleton", "tiny"), [("sdxl", "sdxl"), ("sd21v", "sd2v")])
+@pytest.mark.parametrize(("skeleton", "tiny"), [("sdxl", "sdxl"), ("sd2", "sd2")])
 def test_single_file_loads_offline_with_the_family_skeleton(tmp_path, monkeypatch, skeleton, tiny):
     """Without `config`, the packaged skeleton is passed and the hub is never asked.
 
@@ -103,11 +104,11 @@ def test_single_file_loads_offline_with_the_family_skeleton(tmp_path, monkeypatc
     assert called_path == str(path)
     assert kwargs["config"] == str(skeleton_dir(skeleton))
     assert kwargs["local_files_only"] is True
-    assert family.name == {"sdxl": "sdxl", "sd21v": "sd2"}[skeleton]
+    assert family.name == {"sdxl": "sdxl", "sd2": "sd2"}[skeleton]
     assert family.prediction_type == "epsilon"  # the override reaches single files too
 
 
-@pytest.mark.parametrize(("tiny", "name"), [("sd15", "sd15"), ("sd2v", "sd2"), ("sdxl", "sdxl")])
+@pytest.mark.parametrize(("tiny", "name"), [("sd15", "sd15"), ("sd2", "sd2"), ("sdxl", "sdxl")])
 def test_single_file_renders_what_its_diffusers_folder_renders(tmp_path, tiny, name):
     """Our AUTOMATIC1111-layout writer, read back by diffusers' own from_single_file."""
     folder = tiny_model_path(tiny)

@@ -27,14 +27,14 @@ from stylelora.families import skeletons
 from stylelora.families.skeletons import build_tokenizer, skeleton_dir
 
 # Parameter counts of the released models (diffusers / transformers classes).
-UNET_PARAMS = {"sd15": 859_520_964, "sd21v": 865_910_724, "sdxl": 2_567_463_684}
+UNET_PARAMS = {"sd15": 859_520_964, "sd2": 865_910_724, "sdxl": 2_567_463_684}
 VAE_PARAMS = 83_653_863
 CLIP_L_TEXT = 123_060_480  # openai/clip-vit-large-patch14 text model (SD1.x, SDXL text_encoder)
 OPENCLIP_H_TEXT = 340_387_840  # SD2.x text_encoder (23 of OpenCLIP ViT-H's 24 layers)
 OPENCLIP_BIGG_TEXT_PROJ = 694_659_840  # SDXL text_encoder_2, with its projection
 TEXT_ENCODERS = {
     "sd15": {"text_encoder": (CLIPTextModel, CLIP_L_TEXT)},
-    "sd21v": {"text_encoder": (CLIPTextModel, OPENCLIP_H_TEXT)},
+    "sd2": {"text_encoder": (CLIPTextModel, OPENCLIP_H_TEXT)},
     "sdxl": {
         "text_encoder": (CLIPTextModel, CLIP_L_TEXT),
         "text_encoder_2": (CLIPTextModelWithProjection, OPENCLIP_BIGG_TEXT_PROJ),
@@ -44,14 +44,14 @@ TEXT_ENCODERS = {
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]
 PAD_TOKENS = {
     ("sd15", "tokenizer"): ("<|endoftext|>", 49407),
-    ("sd21v", "tokenizer"): ("!", 0),
+    ("sd2", "tokenizer"): ("!", 0),
     ("sdxl", "tokenizer"): ("<|endoftext|>", 49407),
     ("sdxl", "tokenizer_2"): ("!", 0),
 }
 EXPECTED = {
     # name: (pipeline class, scheduler class, prediction type, unet sample size, VAE scaling)
     "sd15": ("StableDiffusionPipeline", "PNDMScheduler", "epsilon", 64, 0.18215),
-    "sd21v": ("StableDiffusionPipeline", "DDIMScheduler", "v_prediction", 96, 0.18215),
+    "sd2": ("StableDiffusionPipeline", "DDIMScheduler", "v_prediction", 96, 0.18215),
     "sdxl": ("StableDiffusionXLPipeline", "EulerDiscreteScheduler", "epsilon", 128, 0.13025),
 }
 # SHA-256 of stabilityai/stable-diffusion-xl-base-1.0's own files (from Git LFS pointers of a
@@ -159,7 +159,7 @@ def test_family_details() -> None:
     def config(name: str, rel: str) -> dict:
         return json.loads((skeletons.source_dir(name) / rel).read_text())
 
-    sd21 = config("sd21v", "unet/config.json")
+    sd21 = config("sd2", "unet/config.json")
     assert sd21["upcast_attention"] is True and sd21["use_linear_projection"] is True
     assert config("sd15", "unet/config.json").get("use_linear_projection", False) is False
     sdxl_vae = config("sdxl", "vae/config.json")

@@ -27,7 +27,7 @@ def exported(tiny: str, folder, metadata: bool = True):
     [
         ("sdxl", "sd15", ["trained for sdxl_base_v1-0", "model is sd15 (sd_v1)"]),
         ("sd15", "sdxl", ["trained for sd_v1", "model is sdxl (sdxl_base_v1-0)"]),
-        ("sd2v", "sd15", ["trained for sd_v2_v", "model is sd15 (sd_v1)"]),
+        ("sd2", "sd15", ["trained for sd_v2_v", "model is sd15 (sd_v1)"]),
     ],
 )
 def test_adapter_of_another_family_is_refused(tmp_path, made_for, model, fragments):

@@ -82,7 +82,7 @@ def test_another_seed_gives_another_adapter(tiny_sd15_dir, demo_subset, tmp_path
     assert not torch.equal(tensors[0][key], tensors[1][key])
 
 
-@pytest.mark.parametrize("tiny", ["sd2v", "sdxl"])
+@pytest.mark.parametrize("tiny", ["sd2", "sdxl"])
 def test_each_family_trains_alike_from_pixels_and_from_caches(tiny, demo_subset, tmp_path):
     """Cached latents and captions change nothing but the speed: SDXL's size conditioning
     comes from each image's bucket, which a cached item carries as a pixel item does. The

@@ -5,9 +5,9 @@ every component's config (and the tokenizers) from a diffusers repo folder and t
 the checkpoint. Without `config` it downloads that folder from the Hugging Face hub. The
 skeletons shipped here are those folders minus the weights, for:
 
-- `sd15`:  runwayml/stable-diffusion-v1-5 (safety checker and feature extractor left out)
-- `sd21v`: stabilityai/stable-diffusion-2-1 (768 px, v-prediction)
-- `sdxl`:  stabilityai/stable-diffusion-xl-base-1.0
+- `sd15`: runwayml/stable-diffusion-v1-5 (safety checker and feature extractor left out)
+- `sd2`: stabilityai/stable-diffusion-2-1 (768 px, v-prediction)
+- `sdxl`: stabilityai/stable-diffusion-xl-base-1.0
 
 The CLIP BPE vocabulary (the same for all three families) is stored once, gzipped, in
 `clip_tokenizer/`; `skeleton_dir` materialises a complete folder (configs plus `vocab.json` and
@@ -29,7 +29,8 @@ from stylelora.export.atomic import give_umask_modes
 PACKAGE_DIR = Path(__file__).resolve().parent
 TOKENIZER_SOURCE = PACKAGE_DIR / "clip_tokenizer"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
-SKELETONS = ("sd15", "sd21v", "sdxl")
+# One folder per family, named as the family.
+SKELETONS = tuple(sorted(p.parent.name for p in PACKAGE_DIR.glob("*/model_index.json")))
 # Written last into a materialised folder: its content says which package files it came from.
 STAMP = ".stylelora-skeleton"
 
@@ -85,7 +86,7 @@ def _build(src: Path, dest: Path, digest: str) -> None:
 
 
 def skeleton_dir(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """A complete, weight-less diffusers folder for family `name` ('sd15', 'sd21v', 'sdxl').
+    """A complete, weight-less diffusers folder for family `name` ('sd15', 'sd2', 'sdxl').
 
     Built once under `<cache>/skeletons/<name>` (cache: `cache_dir`, else `cache_root()`) and
     rebuilt when the packaged files change. The folder is assembled in a temporary sibling and

@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SKELETONS = HERE.parents[2] / "stylelora" / "families" / "skeletons"
-TEXT_ENCODERS = {"sd15": {"lora_te": "text_encoder"}, "sd21v": {"lora_te": "text_encoder"}}
+TEXT_ENCODERS = {"sd15": {"lora_te": "text_encoder"}, "sd2": {"lora_te": "text_encoder"}}
 TEXT_ENCODERS["sdxl"] = {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
 
 
@@ -167,7 +167,7 @@ def locon_names(skeleton: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    for skeleton in ("sd15", "sd21v", "sdxl"):
+    for skeleton in ("sd15", "sd2", "sdxl"):
         lines = names(skeleton)
         (HERE / f"kohya_names_{skeleton}.txt").write_text("\n".join(lines) + "\n")
         locon = locon_names(skeleton)
