@@ -173,6 +173,15 @@ class TrainConfig(Section):
     max_timestep: PositiveInt | None = None
     loss_type: Literal["l2", "huber", "smooth_l1"] = "l2"
     huber_c: PositiveFloat = 0.1
+    # Flow-matching models (Flux): how sigmas are drawn (kohya's --timestep_sampling; "auto" is
+    # "shift" for them, uniform timesteps for the DDPM models, which take no other), the
+    # logit-normal's mean and spread (kohya's sigmoid_scale), the constant shift, and the loss
+    # weighting (diffusers' weighting schemes).
+    timestep_sampling: Literal["auto", "uniform", "logit_normal", "shift", "flux_shift"] = "auto"
+    logit_mean: float = 0.0
+    logit_std: PositiveFloat = 1.0
+    discrete_flow_shift: PositiveFloat = 3.1582  # kohya's advice for Flux.1
+    flow_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     ema_export: Literal["beside", "instead"] = "beside"
     loraplus_lr_ratio: PositiveFloat | None = None

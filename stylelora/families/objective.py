@@ -3,19 +3,26 @@ must predict and how each image's loss is weighted.
 
 A family chooses its objective (`ModelFamily.training_objective`); the trainer, validation and
 the benchmarks ask the objective and never look at a scheduler or a prediction type themselves.
-`DDPMObjective` is SD1.x, SD2.x and SDXL's (epsilon or v-prediction, min-SNR weighting).
+`DDPMObjective` is SD1.x, SD2.x and SDXL's (epsilon or v-prediction, min-SNR weighting);
+`FlowMatchObjective` is rectified flow, the transformer models' (Flux.1, SD3).
 Options draw their randomness after the base draws and only when on, so turning none on keeps
 every earlier run's numbers.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.training_utils import (
+    compute_density_for_timestep_sampling,
+    compute_loss_weighting_for_sd3,
+)
 
 from stylelora.config import TrainConfig
 from stylelora.errors import UserError
@@ -34,6 +41,9 @@ class Objective(Protocol):
     """What a family's denoiser is trained on."""
 
     num_timesteps: int
+
+    def check(self, options: TrainConfig) -> None:
+        """A UserError for an option this objective does not take."""
 
     def timestep_range(self, options: TrainConfig | None) -> tuple[int, int]:
         """[low, high) of the training timesteps; a bad range is a UserError."""
@@ -67,22 +77,21 @@ class DDPMObjective:
                 'v_prediction models (set prediction_type = "epsilon" or "v_prediction")'
             )
 
+    def check(self, options: TrainConfig) -> None:
+        self.timestep_range(options)
+        if options.timestep_sampling not in ("auto", "uniform"):
+            raise UserError(
+                f"train.timestep_sampling = {options.timestep_sampling!r} is for flow-matching "
+                "models (Flux); this model draws timesteps uniformly: leave it at auto"
+            )
+        if options.flow_weighting != "none":
+            raise UserError(
+                f"train.flow_weighting = {options.flow_weighting!r} is for flow-matching models "
+                "(Flux); for this model use train.min_snr_gamma"
+            )
+
     def timestep_range(self, options: TrainConfig | None) -> tuple[int, int]:
-        total = self.num_timesteps
-        if options is None:
-            return 0, total
-        high = options.max_timestep or total
-        if high > total:
-            raise UserError(
-                f"train.max_timestep {high}: the model is trained on {total} timesteps (0 to "
-                f"{total - 1}), so max_timestep can be at most {total}"
-            )
-        if options.min_timestep >= high:
-            raise UserError(
-                f"train.min_timestep {options.min_timestep}: must be below {high}, the top of "
-                f"the timestep range (the model has {total} timesteps)"
-            )
-        return options.min_timestep, high
+        return timestep_bounds(self.num_timesteps, options)
 
     def draw(
         self, shape: tuple[int, ...], generator: torch.Generator, options: TrainConfig | None
@@ -106,6 +115,101 @@ class DDPMObjective:
         return min_snr_weights(
             self.scheduler, timesteps, options.min_snr_gamma, self.prediction_type
         )
+
+
+class FlowMatchObjective:
+    """Rectified flow: x_t = (1 - sigma) x_0 + sigma noise, target noise - x_0, sigma in (0, 1).
+
+    Sigmas are drawn as kohya's `--timestep_sampling` does: `uniform`; `logit_normal` (the
+    sigmoid of a normal, `logit_mean` / `logit_std`, diffusers' density); `shift`, that shifted
+    by `discrete_flow_shift` (s u / (1 + (s - 1) u)); `flux_shift`, shifted by the image's
+    token count as Flux's sampler shifts its schedule (mu from the scheduler config's
+    base/max shift). The timesteps handed to the denoiser are the sigmas.
+    """
+
+    num_timesteps = 1000  # what train.min_timestep / max_timestep count in
+
+    def __init__(self, scheduler_config: dict[str, Any], patch_size: int = 2):
+        self.config = scheduler_config
+        self.patch_size = patch_size
+
+    def check(self, options: TrainConfig) -> None:
+        self.timestep_range(options)
+        if options.min_snr_gamma:
+            raise UserError(
+                "train.min_snr_gamma is for DDPM models (SD1.x, SD2.x, SDXL); a flow-matching "
+                "model weights its loss by train.flow_weighting (none, sigma_sqrt or cosmap)"
+            )
+
+    def timestep_range(self, options: TrainConfig | None) -> tuple[int, int]:
+        return timestep_bounds(self.num_timesteps, options)
+
+    def sampling(self, options: TrainConfig | None) -> str:
+        chosen = options.timestep_sampling if options is not None else "auto"
+        return "shift" if chosen == "auto" else chosen
+
+    def draw(
+        self, shape: tuple[int, ...], generator: torch.Generator, options: TrainConfig | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = torch.randn(shape, generator=generator)
+        sampling = self.sampling(options)
+        mean, std = (options.logit_mean, options.logit_std) if options else (0.0, 1.0)
+        u = compute_density_for_timestep_sampling(
+            "none" if sampling == "uniform" else "logit_normal",
+            shape[0],
+            logit_mean=mean,
+            logit_std=std,
+            generator=generator,
+        )
+        if sampling == "shift":
+            shift = options.discrete_flow_shift if options else 3.1582
+            u = shift * u / (1 + (shift - 1) * u)
+        elif sampling == "flux_shift":
+            u = self.resolution_shift(u, shape[-2] * shape[-1] // self.patch_size**2)
+        low, high = self.timestep_range(options)
+        sigmas = low / self.num_timesteps + (high - low) / self.num_timesteps * u
+        return shaped_noise(noise, generator, options), sigmas
+
+    def resolution_shift(self, u: torch.Tensor, tokens: int) -> torch.Tensor:
+        """Flux's time shift for an image of `tokens` tokens: exp(mu) / (exp(mu) + 1/u - 1)."""
+        mu = calculate_shift(
+            tokens,
+            self.config.get("base_image_seq_len", 256),
+            self.config.get("max_image_seq_len", 4096),
+            self.config.get("base_shift", 0.5),
+            self.config.get("max_shift", 1.15),
+        )
+        return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+
+    def noisy(self, noised: NoisedBatch) -> torch.Tensor:
+        sigmas = noised.timesteps.view(-1, *[1] * (noised.latents.dim() - 1)).to(noised.latents)
+        return (1 - sigmas) * noised.latents + sigmas * noised.noise
+
+    def target(self, noised: NoisedBatch) -> torch.Tensor:
+        return noised.noise - noised.latents
+
+    def loss_weights(self, timesteps: torch.Tensor, options: TrainConfig) -> torch.Tensor | None:
+        if options.flow_weighting == "none":
+            return None
+        return compute_loss_weighting_for_sd3(options.flow_weighting, timesteps.float())
+
+
+def timestep_bounds(total: int, options: TrainConfig | None) -> tuple[int, int]:
+    """[low, high) of the training timesteps, out of `total`, as `options` narrow them."""
+    if options is None:
+        return 0, total
+    high = options.max_timestep or total
+    if high > total:
+        raise UserError(
+            f"train.max_timestep {high}: the model is trained on {total} timesteps (0 to "
+            f"{total - 1}), so max_timestep can be at most {total}"
+        )
+    if options.min_timestep >= high:
+        raise UserError(
+            f"train.min_timestep {options.min_timestep}: must be below {high}, the top of "
+            f"the timestep range (the model has {total} timesteps)"
+        )
+    return options.min_timestep, high
 
 
 def shaped_noise(

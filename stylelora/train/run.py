@@ -118,7 +118,7 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
     for note in family.notes:
         accelerator.print(note)
     objective = family.training_objective()
-    objective.timestep_range(cfg.train)  # a range outside the schedule stops here
+    objective.check(cfg.train)  # a range outside the schedule, an option it lacks: stop here
     prepare_model(family, cfg, accelerator)
     set_seed(cfg.seed)  # PEFT draws the adapters' initial weights from torch's global RNG
     adapted = inject_adapters(family, cfg.adapter)
