@@ -5,6 +5,12 @@ Per module: `<name>.lora_down.weight` (PEFT's lora_A), `<name>.lora_up.weight` (
 alpha was, so the conversion is done here with the alpha PEFT actually trained with. Each
 module's rank is its tensors' (PEFT's rank_pattern gives LoCon's 3x3 convolutions their own).
 
+Where kohya's module is a fusion of several (Flux's BFL layout: one `qkv` Linear where diffusers
+has three), the parts are written as one module of their summed rank: the downs stacked, the ups
+block-diagonal, each part's alpha/rank folded into its up and alpha = rank. Every reader (ComfyUI
+and Forge apply up @ down to the fused weight; diffusers splits the up by output rows) then
+computes exactly each part's delta.
+
 DoRA modules also get `<name>.dora_scale` (see adapters/dora.py). AUTOMATIC1111 applies
 alpha/rank after normalising `W + up @ down`, ComfyUI before, so a DoRA module is written with
 alpha/rank folded into `lora_up` and alpha = rank: both UIs then compute the weight trained here.
@@ -18,6 +24,7 @@ import torch
 from peft import get_peft_model_state_dict
 
 from stylelora.adapters.inject import ADAPTER_NAME
+from stylelora.errors import UserError
 
 PEFT_TO_KOHYA = {
     "lora_A": "lora_down",
@@ -36,9 +43,12 @@ def module_alpha(module: torch.nn.Module, module_path: str) -> float:
 
 
 def peft_to_kohya(
-    module: torch.nn.Module, prefix: str, kohya_name: Callable[[str, str], str]
+    module: torch.nn.Module,
+    prefix: str,
+    kohya_part: Callable[[str, str], tuple[str, tuple[str, ...]]],
 ) -> dict[str, torch.Tensor]:
-    """kohya tensors for the adapters in `module`; `kohya_name(prefix, path)` names each one."""
+    """kohya tensors for the adapters in `module`; `kohya_part(prefix, path)` names each one's
+    kohya module and the paths of every module fused into it, in output order."""
     # No embedding check: it looks the base model up on the hub, and no embeddings are adapted.
     state = get_peft_model_state_dict(
         module, adapter_name=ADAPTER_NAME, save_embedding_layers=False
@@ -50,9 +60,14 @@ def peft_to_kohya(
         if part not in PEFT_TO_KOHYA:
             raise ValueError(f"unexpected adapter tensor {key!r}")
         grouped.setdefault(module_path, {})[PEFT_TO_KOHYA[part]] = value.detach().float()
+    kohya_modules = dict(kohya_part(prefix, module_path) for module_path in grouped)
     tensors: dict[str, torch.Tensor] = {}
-    for module_path, parts in grouped.items():
-        name = kohya_name(prefix, module_path)
+    for name, members in kohya_modules.items():
+        if len(members) > 1:
+            tensors.update(fuse(name, module, members, grouped))
+            continue
+        module_path = members[0]
+        parts = grouped[module_path]
         alpha = module_alpha(module, module_path)
         if "dora_scale" in parts:
             rank = parts["lora_down"].shape[0]
@@ -63,3 +78,31 @@ def peft_to_kohya(
             tensors[f"{name}.{suffix}"] = value.contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(alpha)
     return tensors
+
+
+def fuse(
+    name: str,
+    module: torch.nn.Module,
+    members: tuple[str, ...],
+    grouped: dict[str, dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """One kohya module over the consecutive output slices of the `members` of a fused Linear;
+    a member without an adapter gets zero rows of its width."""
+    downs, ups = [], []
+    for path in members:
+        parts = grouped.get(path)
+        if parts is None:
+            width = module.get_submodule(path).out_features
+            ups.append(torch.zeros(width, 0))
+            continue
+        if "dora_scale" in parts:
+            raise UserError(f"{name}: DoRA on a fused module cannot be written in kohya's layout")
+        rank = parts["lora_down"].shape[0]
+        downs.append(parts["lora_down"])
+        ups.append(parts["lora_up"] * (module_alpha(module, path) / rank))
+    down = torch.cat(downs)
+    return {
+        f"{name}.lora_down.weight": down.contiguous(),
+        f"{name}.lora_up.weight": torch.block_diag(*ups).contiguous(),
+        f"{name}.alpha": torch.tensor(float(down.shape[0])),
+    }

@@ -46,11 +46,16 @@ def add_into_weights(family: ModelFamily, adapter: Adapter, strength: float, pat
     if unmatched:
         raise unmatched_error(path, unmatched, family)
     for name, module in adapter.modules.items():
-        layer = targets[name].module
-        if tuple(layer.weight.shape) != module.weight_shape:
+        layers = targets[name].members
+        # A fused kohya module (Flux's qkv) covers its members' weights stacked by output rows.
+        weight = torch.cat([layer.weight for layer in layers])
+        if tuple(weight.shape) != module.weight_shape:
             raise UserError(
                 f"{path}: {name} is {module.weight_shape} but the model's weight is "
-                f"{tuple(layer.weight.shape)} (an adapter for another model?)"
+                f"{tuple(weight.shape)} (an adapter for another model?)"
             )
-        layer.weight.copy_(merged_weight(layer.weight, module, strength).to(layer.weight.dtype))
+        merged = merged_weight(weight, module, strength)
+        rows = [layer.weight.shape[0] for layer in layers]
+        for layer, part in zip(layers, merged.split(rows), strict=True):
+            layer.weight.copy_(part.to(layer.weight.dtype))
     return len(adapter.modules)

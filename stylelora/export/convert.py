@@ -53,6 +53,12 @@ def by_component(
         if name not in targets:
             raise UserError(f"{path}: module {name} is not in a {family.name} model")
         target = targets[name]
+        if len(target.members) > 1:
+            raise UserError(
+                f"{path}: {name} fuses {len(target.members)} {family.name} modules, which "
+                "diffusers' and PEFT's layouts keep apart; converting it is not supported yet "
+                "(diffusers' load_lora_weights reads the kohya file as it is)"
+            )
         grouped.setdefault(target.component, {})[target.path] = module
     return grouped
 

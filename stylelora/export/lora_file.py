@@ -21,7 +21,7 @@ def kohya_state_dict(
     """Every adapter of every adapted component, under kohya's names."""
     tensors: dict[str, torch.Tensor] = {}
     for prefix, module in adapted.items():
-        tensors.update(peft_to_kohya(module, prefix, family.kohya_name))
+        tensors.update(peft_to_kohya(module, prefix, family.kohya_part))
     return tensors
 
 

@@ -19,9 +19,11 @@ from stylelora.families.base import ModelFamily
 
 @dataclass(frozen=True)
 class Target:
-    component: str  # pipeline attribute: unet, text_encoder, text_encoder_2
+    component: str  # pipeline attribute: unet (the denoiser), text_encoder, text_encoder_2
     path: str  # module path inside it
     module: torch.nn.Module
+    # Every module a fused kohya module covers, in output order (Flux's qkv); else (module,).
+    members: tuple[torch.nn.Module, ...] = ()
 
 
 def family_targets(family: ModelFamily) -> dict[str, Target]:
@@ -29,15 +31,16 @@ def family_targets(family: ModelFamily) -> dict[str, Target]:
     components = {"lora_unet": "unet", **family.text_encoder_attrs}
     names: dict[str, Target] = {}
     for prefix, attr in components.items():
-        model = getattr(family.pipe, attr)
+        model = family.unet if prefix == "lora_unet" else getattr(family.pipe, attr)
         for path, module in model.named_modules():
             if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
                 continue
             path = path.removeprefix("base_model.model.")
-            target = Target(attr, path, module)
-            names[f"{prefix}_{path.replace('.', '_')}"] = target
-            with contextlib.suppress(ValueError):  # a UNet module with no sgm name
-                names[family.kohya_name(prefix, path)] = target
+            names[f"{prefix}_{path.replace('.', '_')}"] = Target(attr, path, module, (module,))
+            with contextlib.suppress(ValueError):  # a UNet module with no sgm or BFL name
+                name, members = family.kohya_part(prefix, path)
+                fused = tuple(model.get_submodule(member) for member in members)
+                names[name] = Target(attr, path, module, fused)
     return names
 
 

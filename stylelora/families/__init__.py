@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from stylelora.errors import UserError, first_line
 from stylelora.families.base import ModelFamily
 from stylelora.families.demo import demo_model_path
+from stylelora.families.flux import Flux
 from stylelora.families.sd2 import SD2
 from stylelora.families.sd15 import SD15
 from stylelora.families.sdxl import SDXL
@@ -19,7 +20,7 @@ from stylelora.families.skeletons import skeleton_dir
 from stylelora.families.tiny import tiny_model_path
 
 # Every family; adding one is its module (a ModelFamily subclass) plus its line here.
-FAMILIES: list[type[ModelFamily]] = [SD15, SD2, SDXL]
+FAMILIES: list[type[ModelFamily]] = [SD15, SD2, SDXL, Flux]
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -76,7 +77,8 @@ def single_file_family(path: Path) -> type[ModelFamily]:
     keys = checkpoint_keys(path)
     if any(key.startswith("model.diffusion_model.") for key in keys):
         for family in FAMILIES:
-            if any(key.startswith(family.single_file_marker) for key in keys):
+            marker = family.single_file_marker
+            if marker and any(key.startswith(marker) for key in keys):
                 return family
     raise UserError(
         f"{path}: not an SD1.x, SD2.x or SDXL checkpoint in AUTOMATIC1111 layout "

@@ -36,10 +36,15 @@ class ModelFamily:
     name: ClassVar[str]
     # The diffusers pipeline class its models load as (single files too).
     pipeline_class: ClassVar[type[DiffusionPipeline]]
-    # A tensor-name prefix only this family's AUTOMATIC1111-layout single files have.
-    single_file_marker: ClassVar[str]
+    # A tensor-name prefix only this family's AUTOMATIC1111-layout single files have (None:
+    # stylelora does not load this family's single files yet).
+    single_file_marker: ClassVar[str | None] = None
     # The UNet's cross-attention width: tells an adapter file without metadata by its shapes.
     context_width: ClassVar[int]
+    # Whether kohya's layout fuses several of the denoiser's modules into one (`kohya_part`).
+    kohya_fuses: ClassVar[bool] = False
+    # The keyword the denoiser takes its noisy latents by, when the pipeline calls it.
+    denoiser_input: ClassVar[str] = "sample"
     # The `ss_base_model_version` AUTOMATIC1111 and ComfyUI read to tell families apart.
     kohya_base_version: ClassVar[str]
     # Every `ss_base_model_version` whose adapters fit this family's modules, and the prefix
@@ -269,6 +274,11 @@ class ModelFamily:
         if prefix != "lora_unet" and not module_path.startswith("text_model."):
             module_path = "text_model." + module_path
         return f"{prefix}_{module_path.replace('.', '_')}"
+
+    def kohya_part(self, prefix: str, module_path: str) -> tuple[str, tuple[str, ...]]:
+        """kohya's module for `module_path`, and the paths of every module fused into it in
+        output order: just `module_path`, unless the family's kohya layout fuses (Flux)."""
+        return self.kohya_name(prefix, module_path), (module_path,)
 
     def metadata(self) -> dict[str, str]:
         """Family-specific `ss_*` keys of an exported adapter."""

@@ -18,11 +18,9 @@ from diffusers import (
     AutoencoderKL,
     UNet2DConditionModel,
 )
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTokenizer,
-)
+from tokenizers import Tokenizer
+from tokenizers.models import Unigram
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5TokenizerFast
 
 from stylelora.errors import UserError
 from stylelora.export.atomic import give_umask_modes
@@ -75,6 +73,21 @@ def tiny_text_config(
 
 def tiny_text_encoder(vocab_size: int, hidden_act: str = "quick_gelu") -> CLIPTextModel:
     return CLIPTextModel(tiny_text_config(vocab_size, hidden_act))
+
+
+def write_tiny_t5_tokenizer(folder: Path) -> T5TokenizerFast:
+    """A T5 tokenizer of single characters (a Unigram model, as T5's): nothing from a hub."""
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581", *(chr(c) for c in range(33, 127))]
+    model = Unigram([(piece, 0.0 if i < 3 else -1.0) for i, piece in enumerate(pieces)], unk_id=2)
+    tokenizer = T5TokenizerFast(
+        tokenizer_object=Tokenizer(model),
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
+    )
+    tokenizer.save_pretrained(folder)
+    return T5TokenizerFast.from_pretrained(folder)
 
 
 def tiny_vae(**config) -> AutoencoderKL:

@@ -40,7 +40,7 @@ def latents_in_model_dtype(family: ModelFamily) -> Iterator[None]:
     end to the VAE (diffusers casts them only on Apple's MPS). Autocast around the whole
     pipeline would instead run an fp32 VAE (SDXL's under fp16) in fp16, where it overflows.
     """
-    unet, vae = family.unet, family.vae
+    unet, vae, name = family.unet, family.vae, family.denoiser_input
     decoder = (
         vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder
     )
@@ -48,7 +48,7 @@ def latents_in_model_dtype(family: ModelFamily) -> Iterator[None]:
     def unet_sample(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if args:
             return (args[0].to(unet.dtype), *args[1:]), kwargs
-        return args, {**kwargs, "sample": kwargs["sample"].to(unet.dtype)}
+        return args, {**kwargs, name: kwargs[name].to(unet.dtype)}
 
     def vae_latents(module: torch.nn.Module, args: tuple) -> tuple:
         return (args[0].to(vae.dtype), *args[1:])

@@ -1,0 +1,307 @@
+"""Flux.1 (dev and schnell): a rectified-flow transformer on 2x2 patches of 16-channel latents,
+conditioned on CLIP-L's pooled output and T5-XXL's sequence; dev also embeds a guidance value.
+
+kohya, ComfyUI and Forge name its modules after BFL's layout (`double_blocks.N.img_attn.qkv`,
+`single_blocks.N.linear1`), where diffusers splits q, k and v (and the single blocks' MLP input)
+into separate Linears: `kohya_part` maps each diffusers module to its BFL module and its place
+in that module's fused output.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
+from transformers import T5Config, T5EncoderModel
+
+from stylelora.adapters.targets import Targets
+from stylelora.errors import UserError
+from stylelora.families.base import ModelFamily
+from stylelora.families.objective import FlowMatchObjective, Objective
+from stylelora.families.tiny import tiny_text_encoder, write_tiny_t5_tokenizer, write_tiny_tokenizer
+
+# diffusers module path (block index as N) -> (BFL module, place in its fused output).
+DOUBLE_BLOCK = {
+    "attn.to_q": ("img_attn.qkv", 0),
+    "attn.to_k": ("img_attn.qkv", 1),
+    "attn.to_v": ("img_attn.qkv", 2),
+    "attn.to_out.0": ("img_attn.proj", 0),
+    "attn.add_q_proj": ("txt_attn.qkv", 0),
+    "attn.add_k_proj": ("txt_attn.qkv", 1),
+    "attn.add_v_proj": ("txt_attn.qkv", 2),
+    "attn.to_add_out": ("txt_attn.proj", 0),
+    "ff.net.0.proj": ("img_mlp.0", 0),
+    "ff.net.2": ("img_mlp.2", 0),
+    "ff_context.net.0.proj": ("txt_mlp.0", 0),
+    "ff_context.net.2": ("txt_mlp.2", 0),
+    "norm1.linear": ("img_mod.lin", 0),
+    "norm1_context.linear": ("txt_mod.lin", 0),
+}
+SINGLE_BLOCK = {
+    "attn.to_q": ("linear1", 0),
+    "attn.to_k": ("linear1", 1),
+    "attn.to_v": ("linear1", 2),
+    "proj_mlp": ("linear1", 3),
+    "proj_out": ("linear2", 0),
+    "norm.linear": ("modulation.lin", 0),
+}
+OUTSIDE_BLOCKS = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",
+    "proj_out": "final_layer.linear",
+}
+BLOCK_PATH = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)")
+MODULATION = ("norm1.linear", "norm1_context.linear", "norm.linear")
+
+
+def bfl_module(path: str) -> tuple[str, int]:
+    """The BFL module a diffusers transformer module belongs to, and its place in it."""
+    if match := BLOCK_PATH.fullmatch(path):
+        kind, index, inner = match.groups()
+        table, bfl = (
+            (DOUBLE_BLOCK, "double_blocks")
+            if kind == "transformer_blocks"
+            else (SINGLE_BLOCK, "single_blocks")
+        )
+        if inner in table:
+            module, place = table[inner]
+            return f"{bfl}.{index}.{module}", place
+    elif path in OUTSIDE_BLOCKS:
+        return OUTSIDE_BLOCKS[path], 0
+    raise ValueError(f"no BFL name for transformer module {path!r}")
+
+
+def fused_members(path: str) -> tuple[str, ...]:
+    """Every diffusers module of the BFL module `path` belongs to, in its output order."""
+    match = BLOCK_PATH.fullmatch(path)
+    if not match:
+        return (path,)
+    kind, index, inner = match.groups()
+    table = DOUBLE_BLOCK if kind == "transformer_blocks" else SINGLE_BLOCK
+    module = table[inner][0]
+    places = sorted((place, other) for other, (bfl, place) in table.items() if bfl == module)
+    return tuple(f"{kind}.{index}.{other}" for _, other in places)
+
+
+class Flux(ModelFamily):
+    name = "flux"
+    pipeline_class = FluxPipeline
+    kohya_base_version = "flux1"
+    kohya_versions = ("flux1",)
+    kohya_version_prefix = "flux1"
+    context_width = 4096  # T5-XXL's width
+    denoiser_input = "hidden_states"
+    kohya_fuses = True
+    # CLIP-L only: kohya and ComfyUI call it te1; T5 stays frozen (it is 4.7 B parameters).
+    text_encoder_attrs = {"lora_te1": "text_encoder"}
+    single_file_text_encoders = {}
+    # dev's guidance embedding is trained at 1.0, as kohya advises: the LoRA then renders at any
+    # guidance the user samples with.
+    training_guidance = 1.0
+
+    @classmethod
+    def matches(cls, pipe: DiffusionPipeline) -> bool:
+        return isinstance(pipe, FluxPipeline)
+
+    @classmethod
+    def claims_names(cls, names: list[str]) -> bool:
+        marks = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "transformer.")
+        return any(n.startswith(marks) for n in names)
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The denoiser: Flux's transformer."""
+        return self.pipe.transformer
+
+    @property
+    def guidance_distilled(self) -> bool:
+        """dev embeds a guidance value; schnell does not."""
+        return bool(self.unet.config.guidance_embeds)
+
+    @property
+    def modelspec_architecture(self) -> str:  # type: ignore[override]
+        return "flux-1-dev" if self.guidance_distilled else "flux-1-schnell"
+
+    @property
+    def prediction_type(self) -> str:
+        return "flow"
+
+    @property
+    def max_sequence_length(self) -> int:
+        """T5 tokens per prompt: 512 for dev, 256 for schnell, as BFL trained them."""
+        return 512 if self.guidance_distilled else 256
+
+    @property
+    def default_resolution(self) -> int:
+        return self.pipe.default_sample_size * self.pipe.vae_scale_factor
+
+    def set_schedule(self, prediction_type: str = "auto", zero_terminal_snr: bool = False) -> None:
+        if prediction_type != "auto" or zero_terminal_snr:
+            raise UserError(
+                "prediction_type and train.zero_terminal_snr are for DDPM models; Flux is "
+                "trained by rectified flow (see train.timestep_sampling)"
+            )
+
+    def training_objective(self) -> Objective:
+        return FlowMatchObjective(dict(self.pipe.scheduler.config))
+
+    def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            captions,
+            prompt_2=None,
+            device=self.text_device,
+            num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def denoise(
+        self,
+        denoiser: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: dict[str, torch.Tensor],
+        batch: dict[str, Any],
+    ) -> torch.Tensor:
+        """Pack the latents into 2x2 patches with their position ids, call the transformer
+        (sigmas as its timesteps, as FluxPipeline does), unpack its output."""
+        dtype = next(denoiser.parameters()).dtype
+        count, channels, height, width = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy.to(dtype), count, channels, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(
+            count, height // 2, width // 2, noisy.device, dtype
+        )
+        embeds = text["encoder_hidden_states"].to(dtype)
+        text_ids = torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=dtype)
+        guidance = None
+        if self.guidance_distilled:
+            guidance = torch.full((count,), self.training_guidance, device=noisy.device)
+        out = denoiser(
+            hidden_states=packed,
+            timestep=timesteps.to(dtype),
+            guidance=guidance,
+            pooled_projections=text["pooled_projections"].to(dtype),
+            encoder_hidden_states=embeds,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+        scale = self.pipe.vae_scale_factor
+        return FluxPipeline._unpack_latents(out, height * scale, width * scale, scale)
+
+    def denoiser_targets(self, preset: str) -> Targets:
+        """`attention`: every attention projection; `attn-mlp` (kohya's default): and the
+        MLPs, all of the blocks but their modulation; `full`: every Linear of the blocks."""
+        if preset not in ("attention", "attn-mlp", "full"):
+            raise UserError(
+                f"adapter.unet_targets = {preset!r}: Flux's attention is joint (no separate "
+                "cross-attention); choose attention, attn-mlp or full"
+            )
+        paths = []
+        for path, module in self.unet.named_modules():
+            match = BLOCK_PATH.fullmatch(path)
+            if not match or not isinstance(module, torch.nn.Linear):
+                continue
+            inner = match.group(3)
+            if preset == "attention" and not inner.startswith("attn."):
+                continue
+            if preset == "attn-mlp" and inner in MODULATION:
+                continue
+            paths.append(path)
+        return Targets(main=paths)
+
+    def kohya_name(self, prefix: str, module_path: str) -> str:
+        if prefix != "lora_unet":
+            return super().kohya_name(prefix, module_path)
+        return "lora_unet_" + bfl_module(module_path)[0].replace(".", "_")
+
+    def kohya_part(self, prefix: str, module_path: str) -> tuple[str, tuple[str, ...]]:
+        if prefix != "lora_unet":
+            return super().kohya_part(prefix, module_path)
+        return self.kohya_name(prefix, module_path), fused_members(module_path)
+
+    def metadata(self) -> dict[str, str]:
+        """kohya's Flux network module, as its Flux LoRAs say (ComfyUI reads the names)."""
+        return {
+            "ss_base_model_version": self.kohya_base_version,
+            "ss_network_module": "networks.lora_flux",
+        }
+
+    @classmethod
+    def build_tiny(cls, folder: Path) -> DiffusionPipeline:
+        """Flux.1 dev's layout at tiny size: one double and one single block, 16 latent
+        channels, CLIP and T5 text encoders, the guidance embedding."""
+        tokenizer = write_tiny_tokenizer(folder / "tokenizer")
+        tokenizer_2 = write_tiny_t5_tokenizer(folder / "tokenizer_2")
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_2),
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                feed_forward_proj="gated-gelu",
+                decoder_start_token_id=0,
+            )
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(8, 16),
+            latent_channels=16,
+            layers_per_block=1,
+            norm_num_groups=4,
+            sample_size=32,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+        return FluxPipeline(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=tiny_text_encoder(len(tokenizer)),
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            transformer=transformer,
+        )

@@ -1,0 +1,179 @@
+"""Flux.1 on a tiny pipeline built here (its T5 tokenizer too): the family's conditioning and
+objective, a training run, and kohya's fused BFL layout read back by diffusers' own loader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, FluxPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from stylelora.adapters.inject import inject_adapters
+from stylelora.config import AdapterConfig
+from stylelora.errors import UserError
+from stylelora.export.lora_file import save_lora_file
+from stylelora.families import load_family
+from stylelora.families.objective import FlowMatchObjective, NoisedBatch
+from stylelora.families.tiny import tiny_model_path
+from stylelora.sample.adapter import apply_adapter
+from stylelora.sample.prompts import SamplePrompt
+from stylelora.sample.render import render
+
+PROMPT = SamplePrompt("zqxstyle, a fish", width=64, height=64, seed=3, steps=3, guidance_scale=3.5)
+
+
+def rendered(pipe) -> np.ndarray:
+    return render(pipe, PROMPT, output_type="np")
+
+
+def randomise_up_weights(modules, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            for name, param in module.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator))
+
+
+def test_flux_is_told_apart_and_trains_on_rectified_flow():
+    family = load_family("tiny:flux")
+    assert family.name == "flux" and family.modelspec_architecture == "flux-1-dev"
+    assert isinstance(family.training_objective(), FlowMatchObjective)
+    with pytest.raises(UserError, match="Flux's attention is joint"):
+        family.denoiser_targets("cross-attn")
+
+
+def test_denoise_is_what_flux_pipeline_asks_of_its_transformer():
+    """Our packed call gives the same prediction as FluxPipeline's own latents, ids and call."""
+    family = load_family("tiny:flux")
+    pipe = family.pipe
+    text = family.encode_prompts(["a cat"])
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.7])
+    ours = family.denoise(family.unet, latents, sigma, text, {})
+
+    packed = FluxPipeline._pack_latents(latents, 1, 16, 8, 8)
+    ids = FluxPipeline._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32)
+    embeds, pooled, text_ids = pipe.encode_prompt("a cat", prompt_2=None, max_sequence_length=512)
+    theirs = pipe.transformer(
+        hidden_states=packed,
+        timestep=sigma,
+        guidance=torch.tensor([1.0]),
+        pooled_projections=pooled,
+        encoder_hidden_states=embeds,
+        txt_ids=text_ids,
+        img_ids=ids,
+        return_dict=False,
+    )[0]
+    assert torch.equal(ours, FluxPipeline._unpack_latents(theirs, 16, 16, 2))
+
+
+def test_training_moves_the_prediction_toward_the_flow_target():
+    """A few steps on one noised batch lower the loss against noise - latents."""
+    family = load_family("tiny:flux")
+    adapted = inject_adapters(family, AdapterConfig(rank=4, alpha=4, unet_targets="attn-mlp"))
+    params = [p for m in adapted.values() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=3e-2)
+    objective = family.training_objective()
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    noise, sigmas = objective.draw(latents.shape, torch.Generator().manual_seed(2), None)
+    noised = NoisedBatch(latents, noise, sigmas)
+    with torch.no_grad():
+        text = family.encode_prompts(["a cat", "a dog"])
+    losses = []
+    for _ in range(40):
+        prediction = family.denoise(family.unet, objective.noisy(noised), sigmas, text, {})
+        loss = torch.nn.functional.mse_loss(prediction, objective.target(noised))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+# BFL's Flux modules, as its model code lays them out (flux/modules/layers.py), each with the
+# diffusers modules whose outputs its output stacks: DoubleStreamBlock's qkv Linears are split
+# "B L (K H D)" with K = q, k, v; SingleStreamBlock's linear1 into 3 x hidden (q, k, v) and the
+# MLP's hidden width. Written from BFL's layout, not from the family's table.
+BFL_DOUBLE = {
+    "img_attn_qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
+    "txt_attn_qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+    "img_attn_proj": ["attn.to_out.0"],
+    "txt_attn_proj": ["attn.to_add_out"],
+    "img_mlp_0": ["ff.net.0.proj"],
+    "img_mlp_2": ["ff.net.2"],
+    "txt_mlp_0": ["ff_context.net.0.proj"],
+    "txt_mlp_2": ["ff_context.net.2"],
+    "img_mod_lin": ["norm1.linear"],
+    "txt_mod_lin": ["norm1_context.linear"],
+}
+BFL_SINGLE = {
+    "linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
+    "linear2": ["proj_out"],
+    "modulation_lin": ["norm.linear"],
+}
+
+
+def diffusers_members(kohya_module: str) -> list[str]:
+    kind, rest = kohya_module.removeprefix("lora_unet_").split("_blocks_", 1)
+    index, module = rest.split("_", 1)
+    table, block = (
+        (BFL_DOUBLE, "transformer_blocks")
+        if kind == "double"
+        else (BFL_SINGLE, "single_transformer_blocks")
+    )
+    return [f"{block}.{index}.{inner}" for inner in table[module]]
+
+
+def apply_as_comfyui(transformer: torch.nn.Module, path) -> None:
+    """ComfyUI's (and Forge's) formula on BFL's fused weights: W += alpha / rank * up @ down,
+    the fused W stacked from diffusers' modules and split back into them."""
+    tensors = load_file(path)
+    for key in [k for k in tensors if k.endswith(".lora_down.weight")]:
+        name = key.removesuffix(".lora_down.weight")
+        down, up = tensors[key], tensors[f"{name}.lora_up.weight"]
+        scale = tensors[f"{name}.alpha"].item() / down.shape[0]
+        members = [transformer.get_submodule(p) for p in diffusers_members(name)]
+        fused = torch.cat([m.weight.data for m in members]) + scale * up @ down
+        for member, part in zip(
+            members, fused.split([m.out_features for m in members]), strict=True
+        ):
+            member.weight.data.copy_(part)
+
+
+@pytest.mark.parametrize("targets", ["attention", "attn-mlp", "full"])
+def test_kohya_flux_file_renders_our_image_by_comfyuis_formula(tmp_path, targets):
+    """diffusers reads kohya Flux files only at the real model's widths (its converter splits
+    linear1 as 3 x 3072 + 12288), so the tiny model's file is applied by the UIs' formula."""
+    family = load_family("tiny:flux")
+    adapted = inject_adapters(family, AdapterConfig(rank=4, alpha=2.0, unet_targets=targets))
+    randomise_up_weights(adapted.values())
+    ours = rendered(family.pipe)
+    path = save_lora_file(tmp_path / "a.safetensors", family, adapted, {"ss_output_name": "a"})
+
+    with safe_open(str(path), "pt") as handle:
+        keys = set(handle.keys())
+        linear1_up = handle.get_tensor("lora_unet_single_blocks_0_linear1.lora_up.weight")
+        metadata = handle.metadata()
+    modules = {k.rsplit(".", 2)[0] for k in keys if k.endswith("lora_down.weight")}
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in modules
+    assert ("lora_unet_double_blocks_0_img_mlp_0" in modules) == (targets != "attention")
+    assert ("lora_unet_double_blocks_0_img_mod_lin" in modules) == (targets == "full")
+    # linear1's up covers its whole output (q, k, v and the MLP input), zero where not adapted
+    assert linear1_up.shape[0] == 3 * 32 + 128
+    assert (linear1_up[96:].abs().sum() == 0) == (targets == "attention")
+    assert metadata["ss_base_model_version"] == "flux1"
+
+    fresh = DiffusionPipeline.from_pretrained(tiny_model_path("flux"))
+    fresh.set_progress_bar_config(disable=True)
+    base = rendered(fresh)
+    apply_as_comfyui(fresh.transformer, path)
+    theirs = rendered(fresh)
+    assert np.abs(ours - base).max() > 1e-2
+    assert np.abs(ours - theirs).max() < 1e-4
+
+    sampled = load_family("tiny:flux")  # what `stylelora sample` and `merge` do with the file
+    apply_adapter(sampled, path, 1.0)
+    assert np.abs(ours - rendered(sampled.pipe)).max() < 1e-4
