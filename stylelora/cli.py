@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser(
         "make-tiny-model", help="write a tiny random diffusers pipeline (for demos and tests)"
     )
-    tiny.add_argument("--family", default="sd15", help="model family: sd15, sd2 or sdxl")
+    tiny.add_argument("--family", default="sd15", help="model family: sd15, sd2, sdxl or flux")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("folder", type=Path)
     tiny.set_defaults(run=run_make_tiny_model)
