@@ -70,8 +70,8 @@ BLOCK_PATH = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\
 MODULATION = ("norm1.linear", "norm1_context.linear", "norm.linear")
 
 
-def bfl_module(path: str) -> tuple[str, int]:
-    """The BFL module a diffusers transformer module belongs to, and its place in it."""
+def bfl_module(path: str) -> str:
+    """The BFL module a diffusers transformer module belongs to."""
     if match := BLOCK_PATH.fullmatch(path):
         kind, index, inner = match.groups()
         table, bfl = (
@@ -80,10 +80,9 @@ def bfl_module(path: str) -> tuple[str, int]:
             else (SINGLE_BLOCK, "single_blocks")
         )
         if inner in table:
-            module, place = table[inner]
-            return f"{bfl}.{index}.{module}", place
+            return f"{bfl}.{index}.{table[inner][0]}"
     elif path in OUTSIDE_BLOCKS:
-        return OUTSIDE_BLOCKS[path], 0
+        return OUTSIDE_BLOCKS[path]
     raise ValueError(f"no BFL name for transformer module {path!r}")
 
 
@@ -229,7 +228,7 @@ class Flux(ModelFamily):
     def kohya_name(self, prefix: str, module_path: str) -> str:
         if prefix != "lora_unet":
             return super().kohya_name(prefix, module_path)
-        return "lora_unet_" + bfl_module(module_path)[0].replace(".", "_")
+        return "lora_unet_" + bfl_module(module_path).replace(".", "_")
 
     def kohya_part(self, prefix: str, module_path: str) -> tuple[str, tuple[str, ...]]:
         if prefix != "lora_unet":
@@ -242,6 +241,25 @@ class Flux(ModelFamily):
             "ss_base_model_version": self.kohya_base_version,
             "ss_network_module": "networks.lora_flux",
         }
+
+    @classmethod
+    def on_meta_device(cls) -> ModelFamily:
+        """Flux.1 dev's transformer (its config bundled in `skeletons/flux/`) and CLIP-L (SD1.5's
+        text encoder config), on the meta device: what kohya names are checked against."""
+        from types import SimpleNamespace
+
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from stylelora.families.skeletons import PACKAGE_DIR
+
+        with torch.device("meta"):
+            config = FluxTransformer2DModel.load_config(PACKAGE_DIR / "flux" / "transformer")
+            transformer = FluxTransformer2DModel.from_config(config)
+            clip = CLIPTextConfig.from_pretrained(PACKAGE_DIR / "sd15" / "text_encoder")
+            text_encoder = CLIPTextModel(clip)
+        scheduler = SimpleNamespace(config={"_class_name": "FlowMatchEulerDiscreteScheduler"})
+        parts = dict(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)
+        return cls(SimpleNamespace(**parts))
 
     @classmethod
     def build_tiny(cls, folder: Path) -> DiffusionPipeline:

@@ -177,3 +177,67 @@ def test_kohya_flux_file_renders_our_image_by_comfyuis_formula(tmp_path, targets
     sampled = load_family("tiny:flux")  # what `stylelora sample` and `merge` do with the file
     apply_adapter(sampled, path, 1.0)
     assert np.abs(ours - rendered(sampled.pipe)).max() < 1e-4
+
+
+def real_flux_names(preset: str) -> set[str]:
+    """kohya's module names for Flux.1 (19 double, 38 single blocks), from BFL's layout."""
+    double = {
+        "attention": ["img_attn_qkv", "txt_attn_qkv", "img_attn_proj", "txt_attn_proj"],
+        "attn-mlp": [
+            "img_attn_qkv",
+            "txt_attn_qkv",
+            "img_attn_proj",
+            "txt_attn_proj",
+            "img_mlp_0",
+            "img_mlp_2",
+            "txt_mlp_0",
+            "txt_mlp_2",
+        ],  # fmt: skip
+    }
+    double["full"] = [*double["attn-mlp"], "img_mod_lin", "txt_mod_lin"]
+    single = {"attention": ["linear1"], "attn-mlp": ["linear1", "linear2"]}
+    single["full"] = [*single["attn-mlp"], "modulation_lin"]
+    names = {f"lora_unet_double_blocks_{i}_{m}" for i in range(19) for m in double[preset]}
+    return names | {f"lora_unet_single_blocks_{i}_{m}" for i in range(38) for m in single[preset]}
+
+
+def materialise_adapters(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give a meta-device model's adapter weights real random values (the base stays meta)."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        for part in ("lora_A", "lora_B"):
+            if hasattr(module, part) and "default" in getattr(module, part):
+                layer = getattr(module, part)["default"].to_empty(device="cpu")
+                with torch.no_grad():
+                    layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
+
+
+@pytest.mark.parametrize("preset", ["attention", "attn-mlp", "full"])
+def test_real_flux_kohya_names_match_bfl_and_diffusers_reads_every_key(preset):
+    """On Flux.1 dev's architecture (meta device, 11.9 B parameters, no memory): the exported
+    names are BFL's, and diffusers' kohya-Flux converter turns every key into a LoRA of the right
+    shape on a module of the model."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    from stylelora.adapters.kohya import peft_to_kohya
+    from stylelora.families.flux import Flux
+
+    family = Flux.on_meta_device()
+    family.pipe.vae = torch.nn.Identity()  # the names need no VAE; injection freezes one
+    inject_adapters(family, AdapterConfig(rank=2, alpha=1.0, unet_targets=preset))
+    materialise_adapters(family.unet)
+    tensors = peft_to_kohya(family.unet, "lora_unet", family.kohya_part)
+    assert {k.rsplit(".", 2)[0] for k in tensors if k.endswith(".lora_down.weight")} == (
+        real_flux_names(preset)
+    )
+    converted = _convert_kohya_flux_lora_to_diffusers(dict(tensors))
+    modules = dict(family.unet.named_modules())
+    assert converted and all(key.startswith("transformer.") for key in converted)
+    for key, value in converted.items():
+        path, _, part = key.removeprefix("transformer.").rpartition(".lora_")
+        module = modules[path]
+        base = getattr(module, "base_layer", module)
+        expected = base.in_features if part.startswith("A") else base.out_features
+        assert value.shape[1 if part.startswith("A") else 0] == expected, key
+        if module is base and part.startswith("B"):  # a member of a fused module we left out
+            assert not value.any(), f"{key}: rows of an unadapted module must be zero"
