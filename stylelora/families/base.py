@@ -168,7 +168,12 @@ class ModelFamily:
 
     def modules(self) -> list[torch.nn.Module]:
         """The UNet, the VAE and the text encoders: what holds weights."""
-        return [self.unet, self.vae, *self.text_encoders().values()]
+        return [self.unet, self.vae, *self.prompt_encoders()]
+
+    def prompt_encoders(self) -> list[torch.nn.Module]:
+        """Every module encoding a prompt runs: the text encoders, and those that never take an
+        adapter (Flux's T5). They move together: to the device to encode, to the CPU after."""
+        return list(self.text_encoders().values())
 
     @property
     def text_device(self) -> torch.device:

@@ -128,6 +128,9 @@ class Flux(ModelFamily):
         """The denoiser: Flux's transformer."""
         return self.pipe.transformer
 
+    def prompt_encoders(self) -> list[torch.nn.Module]:
+        return [self.pipe.text_encoder, self.pipe.text_encoder_2]
+
     @property
     def guidance_distilled(self) -> bool:
         """dev embeds a guidance value; schnell does not."""

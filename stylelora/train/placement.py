@@ -75,7 +75,7 @@ def idle_modules(
     """Frozen modules the training step no longer calls once the caches are filled."""
     idle = [family.vae] if cfg.data.cache_latents else []
     if text_cache is not None:
-        idle += list(family.text_encoders().values())
+        idle += family.prompt_encoders()
     return idle
 
 

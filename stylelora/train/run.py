@@ -128,7 +128,7 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
         enable_gradient_checkpointing(adapted)
     optimizer = build_optimizer(parameter_groups(adapted, cfg.train), cfg.train)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
-    encoders = [family.vae, *family.text_encoders().values()] if held_out else []
+    encoders = [family.vae, *family.prompt_encoders()] if held_out else []
     with visiting(encoders, accelerator.device):  # held-out images and captions, encoded once
         validation = validation_set(family, held_out, cfg)
     text_cache = prepare_caches(accelerator, family, dataset, cfg)
@@ -347,7 +347,7 @@ def prepare_caches(
         return None
     captions = [with_trigger(r.caption, cfg.data.trigger_word) for r in dataset.records]
     say(f"text cache: {len(set(captions))} distinct captions encoded once")
-    with visiting(list(family.text_encoders().values()), accelerator.device):
+    with visiting(family.prompt_encoders(), accelerator.device):
         return TextCache(family, captions)
 
 

@@ -241,3 +241,34 @@ def test_real_flux_kohya_names_match_bfl_and_diffusers_reads_every_key(preset):
         assert value.shape[1 if part.startswith("A") else 0] == expected, key
         if module is base and part.startswith("B"):  # a member of a fused module we left out
             assert not value.any(), f"{key}: rows of an unadapted module must be zero"
+
+
+def test_flux_caches_park_clip_and_t5_and_train_as_without(tmp_path, demo_subset):
+    """With latents and text outputs cached, the VAE, CLIP and T5 all wait off the device, and
+    the adapter is the one a run without caches trains (to float rounding: T5 in a batch)."""
+    from conftest import training_config
+    from safetensors.torch import load_file
+
+    from stylelora.train.run import build_run
+    from stylelora.train.trainer import train
+
+    data = demo_subset(4)
+    short = ("train.max_steps=2", "sample.every_n_steps=0", "train.log_with='none'",
+             "adapter.unet_targets='attn-mlp'")  # fmt: skip
+    cached = ("data.cache_latents=true", "data.cache_text_encoder_outputs=true")
+    cfg = training_config(tmp_path / "probe", "tiny:flux", data, *short, *cached)
+    run = build_run(cfg)
+    pipe = run.family.pipe
+    assert all(
+        any(m is i for i in run.idle) for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
+    )
+
+    adapters = []
+    for name, extra in (("plain", ()), ("cached", cached)):
+        cfg = training_config(tmp_path / name, "tiny:flux", data, *short, *extra)
+        cfg.sample.prompts = []
+        adapters.append(load_file(train(cfg).adapter_path))
+    plain, with_caches = adapters
+    assert plain.keys() == with_caches.keys()
+    assert all(torch.allclose(plain[k], with_caches[k], atol=1e-6) for k in plain)
+    assert any(plain[k].abs().max() > 0 for k in plain if "lora_up" in k)
