@@ -246,6 +246,9 @@ class Config(Section):
     )
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
     clip_skip: PositiveInt | None = None
+    # T5 tokens per prompt (kohya's t5xxl_max_token_length), for models with T5 (Flux);
+    # unset: what the model was trained with, 512 for Flux.1 dev, 256 for schnell.
+    t5_max_length: Annotated[int, Field(ge=1, le=512)] | None = None
     output_dir: Path = Path("output")
     seed: int = 0
     data: DataConfig

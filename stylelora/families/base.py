@@ -254,6 +254,10 @@ class ModelFamily:
         text_model = getattr(encoder, "text_model", encoder)
         return text_model.final_layer_norm(hidden)
 
+    def set_t5_max_length(self, tokens: int) -> None:
+        """T5 tokens per prompt, for families with a T5 text encoder."""
+        raise UserError(f"t5_max_length: a {self.name} model has no T5 text encoder; remove it")
+
     def pipeline_text_kwargs(self, prompt: str, negative: str) -> dict[str, Any]:
         """The text arguments of a pipeline call that conditions as training does.
 

@@ -113,6 +113,7 @@ class Flux(ModelFamily):
     # dev's guidance embedding is trained at 1.0, as kohya advises: the LoRA then renders at any
     # guidance the user samples with.
     training_guidance = 1.0
+    t5_tokens: int | None = None  # set_t5_max_length
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
@@ -146,8 +147,17 @@ class Flux(ModelFamily):
 
     @property
     def max_sequence_length(self) -> int:
-        """T5 tokens per prompt: 512 for dev, 256 for schnell, as BFL trained them."""
-        return 512 if self.guidance_distilled else 256
+        """T5 tokens per prompt: `t5_max_length`, else 512 for dev, 256 for schnell, as BFL
+        trained them."""
+        return self.t5_tokens or (512 if self.guidance_distilled else 256)
+
+    def set_t5_max_length(self, tokens: int) -> None:
+        self.t5_tokens = tokens
+
+    def pipeline_text_kwargs(self, prompt: str, negative: str) -> dict[str, Any]:
+        """Previews encode prompts as training does: the same T5 length."""
+        return {**super().pipeline_text_kwargs(prompt, negative),
+                "max_sequence_length": self.max_sequence_length}  # fmt: skip
 
     @property
     def default_resolution(self) -> int:

@@ -264,7 +264,7 @@ def check_platform(accelerator: Accelerator, cfg: Config) -> None:
 
 
 def load_model(cfg: Config) -> ModelFamily:
-    return load_family(
+    family = load_family(
         cfg.model,
         dtype=WEIGHT_DTYPES[cfg.train.mixed_precision],
         clip_skip=cfg.clip_skip - 1 if cfg.clip_skip else None,  # kohya's 2 is diffusers' 1
@@ -272,6 +272,9 @@ def load_model(cfg: Config) -> ModelFamily:
         zero_terminal_snr=cfg.train.zero_terminal_snr,
         config=str(cfg.single_file_config) if cfg.single_file_config else None,
     )
+    if cfg.t5_max_length:
+        family.set_t5_max_length(cfg.t5_max_length)
+    return family
 
 
 def sample_prompts(cfg: Config) -> tuple[list[SamplePrompt], list[str]]:

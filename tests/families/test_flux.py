@@ -272,3 +272,21 @@ def test_flux_caches_park_clip_and_t5_and_train_as_without(tmp_path, demo_subset
     assert plain.keys() == with_caches.keys()
     assert all(torch.allclose(plain[k], with_caches[k], atol=1e-6) for k in plain)
     assert any(plain[k].abs().max() > 0 for k in plain if "lora_up" in k)
+
+
+def test_t5_length_is_configurable_for_training_and_previews(tmp_path, demo_subset):
+    from conftest import training_config
+
+    from stylelora.train.run import load_model
+
+    cfg = training_config(tmp_path, "tiny:flux", demo_subset(1), "t5_max_length=64")
+    family = load_model(cfg)
+    with torch.no_grad():
+        text = family.encode_prompts(["a cat", "a dog"])
+    assert text["encoder_hidden_states"].shape[1] == 64
+    assert family.pipeline_text_kwargs("a cat", "")["max_sequence_length"] == 64
+    assert load_family("tiny:flux").max_sequence_length == 512  # dev's, unset
+
+    cfg = training_config(tmp_path, "tiny:sd15", demo_subset(1, start=1), "t5_max_length=64")
+    with pytest.raises(UserError, match="t5_max_length: a sd15 model has no T5 text encoder"):
+        load_model(cfg)
