@@ -139,6 +139,11 @@ class AdapterConfig(Section):
     conv_alpha: PositiveFloat | None = None  # unset: alpha
     use_dora: bool = False
     module_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # Which transformer blocks get adapters (Flux; kohya's train_blocks and
+    # train_double_block_indices / train_single_block_indices); unset indices: every block.
+    train_blocks: Literal["all", "double", "single"] = "all"
+    double_block_indices: list[NonNegInt] | None = None
+    single_block_indices: list[NonNegInt] | None = None
 
 
 class TrainConfig(Section):

@@ -61,7 +61,7 @@ def inject_adapters(family: ModelFamily, cfg: AdapterConfig) -> dict[str, torch.
 
     adapted = {"lora_unet": family.unet}
     conv = (cfg.conv_rank or cfg.rank, cfg.conv_alpha or cfg.alpha)
-    targets = family.denoiser_targets(cfg.unet_targets)
+    targets = family.denoiser_targets(cfg)
     add_adapter(family.unet, lora_config(cfg.rank, cfg.alpha, targets, cfg, conv), cfg)
     if cfg.text_encoder:
         rank = cfg.text_encoder_rank or cfg.rank

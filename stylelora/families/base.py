@@ -18,6 +18,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from stylelora.adapters.targets import TEXT_ENCODER_TARGETS, Targets, unet_targets
+from stylelora.config import AdapterConfig
 from stylelora.errors import UserError
 from stylelora.families.objective import DDPMObjective, Objective
 
@@ -152,9 +153,19 @@ class ModelFamily:
             )
         self.pipe.scheduler = scheduler
 
-    def denoiser_targets(self, preset: str) -> Targets:
-        """The denoiser's modules a target preset adapts (kohya's rules for SD UNets)."""
-        return unet_targets(self.unet, preset)
+    def denoiser_targets(self, cfg: AdapterConfig) -> Targets:
+        """The denoiser's modules `cfg.unet_targets` adapts (kohya's rules for SD UNets)."""
+        chosen = {
+            "train_blocks": cfg.train_blocks != "all",
+            "double_block_indices": cfg.double_block_indices is not None,
+            "single_block_indices": cfg.single_block_indices is not None,
+        }
+        if field := next((f for f, on in chosen.items() if on), None):
+            raise UserError(
+                f"adapter.{field}: chooses a transformer's blocks (Flux); a {self.name} UNet "
+                "takes adapter.unet_targets only"
+            )
+        return unet_targets(self.unet, cfg.unet_targets)
 
     def text_encoder_targets(self, preset: str) -> Targets:
         """The text encoders' modules a target preset adapts (CLIP's names, as kohya)."""

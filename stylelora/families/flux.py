@@ -24,6 +24,7 @@ from diffusers import (
 from transformers import T5Config, T5EncoderModel
 
 from stylelora.adapters.targets import Targets
+from stylelora.config import AdapterConfig
 from stylelora.errors import UserError
 from stylelora.families.base import ModelFamily
 from stylelora.families.objective import FlowMatchObjective, Objective
@@ -217,26 +218,57 @@ class Flux(ModelFamily):
         scale = self.pipe.vae_scale_factor
         return FluxPipeline._unpack_latents(out, height * scale, width * scale, scale)
 
-    def denoiser_targets(self, preset: str) -> Targets:
+    def denoiser_targets(self, cfg: AdapterConfig) -> Targets:
         """`attention`: every attention projection; `attn-mlp` (kohya's default): and the
-        MLPs, all of the blocks but their modulation; `full`: every Linear of the blocks."""
+        MLPs, all of the blocks but their modulation; `full`: every Linear of the blocks. Only
+        in the blocks `cfg.train_blocks` and the index lists choose."""
+        preset = cfg.unet_targets
         if preset not in ("attention", "attn-mlp", "full"):
             raise UserError(
                 f"adapter.unet_targets = {preset!r}: Flux's attention is joint (no separate "
                 "cross-attention); choose attention, attn-mlp or full"
             )
+        chosen = self.chosen_blocks(cfg)
         paths = []
         for path, module in self.unet.named_modules():
             match = BLOCK_PATH.fullmatch(path)
             if not match or not isinstance(module, torch.nn.Linear):
                 continue
-            inner = match.group(3)
+            kind, index, inner = match.groups()
+            if int(index) not in chosen[kind]:
+                continue
             if preset == "attention" and not inner.startswith("attn."):
                 continue
             if preset == "attn-mlp" and inner in MODULATION:
                 continue
             paths.append(path)
         return Targets(main=paths)
+
+    def chosen_blocks(self, cfg: AdapterConfig) -> dict[str, set[int]]:
+        """Block indices that get adapters, per kind (diffusers' names for double and single)."""
+        counts = {
+            "transformer_blocks": self.unet.config.num_layers,
+            "single_transformer_blocks": self.unet.config.num_single_layers,
+        }
+        fields = {
+            "transformer_blocks": ("double", cfg.double_block_indices, "double_block_indices"),
+            "single_transformer_blocks": (
+                "single",
+                cfg.single_block_indices,
+                "single_block_indices",
+            ),
+        }
+        chosen = {}
+        for kind, (name, indices, field) in fields.items():
+            count = counts[kind]
+            if bad := [i for i in indices or [] if i >= count]:
+                raise UserError(
+                    f"adapter.{field}: block {bad[0]} does not exist; this model's {name} "
+                    f"blocks are 0 to {count - 1}"
+                )
+            wanted = cfg.train_blocks in ("all", name)
+            chosen[kind] = set(range(count) if indices is None else indices) if wanted else set()
+        return chosen
 
     def kohya_name(self, prefix: str, module_path: str) -> str:
         if prefix != "lora_unet":

@@ -42,7 +42,7 @@ def test_flux_is_told_apart_and_trains_on_rectified_flow():
     assert family.name == "flux" and family.modelspec_architecture == "flux-1-dev"
     assert isinstance(family.training_objective(), FlowMatchObjective)
     with pytest.raises(UserError, match="Flux's attention is joint"):
-        family.denoiser_targets("cross-attn")
+        family.denoiser_targets(AdapterConfig(unet_targets="cross-attn"))
 
 
 def test_denoise_is_what_flux_pipeline_asks_of_its_transformer():
@@ -290,3 +290,28 @@ def test_t5_length_is_configurable_for_training_and_previews(tmp_path, demo_subs
     cfg = training_config(tmp_path, "tiny:sd15", demo_subset(1, start=1), "t5_max_length=64")
     with pytest.raises(UserError, match="t5_max_length: a sd15 model has no T5 text encoder"):
         load_model(cfg)
+
+
+def test_block_selection_chooses_which_blocks_get_adapters():
+    """kohya's train_blocks and block index lists, on the real architecture's 19 + 38 blocks."""
+    from stylelora.families.flux import Flux
+
+    family = Flux.on_meta_device()
+
+    def blocks(**options) -> set[str]:
+        cfg = AdapterConfig(unet_targets="attn-mlp", **options)
+        return {".".join(p.split(".")[:2]) for p in family.denoiser_targets(cfg).main}
+
+    assert len(blocks()) == 19 + 38
+    assert blocks(train_blocks="single") == {f"single_transformer_blocks.{i}" for i in range(38)}
+    assert blocks(train_blocks="double", double_block_indices=[0, 7]) == {
+        "transformer_blocks.0",
+        "transformer_blocks.7",
+    }
+    assert blocks(single_block_indices=[]) == {f"transformer_blocks.{i}" for i in range(19)}
+    with pytest.raises(
+        UserError, match="double_block_indices: block 19 does not exist; .* 0 to 18"
+    ):
+        blocks(double_block_indices=[3, 19])
+    with pytest.raises(UserError, match="adapter.train_blocks: chooses a transformer's blocks"):
+        load_family("tiny:sd15").denoiser_targets(AdapterConfig(train_blocks="single"))
