@@ -34,7 +34,7 @@ DIFFUSERS_METADATA = "lora_adapter_metadata"
 PEFT_PARTS = {".lora_A.weight": "down", ".lora_B.weight": "up"}
 PEFT_PREFIX = "base_model.model."
 PEFT_FILE = "adapter_model.safetensors"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 CONFIG_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern")
 
 
@@ -53,14 +53,28 @@ def by_component(
         if name not in targets:
             raise UserError(f"{path}: module {name} is not in a {family.name} model")
         target = targets[name]
-        if len(target.members) > 1:
-            raise UserError(
-                f"{path}: {name} fuses {len(target.members)} {family.name} modules, which "
-                "diffusers' and PEFT's layouts keep apart; converting it is not supported yet "
-                "(diffusers' load_lora_weights reads the kohya file as it is)"
-            )
-        grouped.setdefault(target.component, {})[target.path] = module
+        component = grouped.setdefault(target.component, {})
+        component.update(split_fused(module, target))
     return grouped
+
+
+def split_fused(module: LoraModule, target: Target) -> dict[str, LoraModule]:
+    """A kohya module per diffusers module: a fused one (Flux's qkv) gives each member its rows
+    of `up` and the whole `down`, which is exact whatever the ranks inside (as diffusers' own
+    converter splits it)."""
+    if len(target.member_paths) == 1:
+        return {target.path: module}
+    rows = [member.weight.shape[0] for member in target.members]
+    if sum(rows) != module.up.shape[0]:
+        raise UserError(
+            f"{target.path}: the adapter's fused module has {module.up.shape[0]} output rows, "
+            f"the model's {sum(rows)}: pass --model with the base it was trained on"
+        )
+    ups = module.up.split(rows)
+    return {
+        path: LoraModule(module.down.clone(), up, module.alpha)
+        for path, up in zip(target.member_paths, ups, strict=True)
+    }
 
 
 def lora_config_dict(modules: dict[str, LoraModule]) -> dict:
@@ -194,7 +208,16 @@ def diffusers_adapter(
 ) -> Adapter:
     """Diffusers-layout tensors (`unet.<path>.lora_A.weight`) as kohya-named, checked modules."""
     tensors, metadata, configs = parts
-    prefixes = {"unet": "lora_unet", **{a: p for p, a in family.text_encoder_attrs.items()}}
+    if family.kohya_fuses:
+        raise UserError(
+            f"{path}: converting diffusers' layout of a {family.name} adapter to kohya's fused "
+            "modules is not supported yet; diffusers' load_lora_weights and `stylelora sample` "
+            "read it as it is"
+        )
+    prefixes = {
+        family.denoiser_attr: "lora_unet",
+        **{a: p for p, a in family.text_encoder_attrs.items()},
+    }
     pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         suffix = next((s for s in PEFT_PARTS if key.endswith(s)), None)

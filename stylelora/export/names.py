@@ -22,25 +22,28 @@ class Target:
     component: str  # pipeline attribute: unet (the denoiser), text_encoder, text_encoder_2
     path: str  # module path inside it
     module: torch.nn.Module
-    # Every module a fused kohya module covers, in output order (Flux's qkv); else (module,).
+    # Every module a fused kohya module covers, in output order (Flux's qkv), and their paths;
+    # else just this one.
     members: tuple[torch.nn.Module, ...] = ()
+    member_paths: tuple[str, ...] = ()
 
 
 def family_targets(family: ModelFamily) -> dict[str, Target]:
     """Every kohya name a file may use for the family's Linear and Conv2d modules."""
-    components = {"lora_unet": "unet", **family.text_encoder_attrs}
+    components = {"lora_unet": family.denoiser_attr, **family.text_encoder_attrs}
     names: dict[str, Target] = {}
     for prefix, attr in components.items():
-        model = family.unet if prefix == "lora_unet" else getattr(family.pipe, attr)
+        model = getattr(family.pipe, attr)
         for path, module in model.named_modules():
             if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
                 continue
             path = path.removeprefix("base_model.model.")
-            names[f"{prefix}_{path.replace('.', '_')}"] = Target(attr, path, module, (module,))
+            target = Target(attr, path, module, (module,), (path,))
+            names[f"{prefix}_{path.replace('.', '_')}"] = target
             with contextlib.suppress(ValueError):  # a UNet module with no sgm or BFL name
-                name, members = family.kohya_part(prefix, path)
-                fused = tuple(model.get_submodule(member) for member in members)
-                names[name] = Target(attr, path, module, fused)
+                name, paths = family.kohya_part(prefix, path)
+                fused = tuple(model.get_submodule(member) for member in paths)
+                names[name] = Target(attr, path, module, fused, paths)
     return names
 
 

@@ -44,6 +44,8 @@ class ModelFamily:
     context_width: ClassVar[int]
     # Whether kohya's layout fuses several of the denoiser's modules into one (`kohya_part`).
     kohya_fuses: ClassVar[bool] = False
+    # The pipeline attribute holding the denoiser (diffusers' files name it so).
+    denoiser_attr: ClassVar[str] = "unet"
     # The keyword the denoiser takes its noisy latents by, when the pipeline calls it.
     denoiser_input: ClassVar[str] = "sample"
     # The `ss_base_model_version` AUTOMATIC1111 and ComfyUI read to tell families apart.

@@ -107,6 +107,7 @@ class Flux(ModelFamily):
     kohya_version_prefix = "flux1"
     context_width = 4096  # T5-XXL's width
     denoiser_input = "hidden_states"
+    denoiser_attr = "transformer"
     kohya_fuses = True
     # CLIP-L only: kohya and ComfyUI call it te1; T5 stays frozen (it is 4.7 B parameters).
     text_encoder_attrs = {"lora_te1": "text_encoder"}

@@ -14,6 +14,7 @@ from stylelora.adapters.inject import inject_adapters
 from stylelora.config import AdapterConfig
 from stylelora.errors import UserError
 from stylelora.export.lora_file import save_lora_file
+from stylelora.export.tools import run_export
 from stylelora.families import load_family
 from stylelora.families.objective import FlowMatchObjective, NoisedBatch
 from stylelora.families.tiny import tiny_model_path
@@ -144,9 +145,10 @@ def apply_as_comfyui(transformer: torch.nn.Module, path) -> None:
 
 
 @pytest.mark.parametrize("targets", ["attention", "attn-mlp", "full"])
-def test_kohya_flux_file_renders_our_image_by_comfyuis_formula(tmp_path, targets):
+def test_kohya_flux_file_renders_our_image_by_comfyuis_formula_and_in_diffusers(tmp_path, targets):
     """diffusers reads kohya Flux files only at the real model's widths (its converter splits
-    linear1 as 3 x 3072 + 12288), so the tiny model's file is applied by the UIs' formula."""
+    linear1 as 3 x 3072 + 12288), so the tiny model's file is applied by the UIs' formula; its
+    diffusers-layout export is loaded by diffusers' own `load_lora_weights`."""
     family = load_family("tiny:flux")
     adapted = inject_adapters(family, AdapterConfig(rank=4, alpha=2.0, unet_targets=targets))
     randomise_up_weights(adapted.values())
@@ -177,6 +179,18 @@ def test_kohya_flux_file_renders_our_image_by_comfyuis_formula(tmp_path, targets
     sampled = load_family("tiny:flux")  # what `stylelora sample` and `merge` do with the file
     apply_adapter(sampled, path, 1.0)
     assert np.abs(ours - rendered(sampled.pipe)).max() < 1e-4
+
+    # `stylelora export --format diffusers` splits the fused modules; diffusers' own loader
+    # reads that layout at any width.
+    converted = tmp_path / "diffusers.safetensors"
+    with pytest.raises(UserError, match="fused module has 96 output rows, the model's 9216"):
+        run_export(path, "diffusers", converted, model=None)  # named on the real Flux.1
+    run_export(path, "diffusers", converted, model=str(tiny_model_path("flux")))
+    assert "transformer.single_transformer_blocks.0.attn.to_k.lora_A.weight" in load_file(converted)
+    fresh = DiffusionPipeline.from_pretrained(tiny_model_path("flux"))
+    fresh.set_progress_bar_config(disable=True)
+    fresh.load_lora_weights(str(converted))
+    assert np.abs(ours - rendered(fresh)).max() < 1e-4
 
 
 def real_flux_names(preset: str) -> set[str]:
