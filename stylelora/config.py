@@ -254,6 +254,9 @@ class Config(Section):
     # T5 tokens per prompt (kohya's t5xxl_max_token_length), for models with T5 (Flux);
     # unset: what the model was trained with, 512 for Flux.1 dev, 256 for schnell.
     t5_max_length: Annotated[int, Field(ge=1, le=512)] | None = None
+    # Mask T5's padding in T5 and in the transformer's joint attention (kohya's option of the
+    # same name; BFL trained without it, so off by default).
+    apply_t5_attn_mask: bool = False
     output_dir: Path = Path("output")
     seed: int = 0
     data: DataConfig

@@ -267,12 +267,17 @@ class ModelFamily:
         text_model = getattr(encoder, "text_model", encoder)
         return text_model.final_layer_norm(hidden)
 
-    def set_t5_max_length(self, tokens: int) -> None:
-        """T5 tokens per prompt, for families with a T5 text encoder."""
-        raise UserError(f"t5_max_length: a {self.name} model has no T5 text encoder; remove it")
+    def set_t5_options(self, max_length: int | None, attention_mask: bool) -> None:
+        """T5 tokens per prompt and whether padding is masked, for families with T5."""
+        if max_length or attention_mask:
+            field = "t5_max_length" if max_length else "apply_t5_attn_mask"
+            raise UserError(f"{field}: a {self.name} model has no T5 text encoder; remove it")
 
-    def pipeline_text_kwargs(self, prompt: str, negative: str) -> dict[str, Any]:
-        """The text arguments of a pipeline call that conditions as training does.
+    def pipeline_text_kwargs(
+        self, prompt: str, negative: str, size: tuple[int, int] = (512, 512)
+    ) -> dict[str, Any]:
+        """The text arguments of a pipeline call that conditions as training does, for an
+        image of `size` (width, height).
 
         With clip_skip the embeddings are made here, for the negative prompt too (as kohya's
         and AUTOMATIC1111's samplers do); diffusers would skip layers for the prompt only.

@@ -87,6 +87,12 @@ def bfl_module(path: str) -> str:
     raise ValueError(f"no BFL name for transformer module {path!r}")
 
 
+def joint_mask(t5_mask: torch.Tensor, image_tokens: int) -> torch.Tensor:
+    """The joint attention's key mask: T5's real tokens, then every image token (B, 1, 1, L)."""
+    image = torch.ones(t5_mask.shape[0], image_tokens, dtype=torch.bool, device=t5_mask.device)
+    return torch.cat([t5_mask.bool(), image], dim=1)[:, None, None, :]
+
+
 def fused_members(path: str) -> tuple[str, ...]:
     """Every diffusers module of the BFL module `path` belongs to, in its output order."""
     match = BLOCK_PATH.fullmatch(path)
@@ -115,7 +121,8 @@ class Flux(ModelFamily):
     # dev's guidance embedding is trained at 1.0, as kohya advises: the LoRA then renders at any
     # guidance the user samples with.
     training_guidance = 1.0
-    t5_tokens: int | None = None  # set_t5_max_length
+    t5_tokens: int | None = None  # set_t5_options
+    t5_mask = False
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
@@ -153,13 +160,27 @@ class Flux(ModelFamily):
         trained them."""
         return self.t5_tokens or (512 if self.guidance_distilled else 256)
 
-    def set_t5_max_length(self, tokens: int) -> None:
-        self.t5_tokens = tokens
+    def set_t5_options(self, max_length: int | None, attention_mask: bool) -> None:
+        self.t5_tokens, self.t5_mask = max_length, attention_mask
 
-    def pipeline_text_kwargs(self, prompt: str, negative: str) -> dict[str, Any]:
-        """Previews encode prompts as training does: the same T5 length."""
-        return {**super().pipeline_text_kwargs(prompt, negative),
-                "max_sequence_length": self.max_sequence_length}  # fmt: skip
+    def pipeline_text_kwargs(
+        self, prompt: str, negative: str, size: tuple[int, int] = (1024, 1024)
+    ) -> dict[str, Any]:
+        """Previews encode prompts as training does: the same T5 length, and with the T5 mask,
+        the same embeddings and the joint attention's mask for an image of `size`."""
+        if not self.t5_mask:
+            return {**super().pipeline_text_kwargs(prompt, negative, size),
+                    "max_sequence_length": self.max_sequence_length}  # fmt: skip
+        with torch.no_grad():
+            text = self.encode_prompts([prompt])
+        patch = 2 * self.pipe.vae_scale_factor
+        tokens = (size[0] // patch) * (size[1] // patch)
+        return {
+            "prompt_embeds": text["encoder_hidden_states"],
+            "pooled_prompt_embeds": text["pooled_projections"],
+            "max_sequence_length": self.max_sequence_length,
+            "joint_attention_kwargs": {"attention_mask": joint_mask(text["t5_mask"], tokens)},
+        }
 
     @property
     def default_resolution(self) -> int:
@@ -176,6 +197,8 @@ class Flux(ModelFamily):
         return FlowMatchObjective(dict(self.pipe.scheduler.config))
 
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if self.t5_mask:
+            return self.masked_prompts(captions)
         embeds, pooled, _ = self.pipe.encode_prompt(
             captions,
             prompt_2=None,
@@ -184,6 +207,23 @@ class Flux(ModelFamily):
             max_sequence_length=self.max_sequence_length,
         )
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def masked_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """As FluxPipeline encodes them, but T5 attends only to the real tokens (its own
+        attention mask, which FluxPipeline does not pass), and the mask is kept for the
+        transformer's joint attention, as kohya's apply_t5_attn_mask does."""
+        tokens = self.pipe.tokenizer_2(
+            captions,
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        ids = tokens.input_ids.to(self.text_device)
+        mask = tokens.attention_mask.to(self.text_device)
+        embeds = self.pipe.text_encoder_2(ids, attention_mask=mask)[0]
+        pooled = self.pipe._get_clip_prompt_embeds(captions, device=self.text_device)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "t5_mask": mask}
 
     def denoise(
         self,
@@ -206,6 +246,10 @@ class Flux(ModelFamily):
         guidance = None
         if self.guidance_distilled:
             guidance = torch.full((count,), self.training_guidance, device=noisy.device)
+        attention = {}
+        if "t5_mask" in text:
+            image_tokens = packed.shape[1]
+            attention = {"attention_mask": joint_mask(text["t5_mask"], image_tokens)}
         out = denoiser(
             hidden_states=packed,
             timestep=timesteps.to(dtype),
@@ -214,6 +258,7 @@ class Flux(ModelFamily):
             encoder_hidden_states=embeds,
             txt_ids=text_ids,
             img_ids=image_ids,
+            joint_attention_kwargs=attention or None,
             return_dict=False,
         )[0]
         scale = self.pipe.vae_scale_factor

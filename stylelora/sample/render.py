@@ -48,7 +48,8 @@ def render(
     if family is None:
         text = {"prompt": prompt.prompt, "negative_prompt": prompt.negative_prompt or None}
     else:
-        text = family.pipeline_text_kwargs(prompt.prompt, prompt.negative_prompt)
+        size = (prompt.width, prompt.height)
+        text = family.pipeline_text_kwargs(prompt.prompt, prompt.negative_prompt, size)
     generator = torch.Generator().manual_seed(prompt.seed)
     result = pipe(
         **text,

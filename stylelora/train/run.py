@@ -272,8 +272,7 @@ def load_model(cfg: Config) -> ModelFamily:
         zero_terminal_snr=cfg.train.zero_terminal_snr,
         config=str(cfg.single_file_config) if cfg.single_file_config else None,
     )
-    if cfg.t5_max_length:
-        family.set_t5_max_length(cfg.t5_max_length)
+    family.set_t5_options(cfg.t5_max_length, cfg.apply_t5_attn_mask)
     return family
 
 

@@ -298,7 +298,7 @@ def test_t5_length_is_configurable_for_training_and_previews(tmp_path, demo_subs
     with torch.no_grad():
         text = family.encode_prompts(["a cat", "a dog"])
     assert text["encoder_hidden_states"].shape[1] == 64
-    assert family.pipeline_text_kwargs("a cat", "")["max_sequence_length"] == 64
+    assert family.pipeline_text_kwargs("a cat", "", (64, 64))["max_sequence_length"] == 64
     assert load_family("tiny:flux").max_sequence_length == 512  # dev's, unset
 
     cfg = training_config(tmp_path, "tiny:sd15", demo_subset(1, start=1), "t5_max_length=64")
@@ -329,3 +329,32 @@ def test_block_selection_chooses_which_blocks_get_adapters():
         blocks(double_block_indices=[3, 19])
     with pytest.raises(UserError, match="adapter.train_blocks: chooses a transformer's blocks"):
         load_family("tiny:sd15").denoiser_targets(AdapterConfig(train_blocks="single"))
+
+
+def test_t5_attention_mask_hides_the_padding_in_training_and_previews():
+    family = load_family("tiny:flux")
+    family.set_t5_options(32, attention_mask=True)
+    with torch.no_grad():
+        text = family.encode_prompts(["a cat"])
+    mask = text["t5_mask"][0].bool()
+    assert 0 < mask.sum() < 32  # "a cat" and </s>, then padding
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.6])
+
+    def predicted(embeds: torch.Tensor, masked: bool) -> torch.Tensor:
+        conditioning = {**text, "encoder_hidden_states": embeds}
+        if not masked:
+            conditioning.pop("t5_mask")
+        with torch.no_grad():
+            return family.denoise(family.unet, latents, sigma, conditioning, {})
+
+    embeds = text["encoder_hidden_states"]
+    noisy_padding = embeds + 5 * (~mask)[None, :, None] * torch.randn(embeds.shape)
+    assert torch.allclose(predicted(embeds, True), predicted(noisy_padding, True), atol=1e-5)
+    assert not torch.allclose(predicted(embeds, False), predicted(noisy_padding, False), atol=1e-3)
+
+    prompt = SamplePrompt("a cat", width=64, height=64, seed=1, steps=2, guidance_scale=3.5)
+    with_mask = render(family.pipe, prompt, output_type="np", family=family)
+    family.set_t5_options(32, attention_mask=False)
+    without = render(family.pipe, prompt, output_type="np", family=family)
+    assert np.abs(with_mask - without).max() > 1e-3
