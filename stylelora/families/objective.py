@@ -144,25 +144,25 @@ class FlowMatchObjective:
     def timestep_range(self, options: TrainConfig | None) -> tuple[int, int]:
         return timestep_bounds(self.num_timesteps, options)
 
-    def sampling(self, options: TrainConfig | None) -> str:
-        chosen = options.timestep_sampling if options is not None else "auto"
+    def sampling(self, options: TrainConfig) -> str:
+        chosen = options.timestep_sampling
         return "shift" if chosen == "auto" else chosen
 
     def draw(
         self, shape: tuple[int, ...], generator: torch.Generator, options: TrainConfig | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        options = options or TrainConfig()  # validation's fixed draws: the defaults
         noise = torch.randn(shape, generator=generator)
         sampling = self.sampling(options)
-        mean, std = (options.logit_mean, options.logit_std) if options else (0.0, 1.0)
         u = compute_density_for_timestep_sampling(
             "none" if sampling == "uniform" else "logit_normal",
             shape[0],
-            logit_mean=mean,
-            logit_std=std,
+            logit_mean=options.logit_mean,
+            logit_std=options.logit_std,
             generator=generator,
         )
         if sampling == "shift":
-            shift = options.discrete_flow_shift if options else 3.1582
+            shift = options.discrete_flow_shift
             u = shift * u / (1 + (shift - 1) * u)
         elif sampling == "flux_shift":
             u = self.resolution_shift(u, shape[-2] * shape[-1] // self.patch_size**2)
