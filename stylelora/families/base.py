@@ -110,7 +110,8 @@ class ModelFamily:
 
     @property
     def unet(self) -> torch.nn.Module:
-        return self.pipe.unet
+        """The denoiser, a UNet or a transformer (`denoiser_attr`); the trainer calls it so."""
+        return getattr(self.pipe, self.denoiser_attr)
 
     @property
     def vae(self) -> torch.nn.Module:

@@ -133,11 +133,6 @@ class Flux(ModelFamily):
         marks = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "transformer.")
         return any(n.startswith(marks) for n in names)
 
-    @property
-    def unet(self) -> torch.nn.Module:
-        """The denoiser: Flux's transformer."""
-        return self.pipe.transformer
-
     def prompt_encoders(self) -> list[torch.nn.Module]:
         return [self.pipe.text_encoder, self.pipe.text_encoder_2]
 
