@@ -24,8 +24,8 @@ class Target:
     module: torch.nn.Module
     # Every module a fused kohya module covers, in output order (Flux's qkv), and their paths;
     # else just this one.
-    members: tuple[torch.nn.Module, ...] = ()
-    member_paths: tuple[str, ...] = ()
+    members: tuple[torch.nn.Module, ...]
+    member_paths: tuple[str, ...]
 
 
 def family_targets(family: ModelFamily) -> dict[str, Target]:

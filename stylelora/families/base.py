@@ -275,7 +275,7 @@ class ModelFamily:
             raise UserError(f"{field}: a {self.name} model has no T5 text encoder; remove it")
 
     def pipeline_text_kwargs(
-        self, prompt: str, negative: str, size: tuple[int, int] = (512, 512)
+        self, prompt: str, negative: str, size: tuple[int, int]
     ) -> dict[str, Any]:
         """The text arguments of a pipeline call that conditions as training does, for an
         image of `size` (width, height).

@@ -159,7 +159,7 @@ class Flux(ModelFamily):
         self.t5_tokens, self.t5_mask = max_length, attention_mask
 
     def pipeline_text_kwargs(
-        self, prompt: str, negative: str, size: tuple[int, int] = (1024, 1024)
+        self, prompt: str, negative: str, size: tuple[int, int]
     ) -> dict[str, Any]:
         """Previews encode prompts as training does: the same T5 length, and with the T5 mask,
         the same embeddings and the joint attention's mask for an image of `size`."""
@@ -287,21 +287,18 @@ class Flux(ModelFamily):
 
     def chosen_blocks(self, cfg: AdapterConfig) -> dict[str, set[int]]:
         """Block indices that get adapters, per kind (diffusers' names for double and single)."""
-        counts = {
-            "transformer_blocks": self.unet.config.num_layers,
-            "single_transformer_blocks": self.unet.config.num_single_layers,
-        }
-        fields = {
-            "transformer_blocks": ("double", cfg.double_block_indices, "double_block_indices"),
+        config = self.unet.config
+        kinds = {
+            "transformer_blocks": ("double", config.num_layers, cfg.double_block_indices),
             "single_transformer_blocks": (
                 "single",
+                config.num_single_layers,
                 cfg.single_block_indices,
-                "single_block_indices",
             ),
         }
         chosen = {}
-        for kind, (name, indices, field) in fields.items():
-            count = counts[kind]
+        for kind, (name, count, indices) in kinds.items():
+            field = f"{name}_block_indices"
             if bad := [i for i in indices or [] if i >= count]:
                 raise UserError(
                     f"adapter.{field}: block {bad[0]} does not exist; this model's {name} "
