@@ -43,17 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=run_train)
 
     sample = commands.add_parser("sample", help="render an image with an adapter")
-    sample.add_argument(
-        "--model",
-        required=True,
-        help='base model: hub id, folder, single file, "demo:sd15" or "tiny:sdxl"',
-    )
-    sample.add_argument(
-        "--model-config",
-        type=Path,
-        help="diffusers folder of component configs for a single-file model "
-        "(default: the family's bundled configs)",
-    )
+    add_model_arguments(sample)
     sample.add_argument(
         "--prediction-type",
         choices=["auto", "epsilon", "v_prediction"],
@@ -62,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument(
         "--clip-skip", type=int, help="as kohya and AUTOMATIC1111 count it: 2 = penultimate layer"
+    )
+    sample.add_argument(
+        "--t5-max-length",
+        type=int,
+        help="Flux: T5 tokens per prompt (default 512 dev, 256 schnell)",
+    )
+    sample.add_argument(
+        "--apply-t5-attn-mask", action="store_true", help="Flux: mask T5's padding, as trained"
     )
     sample.add_argument(
         "--adapter",
@@ -116,8 +114,7 @@ def add_tool_commands(commands) -> None:
     export.set_defaults(run=run_export)
 
     merge = commands.add_parser("merge", help="merge adapters into a base model")
-    merge.add_argument("--model", required=True, help="base model, as for sample")
-    merge.add_argument("--model-config", type=Path, help="component configs for a single file")
+    add_model_arguments(merge)
     merge.add_argument(
         "--adapter", action="append", required=True, metavar="FILE[:STRENGTH]", help="repeatable"
     )
@@ -175,6 +172,33 @@ def shell_word(text: str) -> str:
     return f'"{text}"'
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, and where a single file's configs and (for a Flux transformer) parts are."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        help='base model: hub id, folder, single file, "demo:sd15" or "tiny:sdxl"',
+    )
+    parser.add_argument(
+        "--model-config",
+        type=Path,
+        help="diffusers folder of component configs for a single-file model "
+        "(default: the family's bundled configs)",
+    )
+    for flag, usual in (("ae", "ae"), ("clip-l", "clip_l"), ("t5xxl", "t5xxl_fp16")):
+        parser.add_argument(
+            f"--{flag}",
+            type=Path,
+            help=f"Flux transformer file: its {usual}.safetensors (or a diffusers folder)",
+        )
+
+
+def model_source(args: argparse.Namespace) -> dict:
+    """load_family's arguments for where the model's files are."""
+    parts = {"ae": args.ae, "clip_l": args.clip_l, "t5xxl": args.t5xxl}
+    return {"config": str(args.model_config) if args.model_config else None, "parts": parts}
+
+
 def run_sample(args: argparse.Namespace) -> None:
     from stylelora.families import load_family
     from stylelora.sample.adapter import render_with_adapter
@@ -189,8 +213,9 @@ def run_sample(args: argparse.Namespace) -> None:
         args.model,
         clip_skip=args.clip_skip - 1 if args.clip_skip else None,
         prediction_type=args.prediction_type,
-        config=str(args.model_config) if args.model_config else None,
+        **model_source(args),
     )
+    family.set_t5_options(args.t5_max_length, args.apply_t5_attn_mask)
     for note in family.notes:
         print(note)
     side = family.default_resolution
@@ -249,8 +274,7 @@ def run_export(args: argparse.Namespace) -> None:
 def run_merge(args: argparse.Namespace) -> None:
     from stylelora.export.tools import run_merge as merge
 
-    config = str(args.model_config) if args.model_config else None
-    print(merge(args.model, args.adapter, args.out, args.dtype, config))
+    print(merge(args.model, args.adapter, args.out, args.dtype, **model_source(args)))
 
 
 def run_resize(args: argparse.Namespace) -> None:

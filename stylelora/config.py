@@ -249,6 +249,11 @@ class Config(Section):
     single_file_config: Path | None = Field(
         default=None, description="Diffusers folder of component configs for a single file."
     )
+    # A Flux.1 transformer file's other parts (kohya's --ae, --clip_l, --t5xxl): files or
+    # diffusers folders; unset, they come from single_file_config's folder.
+    ae: Path | None = None
+    clip_l: Path | None = None
+    t5xxl: Path | None = None
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
     clip_skip: PositiveInt | None = None
     # T5 tokens per prompt (kohya's t5xxl_max_token_length), for models with T5 (Flux);
@@ -351,6 +356,9 @@ _PATH_KEYS = (
     ("sample", "prompts_file"),
     ("output_dir",),
     ("single_file_config",),
+    ("ae",),
+    ("clip_l",),
+    ("t5xxl",),
     ("validation", "dir"),
 )
 

@@ -1,4 +1,5 @@
-"""Write a pipeline as one AUTOMATIC1111-layout `.safetensors` checkpoint (what UIs load)."""
+"""Write a pipeline as one `.safetensors` checkpoint in its family's single-file layout (what UIs
+load): AUTOMATIC1111's for SD1.x, SD2.x and SDXL, BFL's transformer file for Flux.1."""
 
 from __future__ import annotations
 
@@ -8,17 +9,6 @@ import torch
 
 from stylelora.export.atomic import save_tensors
 from stylelora.families.base import ModelFamily
-from stylelora.families.ldm import TEXT_ENCODER_LAYOUTS, unet_state, vae_state
-
-
-def single_file_state(family: ModelFamily) -> dict[str, torch.Tensor]:
-    """Every weight of the family's pipeline under its AUTOMATIC1111 checkpoint name."""
-    tensors = {f"model.diffusion_model.{k}": v for k, v in unet_state(family.unet).items()}
-    tensors.update({f"first_stage_model.{k}": v for k, v in vae_state(family.vae).items()})
-    for attr, (prefix, layout) in family.single_file_text_encoders.items():
-        state = TEXT_ENCODER_LAYOUTS[layout](getattr(family.pipe, attr))
-        tensors.update({prefix + k: v for k, v in state.items()})
-    return tensors
 
 
 def save_single_file(
@@ -33,6 +23,6 @@ def save_single_file(
         .detach()
         .cpu()
         .contiguous()
-        for key, value in single_file_state(family).items()
+        for key, value in family.single_file_state().items()
     }
     return save_tensors(tensors, path, metadata)

@@ -61,14 +61,21 @@ def run_export(path: Path, fmt: str, out: Path, model: str | None) -> str:
     return f"wrote {out} ({source_format} -> {fmt}, {len(adapter.modules)} modules)"
 
 
-def run_merge(model: str, adapters: list[str], out: Path, dtype: str, config: str | None) -> str:
+def run_merge(
+    model: str,
+    adapters: list[str],
+    out: Path,
+    dtype: str,
+    config: str | None = None,
+    parts: dict[str, Path | None] | None = None,
+) -> str:
     from stylelora.families import load_family
 
     weighted = [parse_weighted(text) for text in adapters]
     for path, _ in weighted:
         if not path.is_file():
             raise UserError(f"{path}: adapter file not found")
-    family = load_family(model, config=config)
+    family = load_family(model, config=config, parts=parts)
     merge_adapters(family, weighted)
     merged = ", ".join(f"{p.name}:{s:g}" for p, s in weighted)
     save_merged(family, out, dtype, {"stylelora_merged": merged})

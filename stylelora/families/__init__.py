@@ -16,7 +16,6 @@ from stylelora.families.flux import Flux
 from stylelora.families.sd2 import SD2
 from stylelora.families.sd15 import SD15
 from stylelora.families.sdxl import SDXL
-from stylelora.families.skeletons import skeleton_dir
 from stylelora.families.tiny import tiny_model_path
 
 # Every family; adding one is its module (a ModelFamily subclass) plus its line here.
@@ -25,11 +24,16 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 def load_pipeline(
-    model: str, dtype: torch.dtype = torch.float32, config: str | None = None
+    model: str,
+    dtype: torch.dtype = torch.float32,
+    config: str | None = None,
+    parts: dict[str, Path | None] | None = None,
 ) -> DiffusionPipeline:
     """A diffusers pipeline from `tiny:<family>` (random weights), `demo:sd15` (the shipped
     pretrained demo base), a local diffusers folder, a single-file checkpoint (`config`: a
-    diffusers folder of component configs, default the family's skeleton), or a hub id."""
+    diffusers folder of component configs, default the family's skeleton; `parts`: the files
+    of a Flux.1 transformer file's VAE and text encoders), or a hub id."""
+    parts = parts or {}
     if model.startswith("tiny:"):
         source = str(tiny_model_path(model.removeprefix("tiny:")))
     elif model.startswith("demo:"):
@@ -38,13 +42,18 @@ def load_pipeline(
         source = model
         path = Path(model).expanduser()
         if path.is_file():
-            return load_single_file(path, dtype, config)
+            return single_file_family(path).load_single_file(path, dtype, config, parts)
         if path.is_dir():
             if not (path / "model_index.json").exists():
                 raise UserError(f"{model}: not a diffusers model folder (no model_index.json)")
             source = str(path)
         elif model.startswith((".", "/", "~")) or model.endswith(SINGLE_FILE_SUFFIXES):
             raise UserError(f"{model}: model file or folder not found")
+    if given := [key for key, value in parts.items() if value is not None]:
+        raise UserError(
+            f"{given[0]}: names a Flux.1 transformer file's other parts; {model} is not a "
+            "single file, so remove it"
+        )
     try:
         pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
     except OSError as exc:
@@ -73,38 +82,16 @@ def checkpoint_keys(path: Path) -> list[str]:
 
 
 def single_file_family(path: Path) -> type[ModelFamily]:
-    """The family of an AUTOMATIC1111-layout checkpoint, told by its keys."""
+    """The family of a single-file checkpoint, told by its tensor names."""
     keys = checkpoint_keys(path)
-    if any(key.startswith("model.diffusion_model.") for key in keys):
-        for family in FAMILIES:
-            marker = family.single_file_marker
-            if marker and any(key.startswith(marker) for key in keys):
-                return family
+    for family in FAMILIES:
+        if family.reads_single_file(keys):
+            return family
     raise UserError(
-        f"{path}: not an SD1.x, SD2.x or SDXL checkpoint in AUTOMATIC1111 layout "
-        "(no model.diffusion_model.* with cond_stage_model.* or conditioner.* keys)"
+        f"{path}: neither an SD1.x, SD2.x or SDXL checkpoint in AUTOMATIC1111 layout "
+        "(model.diffusion_model.* with cond_stage_model.* or conditioner.* keys) nor a Flux.1 "
+        "transformer in BFL layout (double_blocks.*)"
     )
-
-
-def load_single_file(path: Path, dtype: torch.dtype, config: str | None) -> DiffusionPipeline:
-    """Load a single file offline, with component configs from `config` or the skeleton.
-
-    diffusers reads .ckpt files with torch.load(weights_only=True), as checkpoint_keys does.
-    """
-    family = single_file_family(path)
-    try:
-        pipe = family.pipeline_class.from_single_file(
-            str(path),
-            config=str(config or skeleton_dir(family.name)),
-            local_files_only=True,
-            torch_dtype=dtype,
-        )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(
-            f"{path}: could not load this {family.name} checkpoint ({first_line(exc)})"
-        ) from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def detect_family(pipe: DiffusionPipeline, clip_skip: int | None = None) -> ModelFamily:
@@ -122,9 +109,11 @@ def load_family(
     prediction_type: str = "auto",
     zero_terminal_snr: bool = False,
     config: str | None = None,
+    parts: dict[str, Path | None] | None = None,
 ) -> ModelFamily:
     """Load `model` and wrap it in the family object the rest of stylelora talks to."""
-    family = detect_family(load_pipeline(model, dtype, config), clip_skip=clip_skip)
+    pipe = load_pipeline(model, dtype, config, parts)
+    family = detect_family(pipe, clip_skip=clip_skip)
     family.set_schedule(prediction_type, zero_terminal_snr)
     return family
 

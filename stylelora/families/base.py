@@ -19,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from stylelora.adapters.targets import TEXT_ENCODER_TARGETS, Targets, unet_targets
 from stylelora.config import AdapterConfig
-from stylelora.errors import UserError
+from stylelora.errors import UserError, first_line
 from stylelora.families.objective import DDPMObjective, Objective
 
 # One CPU generator for a whole batch, or one per sample.
@@ -37,9 +37,8 @@ class ModelFamily:
     name: ClassVar[str]
     # The diffusers pipeline class its models load as (single files too).
     pipeline_class: ClassVar[type[DiffusionPipeline]]
-    # A tensor-name prefix only this family's AUTOMATIC1111-layout single files have (None:
-    # stylelora does not load this family's single files yet).
-    single_file_marker: ClassVar[str | None] = None
+    # A tensor-name prefix only this family's AUTOMATIC1111-layout single files have.
+    single_file_marker: ClassVar[str]
     # The UNet's cross-attention width: tells an adapter file without metadata by its shapes.
     context_width: ClassVar[int]
     # Whether kohya's layout fuses several of the denoiser's modules into one (`kohya_part`).
@@ -75,6 +74,54 @@ class ModelFamily:
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
         raise NotImplementedError
+
+    @classmethod
+    def reads_single_file(cls, keys: list[str]) -> bool:
+        """Whether a single file with these tensor names is this family's checkpoint
+        (AUTOMATIC1111's layout: the UNet under `model.diffusion_model.`, and the marker)."""
+        return any(k.startswith("model.diffusion_model.") for k in keys) and any(
+            k.startswith(cls.single_file_marker) for k in keys
+        )
+
+    @classmethod
+    def load_single_file(
+        cls, path: Path, dtype: torch.dtype, config: str | None, parts: dict[str, Path | None]
+    ) -> DiffusionPipeline:
+        """Load the family's single file offline, with component configs from `config` (a
+        diffusers folder) or the skeleton. `parts`: the VAE and text encoders' own files, for
+        families whose files hold the denoiser only (Flux)."""
+        from stylelora.families.skeletons import skeleton_dir
+
+        if given := [key for key, value in parts.items() if value is not None]:
+            raise UserError(
+                f"{given[0]}: names a Flux.1 transformer file's other parts; {path} is a whole "
+                f"{cls.name} checkpoint, so remove it"
+            )
+        try:
+            pipe = cls.pipeline_class.from_single_file(
+                str(path),
+                config=str(config or skeleton_dir(cls.name)),
+                local_files_only=True,
+                torch_dtype=dtype,
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise UserError(
+                f"{path}: could not load this {cls.name} checkpoint ({first_line(exc)})"
+            ) from None
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def single_file_state(self) -> dict[str, torch.Tensor]:
+        """Every weight under its name in the family's single files (AUTOMATIC1111's layout:
+        what `merge` writes to a .safetensors)."""
+        from stylelora.families.ldm import TEXT_ENCODER_LAYOUTS, unet_state, vae_state
+
+        tensors = {f"model.diffusion_model.{k}": v for k, v in unet_state(self.unet).items()}
+        tensors.update({f"first_stage_model.{k}": v for k, v in vae_state(self.vae).items()})
+        for attr, (prefix, layout) in self.single_file_text_encoders.items():
+            state = TEXT_ENCODER_LAYOUTS[layout](getattr(self.pipe, attr))
+            tensors.update({prefix + k: v for k, v in state.items()})
+        return tensors
 
     @classmethod
     def claims_names(cls, names: list[str]) -> bool:

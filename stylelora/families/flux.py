@@ -9,7 +9,6 @@ in that module's fused output.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -27,82 +26,16 @@ from stylelora.adapters.targets import Targets
 from stylelora.config import AdapterConfig
 from stylelora.errors import UserError
 from stylelora.families.base import ModelFamily
+from stylelora.families.bfl import BLOCK_PATH, MODULATION, bfl_module, fused_members, to_bfl
+from stylelora.families.flux_files import is_bfl_transformer, load_flux_files
 from stylelora.families.objective import FlowMatchObjective, Objective
 from stylelora.families.tiny import tiny_text_encoder, write_tiny_t5_tokenizer, write_tiny_tokenizer
-
-# diffusers module path (block index as N) -> (BFL module, place in its fused output).
-DOUBLE_BLOCK = {
-    "attn.to_q": ("img_attn.qkv", 0),
-    "attn.to_k": ("img_attn.qkv", 1),
-    "attn.to_v": ("img_attn.qkv", 2),
-    "attn.to_out.0": ("img_attn.proj", 0),
-    "attn.add_q_proj": ("txt_attn.qkv", 0),
-    "attn.add_k_proj": ("txt_attn.qkv", 1),
-    "attn.add_v_proj": ("txt_attn.qkv", 2),
-    "attn.to_add_out": ("txt_attn.proj", 0),
-    "ff.net.0.proj": ("img_mlp.0", 0),
-    "ff.net.2": ("img_mlp.2", 0),
-    "ff_context.net.0.proj": ("txt_mlp.0", 0),
-    "ff_context.net.2": ("txt_mlp.2", 0),
-    "norm1.linear": ("img_mod.lin", 0),
-    "norm1_context.linear": ("txt_mod.lin", 0),
-}
-SINGLE_BLOCK = {
-    "attn.to_q": ("linear1", 0),
-    "attn.to_k": ("linear1", 1),
-    "attn.to_v": ("linear1", 2),
-    "proj_mlp": ("linear1", 3),
-    "proj_out": ("linear2", 0),
-    "norm.linear": ("modulation.lin", 0),
-}
-OUTSIDE_BLOCKS = {
-    "x_embedder": "img_in",
-    "context_embedder": "txt_in",
-    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-    "norm_out.linear": "final_layer.adaLN_modulation.1",
-    "proj_out": "final_layer.linear",
-}
-BLOCK_PATH = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)")
-MODULATION = ("norm1.linear", "norm1_context.linear", "norm.linear")
-
-
-def bfl_module(path: str) -> str:
-    """The BFL module a diffusers transformer module belongs to."""
-    if match := BLOCK_PATH.fullmatch(path):
-        kind, index, inner = match.groups()
-        table, bfl = (
-            (DOUBLE_BLOCK, "double_blocks")
-            if kind == "transformer_blocks"
-            else (SINGLE_BLOCK, "single_blocks")
-        )
-        if inner in table:
-            return f"{bfl}.{index}.{table[inner][0]}"
-    elif path in OUTSIDE_BLOCKS:
-        return OUTSIDE_BLOCKS[path]
-    raise ValueError(f"no BFL name for transformer module {path!r}")
 
 
 def joint_mask(t5_mask: torch.Tensor, image_tokens: int) -> torch.Tensor:
     """The joint attention's key mask: T5's real tokens, then every image token (B, 1, 1, L)."""
     image = torch.ones(t5_mask.shape[0], image_tokens, dtype=torch.bool, device=t5_mask.device)
     return torch.cat([t5_mask.bool(), image], dim=1)[:, None, None, :]
-
-
-def fused_members(path: str) -> tuple[str, ...]:
-    """Every diffusers module of the BFL module `path` belongs to, in its output order."""
-    match = BLOCK_PATH.fullmatch(path)
-    if not match:
-        return (path,)
-    kind, index, inner = match.groups()
-    table = DOUBLE_BLOCK if kind == "transformer_blocks" else SINGLE_BLOCK
-    module = table[inner][0]
-    places = sorted((place, other) for other, (bfl, place) in table.items() if bfl == module)
-    return tuple(f"{kind}.{index}.{other}" for _, other in places)
 
 
 class Flux(ModelFamily):
@@ -127,6 +60,23 @@ class Flux(ModelFamily):
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
         return isinstance(pipe, FluxPipeline)
+
+    @classmethod
+    def reads_single_file(cls, keys: list[str]) -> bool:
+        return is_bfl_transformer(keys)
+
+    @classmethod
+    def load_single_file(
+        cls, path: Path, dtype: torch.dtype, config: str | None, parts: dict[str, Path | None]
+    ) -> DiffusionPipeline:
+        """BFL's transformer file, with the VAE and text encoders from `parts` (`ae`, `clip_l`,
+        `t5xxl`) or the config folder."""
+        return load_flux_files(path, dtype, config, parts)
+
+    def single_file_state(self) -> dict[str, torch.Tensor]:
+        """The transformer in BFL's layout: what Flux checkpoints on Civitai hold and ComfyUI's
+        and Forge's model loaders read (the VAE and text encoders stay separate files)."""
+        return to_bfl(self.unet.state_dict())
 
     @classmethod
     def claims_names(cls, names: list[str]) -> bool:
@@ -327,8 +277,8 @@ class Flux(ModelFamily):
 
     @classmethod
     def on_meta_device(cls) -> ModelFamily:
-        """Flux.1 dev's transformer (its config bundled in `skeletons/flux/`) and CLIP-L (SD1.5's
-        text encoder config), on the meta device: what kohya names are checked against."""
+        """Flux.1 dev's transformer and CLIP-L (their configs bundled in `skeletons/flux/`), on
+        the meta device: what kohya names are checked against."""
         from types import SimpleNamespace
 
         from transformers import CLIPTextConfig, CLIPTextModel
@@ -338,7 +288,7 @@ class Flux(ModelFamily):
         with torch.device("meta"):
             config = FluxTransformer2DModel.load_config(PACKAGE_DIR / "flux" / "transformer")
             transformer = FluxTransformer2DModel.from_config(config)
-            clip = CLIPTextConfig.from_pretrained(PACKAGE_DIR / "sd15" / "text_encoder")
+            clip = CLIPTextConfig.from_pretrained(PACKAGE_DIR / "flux" / "text_encoder")
             text_encoder = CLIPTextModel(clip)
         scheduler = SimpleNamespace(config={"_class_name": "FlowMatchEulerDiscreteScheduler"})
         parts = dict(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)

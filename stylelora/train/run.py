@@ -271,6 +271,7 @@ def load_model(cfg: Config) -> ModelFamily:
         prediction_type=cfg.prediction_type,
         zero_terminal_snr=cfg.train.zero_terminal_snr,
         config=str(cfg.single_file_config) if cfg.single_file_config else None,
+        parts={"ae": cfg.ae, "clip_l": cfg.clip_l, "t5xxl": cfg.t5xxl},
     )
     family.set_t5_options(cfg.t5_max_length, cfg.apply_t5_attn_mask)
     return family

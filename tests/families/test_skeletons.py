@@ -47,6 +47,7 @@ PAD_TOKENS = {
     ("sd2", "tokenizer"): ("!", 0),
     ("sdxl", "tokenizer"): ("<|endoftext|>", 49407),
     ("sdxl", "tokenizer_2"): ("!", 0),
+    ("flux", "tokenizer"): ("<|endoftext|>", 49407),
 }
 EXPECTED = {
     # name: (pipeline class, scheduler class, prediction type, unet sample size, VAE scaling)
@@ -54,6 +55,8 @@ EXPECTED = {
     "sd2": ("StableDiffusionPipeline", "DDIMScheduler", "v_prediction", 96, 0.18215),
     "sdxl": ("StableDiffusionXLPipeline", "EulerDiscreteScheduler", "epsilon", 128, 0.13025),
 }
+# The UNet families' skeletons; Flux's (a transformer, T5) is checked in test_flux_files.py.
+UNET_SKELETONS = sorted(EXPECTED)
 # SHA-256 of stabilityai/stable-diffusion-xl-base-1.0's own files (from Git LFS pointers of a
 # mirror of that repo): these skeleton files are byte-identical to them.
 SDXL_UPSTREAM_SHA256 = {
@@ -84,7 +87,7 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("name", skeletons.SKELETONS)
+@pytest.mark.parametrize("name", UNET_SKELETONS)
 def test_unet_and_vae_have_the_real_sizes(name: str, cache: Path) -> None:
     folder = skeleton_dir(name, cache)
     with torch.device("meta"):
@@ -97,7 +100,7 @@ def test_unet_and_vae_have_the_real_sizes(name: str, cache: Path) -> None:
     assert vae.config.scaling_factor == EXPECTED[name][4]
 
 
-@pytest.mark.parametrize("name", skeletons.SKELETONS)
+@pytest.mark.parametrize("name", UNET_SKELETONS)
 def test_text_encoders_have_the_real_sizes(name: str, cache: Path) -> None:
     folder = skeleton_dir(name, cache)
     for sub, (cls, expected) in TEXT_ENCODERS[name].items():
@@ -125,7 +128,7 @@ def test_tokenizers_give_the_sd_ids(name: str, sub: str, cache: Path, no_network
     assert padded[4:] == [pad_id] * 73
 
 
-@pytest.mark.parametrize("name", skeletons.SKELETONS)
+@pytest.mark.parametrize("name", UNET_SKELETONS)
 def test_pipeline_and_component_configs_load_offline(name: str, cache: Path, no_network) -> None:
     folder = skeleton_dir(name, cache)
     pipeline_cls, scheduler_cls, prediction, sample_size, _ = EXPECTED[name]
@@ -151,6 +154,10 @@ def test_pipeline_and_component_configs_load_offline(name: str, cache: Path, no_
     )
     assert scheduler.config.prediction_type == prediction
     assert UNet2DConditionModel.load_config(folder / "unet")["sample_size"] == sample_size
+
+
+def test_every_skeleton_is_checked() -> None:
+    assert set(skeletons.SKELETONS) == {*UNET_SKELETONS, "flux"}
 
 
 def test_family_details() -> None:

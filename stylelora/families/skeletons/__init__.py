@@ -8,8 +8,10 @@ skeletons shipped here are those folders minus the weights, for:
 - `sd15`: runwayml/stable-diffusion-v1-5 (safety checker and feature extractor left out)
 - `sd2`: stabilityai/stable-diffusion-2-1 (768 px, v-prediction)
 - `sdxl`: stabilityai/stable-diffusion-xl-base-1.0
+- `flux`: black-forest-labs/FLUX.1-dev (the transformer's sizes are read off a BFL file, so
+  schnell loads from it too); T5's SentencePiece tokenizer is not shipped (see flux_files.py)
 
-The CLIP BPE vocabulary (the same for all three families) is stored once, gzipped, in
+The CLIP BPE vocabulary (the same for all four families) is stored once, gzipped, in
 `clip_tokenizer/`; `skeleton_dir` materialises a complete folder (configs plus `vocab.json` and
 `merges.txt` in each tokenizer folder) under the stylelora cache and returns its path.
 """
@@ -86,7 +88,7 @@ def _build(src: Path, dest: Path, digest: str) -> None:
 
 
 def skeleton_dir(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """A complete, weight-less diffusers folder for family `name` ('sd15', 'sd2', 'sdxl').
+    """A complete, weight-less diffusers folder for family `name` ('sd15', 'sd2', 'sdxl', 'flux').
 
     Built once under `<cache>/skeletons/<name>` (cache: `cache_dir`, else `cache_root()`) and
     rebuilt when the packaged files change. The folder is assembled in a temporary sibling and
