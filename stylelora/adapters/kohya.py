@@ -64,7 +64,7 @@ def peft_to_kohya(
     tensors: dict[str, torch.Tensor] = {}
     for name, members in kohya_modules.items():
         if len(members) > 1:
-            tensors.update(fuse(name, module, members, grouped))
+            tensors.update(fused_adapters(name, module, members, grouped))
             continue
         module_path = members[0]
         parts = grouped[module_path]
@@ -80,26 +80,41 @@ def peft_to_kohya(
     return tensors
 
 
-def fuse(
+def fused_adapters(
     name: str,
     module: torch.nn.Module,
     members: tuple[str, ...],
     grouped: dict[str, dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
-    """One kohya module over the consecutive output slices of the `members` of a fused Linear;
-    a member without an adapter gets zero rows of its width."""
+    """`fuse` for the PEFT adapters of `module`: their alphas, and the model's widths."""
+    alphas = {path: module_alpha(module, path) for path in members if path in grouped}
+    widths = {
+        path: module.get_submodule(path).out_features for path in members if path not in grouped
+    }
+    return fuse(name, members, grouped, alphas, widths)
+
+
+def fuse(
+    name: str,
+    members: tuple[str, ...],
+    grouped: dict[str, dict[str, torch.Tensor]],
+    alphas: dict[str, float],
+    widths: dict[str, int],
+) -> dict[str, torch.Tensor]:
+    """One kohya module over the consecutive output slices of the `members` of a fused Linear,
+    from each adapted member's `lora_down`/`lora_up` in `grouped` and its alpha in `alphas`;
+    a member without an adapter gets zero rows of its output width in `widths`."""
     downs, ups = [], []
     for path in members:
         parts = grouped.get(path)
         if parts is None:
-            width = module.get_submodule(path).out_features
-            ups.append(torch.zeros(width, 0))
+            ups.append(torch.zeros(widths[path], 0))
             continue
         if "dora_scale" in parts:
             raise UserError(f"{name}: DoRA on a fused module cannot be written in kohya's layout")
         rank = parts["lora_down"].shape[0]
         downs.append(parts["lora_down"])
-        ups.append(parts["lora_up"] * (module_alpha(module, path) / rank))
+        ups.append(parts["lora_up"] * (alphas[path] / rank))
     down = torch.cat(downs)
     return {
         f"{name}.lora_down.weight": down.contiguous(),

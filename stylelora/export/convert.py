@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
+from stylelora.adapters.kohya import fuse
 from stylelora.adapters.state import (
     KOHYA_PREFIXES,
     Adapter,
@@ -31,7 +32,7 @@ from stylelora.export.names import Target, family_targets
 from stylelora.families.base import ModelFamily
 
 DIFFUSERS_METADATA = "lora_adapter_metadata"
-PEFT_PARTS = {".lora_A.weight": "down", ".lora_B.weight": "up"}
+PEFT_PARTS = {".lora_A.weight": "lora_down", ".lora_B.weight": "lora_up"}
 PEFT_PREFIX = "base_model.model."
 PEFT_FILE = "adapter_model.safetensors"
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
@@ -203,41 +204,109 @@ def diffusers_parts(path: Path, fmt: str) -> tuple[dict[str, torch.Tensor], dict
     return tensors, metadata, configs
 
 
+Pairs = dict[tuple[str, str], dict[str, torch.Tensor]]  # (component, path) -> lora_down/up
+
+
 def diffusers_adapter(
     parts: tuple[dict[str, torch.Tensor], dict[str, str], dict], family: ModelFamily, path: Path
 ) -> Adapter:
-    """Diffusers-layout tensors (`unet.<path>.lora_A.weight`) as kohya-named, checked modules."""
+    """Diffusers-layout tensors (`unet.<path>.lora_A.weight`) as kohya-named, checked modules.
+
+    Where kohya's module fuses several (Flux's qkv and linear1), their adapters are fused as the
+    exporter fuses them (adapters/kohya.py): each member's alpha/rank folded into its up, zero
+    rows for a member the file does not adapt, alpha = the fused rank.
+    """
     tensors, metadata, configs = parts
-    if family.kohya_fuses:
-        raise UserError(
-            f"{path}: converting diffusers' layout of a {family.name} adapter to kohya's fused "
-            "modules is not supported yet; diffusers' load_lora_weights and `stylelora sample` "
-            "read it as it is"
-        )
     prefixes = {
         family.denoiser_attr: "lora_unet",
         **{a: p for p, a in family.text_encoder_attrs.items()},
     }
-    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    pairs = diffusers_pairs(tensors, prefixes, family, path)
+    alphas = {
+        key: pair_alpha(configs, key, pair["lora_down"].shape[0]) for key, pair in pairs.items()
+    }
+    targets: dict[str, Target] | None = None  # the model's modules, read only when fusing
+    kohya: dict[str, torch.Tensor] = {}
+    for name, (component, members) in kohya_groups(pairs, prefixes, family, path).items():
+        if len(members) == 1:
+            pair, alpha = pairs[component, members[0]], alphas[component, members[0]]
+            kohya.update(LoraModule(pair["lora_down"], pair["lora_up"], alpha).tensors(name))
+            continue
+        targets = targets or family_targets(family)
+        widths = member_widths(targets, name, component, pairs, family, path)
+        adapted = {m: pairs[component, m] for m in members if (component, m) in pairs}
+        member_alphas = {m: alphas[component, m] for m in adapted}
+        kohya.update(fuse(name, members, adapted, member_alphas, widths))
+    kept = {k: v for k, v in metadata.items() if k not in (DIFFUSERS_METADATA, "format")}
+    return checked_adapter(path, kohya, {**family.metadata(), **kept})
+
+
+def diffusers_pairs(
+    tensors: dict[str, torch.Tensor], prefixes: dict[str, str], family: ModelFamily, path: Path
+) -> Pairs:
+    """Each adapted module's lora_A and lora_B, as kohya's lora_down and lora_up."""
+    pairs: Pairs = {}
     for key, value in tensors.items():
         suffix = next((s for s in PEFT_PARTS if key.endswith(s)), None)
         component, _, module_path = key.removesuffix(suffix or "").partition(".")
         if suffix is None or component not in prefixes:
             raise UserError(f"{path}: {key} is not a diffusers LoRA tensor of a {family.name}")
         pairs.setdefault((component, module_path), {})[PEFT_PARTS[suffix]] = value.float()
-    kohya = {}
     for (component, module_path), pair in pairs.items():
         if len(pair) != 2:
             raise UserError(f"{path}: {component}.{module_path} lacks lora_A or lora_B")
-        config = {
-            k.partition(".")[2]: v for k, v in configs.items() if k.startswith(component + ".")
-        }
-        rank = pair["down"].shape[0]
-        alpha = pattern_value(config, "lora_alpha", "alpha_pattern", module_path, rank)
-        name = family.kohya_name(prefixes[component], module_path)
-        kohya.update(LoraModule(pair["down"], pair["up"], float(alpha)).tensors(name))
-    kept = {k: v for k, v in metadata.items() if k not in (DIFFUSERS_METADATA, "format")}
-    return checked_adapter(path, kohya, {**family.metadata(), **kept})
+    return pairs
+
+
+def pair_alpha(configs: dict, key: tuple[str, str], rank: int) -> float:
+    """A module's lora_alpha from its component's LoraConfig; rank when the file has none."""
+    component, module_path = key
+    config = {k.partition(".")[2]: v for k, v in configs.items() if k.startswith(component + ".")}
+    return float(pattern_value(config, "lora_alpha", "alpha_pattern", module_path, rank))
+
+
+def kohya_groups(
+    pairs: Pairs, prefixes: dict[str, str], family: ModelFamily, path: Path
+) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """kohya name -> (component, every module path fused into it, in output order)."""
+    groups = {}
+    for component, module_path in pairs:
+        try:
+            name, members = family.kohya_part(prefixes[component], module_path)
+        except ValueError:
+            raise UserError(
+                f"{path}: {component}.{module_path} is not a module kohya's {family.name} "
+                "layout names (an adapter for another model?)"
+            ) from None
+        groups[name] = (component, members)
+    return groups
+
+
+def member_widths(
+    targets: dict[str, Target],
+    name: str,
+    component: str,
+    pairs: Pairs,
+    family: ModelFamily,
+    path: Path,
+) -> dict[str, int]:
+    """The output width of each module fused into `name`, the adapted ones checked against
+    the model (a member the file leaves out gets that many zero rows)."""
+    target = targets.get(name)
+    if target is None:
+        raise UserError(f"{path}: module {name} is not in a {family.name} model")
+    widths = {}
+    for member_path, layer in zip(target.member_paths, target.members, strict=True):
+        widths[member_path] = layer.weight.shape[0]
+        pair = pairs.get((component, member_path))
+        shape = (layer.weight.shape[0], layer.weight.shape[1])
+        if pair and (pair["lora_up"].shape[0], pair["lora_down"].shape[1]) != shape:
+            found = (pair["lora_up"].shape[0], pair["lora_down"].shape[1])
+            raise UserError(
+                f"{path}: {component}.{member_path} adapts a {found} weight, the model's is "
+                f"{shape}: pass --model with the base it was trained on"
+            )
+    return widths
 
 
 def read_diffusers(path: str | Path, family: ModelFamily) -> Adapter:

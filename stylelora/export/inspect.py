@@ -16,7 +16,7 @@ from stylelora.adapters.state import (
 from stylelora.errors import UserError
 from stylelora.export.convert import adapter_format, diffusers_parts
 from stylelora.export.lora_file import file_hashes
-from stylelora.export.names import file_family
+from stylelora.export.names import diffusers_family, file_family
 
 KINDS = (
     ("attn1", "self-attention"),
@@ -25,6 +25,12 @@ KINDS = (
     ("_ff_", "feed-forward"),
     ("mlp", "feed-forward"),
     ("proj_", "proj in/out"),
+    ("_attn_qkv", "q/k/v (fused)"),
+    ("_attn_proj", "attention out"),
+    ("_linear1", "q/k/v + MLP in (fused)"),
+    ("_linear2", "attention + MLP out"),
+    ("_mod_lin", "modulation"),
+    ("_modulation_lin", "modulation"),
 )
 SHOWN_METADATA = (
     "ss_output_name",
@@ -84,11 +90,13 @@ def hash_problem(tensors, metadata) -> list[str]:
 
 def other_layout(path: Path, fmt: str) -> list[str]:
     """A diffusers or PEFT layout: what it holds and the command that converts it to kohya's."""
-    tensors, _, configs = diffusers_parts(path, fmt)
+    tensors, metadata, configs = diffusers_parts(path, fmt)
     components = Counter(key.partition(".")[0] for key in tensors)
     return [
         f"file: {path}",
         f"format: {fmt}",
+        f"family: {diffusers_family(tensors, metadata).name}"
+        + ("" if "ss_base_model_version" in metadata else " (told from names/shapes)"),
         "tensors: " + ", ".join(f"{c}: {n}" for c, n in sorted(components.items())),
         f"ranks: {counted(v.shape[0] for k, v in tensors.items() if k.endswith('lora_A.weight'))}",
         f"config keys: {len(configs)}",

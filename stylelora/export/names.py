@@ -16,6 +16,8 @@ from stylelora.adapters.state import Adapter
 from stylelora.families import FAMILIES
 from stylelora.families.base import ModelFamily
 
+DENOISER_PREFIXES = ("lora_unet_", "unet.", "transformer.")
+
 
 @dataclass(frozen=True)
 class Target:
@@ -62,8 +64,27 @@ def adapter_family(version: str, names: list[str], context_widths: list[int]) ->
     for family in FAMILIES:
         if version.startswith(family.kohya_version_prefix):
             return family
-    for family in FAMILIES:
-        if family.claims_names(names):
-            return family
+    claimed = claimed_family(names)
+    if claimed is not None:
+        return claimed
     by_width = {family.context_width: family for family in FAMILIES}
     return by_width.get(context_widths[0], FAMILIES[0]) if context_widths else FAMILIES[0]
+
+
+def claimed_family(names: list[str]) -> type[ModelFamily] | None:
+    """The family whose names these can only be; the denoiser's names are asked first, since a
+    CLIP's `lora_te1_` is both SDXL's first text encoder and Flux's."""
+    denoiser = [name for name in names if name.startswith(DENOISER_PREFIXES)]
+    for subset in (denoiser, names):
+        for family in FAMILIES:
+            if family.claims_names(subset):
+                return family
+    return None
+
+
+def diffusers_family(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> type[ModelFamily]:
+    """The family of a diffusers-layout adapter (`unet.<path>.lora_A.weight` ...)."""
+    widths = [v.shape[1] for k, v in tensors.items() if "attn2.to_k.lora_A" in k]
+    return adapter_family(metadata.get("ss_base_model_version", ""), list(tensors), widths)

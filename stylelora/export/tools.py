@@ -18,7 +18,7 @@ from stylelora.export.convert import (
 from stylelora.export.inspect import inspect_file
 from stylelora.export.lora_file import write_lora_tensors
 from stylelora.export.merge import merge_adapters, parse_weighted, save_merged
-from stylelora.export.names import adapter_family, file_family
+from stylelora.export.names import diffusers_family, file_family
 from stylelora.export.resize import resize_adapter
 from stylelora.families.base import ModelFamily
 
@@ -30,11 +30,6 @@ def naming_family(model: str | None, family: type[ModelFamily]) -> ModelFamily:
 
         return load_family(model)
     return family.on_meta_device()
-
-
-def diffusers_family(tensors: dict, metadata: dict[str, str]) -> type[ModelFamily]:
-    widths = [v.shape[1] for k, v in tensors.items() if "attn2.to_k.lora_A" in k]
-    return adapter_family(metadata.get("ss_base_model_version", ""), list(tensors), widths)
 
 
 def load_any(path: Path, model: str | None) -> tuple[Adapter, str]:

@@ -56,8 +56,9 @@ def attach_adapter(
     fmt = adapter_format(path)
     if fmt == "peft":
         adapter = peft_adapter(family, path)
-        return load_lora(family, path, adapter.tensors(), name)
-    if fmt != "kohya":  # diffusers' own layouts: its loader reads them; we check their values
+        if not family.kohya_fuses:
+            return load_lora(family, path, adapter.tensors(), name)
+    elif fmt != "kohya":  # diffusers' own layouts: its loader reads them; we check their values
         tensors, metadata = read_tensors(path)
         check_family(family, path, list(tensors), metadata)
         refuse_nonfinite(path, tensors)
