@@ -169,6 +169,9 @@ class TrainConfig(Section):
     attention: Literal["sdpa", "xformers"] = "sdpa"
     gradient_checkpointing: bool = False
     quantize_base: Literal["no", "nf4", "int8"] = "no"
+    # The denoiser's last N blocks wait on the CPU and visit the device for their forward and
+    # its recomputation (kohya's blocks_to_swap; Flux: 19 double then 38 single blocks).
+    blocks_to_swap: NonNegInt = 0
     zero_terminal_snr: bool = False
     min_snr_gamma: PositiveFloat | None = None
     noise_offset: Annotated[float, Field(ge=0)] = 0.0

@@ -217,6 +217,10 @@ class ModelFamily:
             )
         return unet_targets(self.unet, cfg.unet_targets)
 
+    def swappable_blocks(self) -> list[torch.nn.Module]:
+        """The denoiser's blocks in the order they run, for block swapping (none in a UNet)."""
+        return []
+
     def text_encoder_targets(self, preset: str) -> Targets:
         """The text encoders' modules a target preset adapts (CLIP's names, as kohya)."""
         return Targets(main=list(TEXT_ENCODER_TARGETS[preset]))
@@ -257,7 +261,7 @@ class ModelFamily:
         batch: dict[str, Any],
     ) -> torch.Tensor:
         """The denoiser's output for `noisy` latents (cast to its dtype) at `timesteps`."""
-        dtype = next(denoiser.parameters()).dtype
+        dtype = compute_dtype(denoiser)
         return denoiser(noisy.to(dtype), timesteps, **self.unet_inputs(text, batch)).sample
 
     @property
@@ -358,6 +362,12 @@ class ModelFamily:
     def metadata(self) -> dict[str, str]:
         """Family-specific `ss_*` keys of an exported adapter."""
         return {"ss_base_model_version": self.kohya_base_version, "ss_v2": "False"}
+
+
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype a module computes in: its first floating-point weight's (a quantized layer's
+    packed weight is uint8)."""
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
 
 
 def check_clip_skip(clip_skip: int, encoders) -> None:

@@ -25,7 +25,7 @@ from transformers import T5Config, T5EncoderModel
 from stylelora.adapters.targets import Targets
 from stylelora.config import AdapterConfig
 from stylelora.errors import UserError
-from stylelora.families.base import ModelFamily
+from stylelora.families.base import ModelFamily, compute_dtype
 from stylelora.families.bfl import BLOCK_PATH, MODULATION, bfl_module, fused_members, to_bfl
 from stylelora.families.flux_files import is_bfl_transformer, load_flux_files
 from stylelora.families.objective import FlowMatchObjective, Objective
@@ -180,7 +180,7 @@ class Flux(ModelFamily):
     ) -> torch.Tensor:
         """Pack the latents into 2x2 patches with their position ids, call the transformer
         (sigmas as its timesteps, as FluxPipeline does), unpack its output."""
-        dtype = next(denoiser.parameters()).dtype
+        dtype = compute_dtype(denoiser)
         count, channels, height, width = noisy.shape
         packed = FluxPipeline._pack_latents(noisy.to(dtype), count, channels, height, width)
         image_ids = FluxPipeline._prepare_latent_image_ids(
@@ -234,6 +234,9 @@ class Flux(ModelFamily):
                 continue
             paths.append(path)
         return Targets(main=paths)
+
+    def swappable_blocks(self) -> list[torch.nn.Module]:
+        return [*self.unet.transformer_blocks, *self.unet.single_transformer_blocks]
 
     def chosen_blocks(self, cfg: AdapterConfig) -> dict[str, set[int]]:
         """Block indices that get adapters, per kind (diffusers' names for double and single)."""

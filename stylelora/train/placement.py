@@ -14,6 +14,7 @@ from stylelora.errors import UserError
 from stylelora.families.base import ModelFamily
 from stylelora.train.cache import TextCache
 from stylelora.train.quantize import quantize_base
+from stylelora.train.swap import BlockSwapper
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NON_REENTRANT = {"use_reentrant": False}
@@ -35,6 +36,11 @@ def prepare_model(family: ModelFamily, cfg: Config, accelerator: Accelerator) ->
     """
     weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
     bases = {"lora_unet": family.unet, **family.text_encoders()}
+    # Encoders that never take an adapter (Flux's T5) are quantized too: they fill the caches.
+    adaptable = list(bases.values())
+    bases |= {
+        type(m).__name__: m for m in family.prompt_encoders() if all(m is not a for a in adaptable)
+    }
     counts = quantize_base(bases, cfg.train.quantize_base, weight_dtype, accelerator.device)
     if counts:
         layers = ", ".join(f"{prefix} {count}" for prefix, count in counts.items())
@@ -80,20 +86,42 @@ def idle_modules(
 
 
 def place_for_training(
-    accelerator: Accelerator, family: ModelFamily, cfg: Config, text_cache: TextCache | None
+    accelerator: Accelerator,
+    family: ModelFamily,
+    cfg: Config,
+    text_cache: TextCache | None,
+    swapper: BlockSwapper | None = None,
 ) -> list[torch.nn.Module]:
     """Move what the training step calls to the device; the idle modules wait on the CPU, and
-    `visiting` brings them over for previews. Returns the idle modules."""
+    `visiting` brings them over for previews; the swapper's blocks stay parked. Returns the
+    idle modules."""
     idle = idle_modules(family, cfg, text_cache)
     device = accelerator.device
     for module in family.modules():
-        module.to("cpu" if any(module is i for i in idle) else device)
+        if any(module is i for i in idle):
+            module.to("cpu")
+        elif swapper and module is family.unet:
+            move_except(module, device, swapper.parked_tensors())
+        else:
+            module.to(device)
+    if swapper:
+        accelerator.print(
+            f"{cfg.train.blocks_to_swap} of the denoiser's blocks wait on the CPU and visit the "
+            "device for their forward and backward"
+        )
     if idle and device.type != "cpu":
         torch.cuda.empty_cache()
         waiting = [("the VAE", cfg.data.cache_latents), ("the text encoders", text_cache)]
         names = " and ".join(name for name, cached in waiting if cached)
         accelerator.print(f"{names} wait on the CPU; previews bring them over while they render")
     return idle
+
+
+def move_except(module: torch.nn.Module, device: torch.device, kept: set[int]) -> None:
+    """`module.to(device)` but for the tensors whose ids are in `kept`."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if id(tensor) not in kept:
+            tensor.data = tensor.data.to(device)
 
 
 @contextmanager

@@ -54,6 +54,7 @@ from stylelora.train.placement import (
     prepare_model,
     visiting,
 )
+from stylelora.train.swap import check_block_swapping, swap_blocks
 from stylelora.train.validation import (
     FixedSet,
     held_out_line,
@@ -119,6 +120,7 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
         accelerator.print(note)
     objective = family.training_objective()
     objective.check(cfg.train)  # a range outside the schedule, an option it lacks: stop here
+    check_block_swapping(cfg.train, len(family.swappable_blocks()))
     prepare_model(family, cfg, accelerator)
     set_seed(cfg.seed)  # PEFT draws the adapters' initial weights from torch's global RNG
     adapted = inject_adapters(family, cfg.adapter)
@@ -132,7 +134,8 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
     with visiting(encoders, accelerator.device):  # held-out images and captions, encoded once
         validation = validation_set(family, held_out, cfg)
     text_cache = prepare_caches(accelerator, family, dataset, cfg)
-    idle = place_for_training(accelerator, family, cfg, text_cache)
+    swapper = swap_blocks(family.swappable_blocks(), cfg.train, accelerator.device)
+    idle = place_for_training(accelerator, family, cfg, text_cache, swapper)
     sampler = BucketBatchSampler(
         dataset,
         cfg.train.batch_size,
@@ -152,7 +155,10 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
     )
     # Only the UNet is wrapped: the pipeline calls the text encoders itself, so a DDP wrapper
     # around them would never run; their gradients are averaged in average_text_encoder_grads.
-    unet, optimizer = accelerator.prepare(adapted["lora_unet"], optimizer)
+    # Placement put the UNet where it runs; accelerate would also move the swapped blocks.
+    unet, optimizer = accelerator.prepare(
+        adapted["lora_unet"], optimizer, device_placement=[swapper is None, True]
+    )
     for module in adapted.values():
         module.train()
     return TrainingRun(

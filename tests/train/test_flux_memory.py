@@ -1,0 +1,126 @@
+"""Flux's memory options on the tiny model: gradient checkpointing, an NF4 base, and block
+swapping. A swapped block's weights are parked as NaN here (on a GPU they wait on the CPU), so
+any use of a parked weight would show; the gradients must be those of the plain model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stylelora.adapters.inject import inject_adapters
+from stylelora.config import AdapterConfig, TrainConfig
+from stylelora.errors import UserError
+from stylelora.families import load_family
+from stylelora.families.objective import NoisedBatch
+from stylelora.train.placement import enable_gradient_checkpointing
+from stylelora.train.quantize import quantize_base
+from stylelora.train.swap import BlockSwapper, check_block_swapping
+
+
+def parked(tensor: torch.Tensor) -> bool:
+    data = tensor.data
+    return bool(data.isnan().all()) if data.is_floating_point() else bool((data == 255).all())
+
+
+def adapter_gradients(
+    checkpointing: bool, swap: bool, quantize: str = "no"
+) -> tuple[dict, torch.Tensor]:
+    """One training step's adapter gradients on a fixed batch, and the loss."""
+    family = load_family("tiny:flux")
+    quantize_base({"lora_unet": family.unet}, quantize, torch.float32, torch.device("cpu"))
+    torch.manual_seed(0)
+    adapted = inject_adapters(family, AdapterConfig(rank=4, alpha=4, unet_targets="full"))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in family.unet.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    if checkpointing:
+        enable_gradient_checkpointing(adapted)
+    blocks = family.swappable_blocks()
+    if swap:
+        swapper = BlockSwapper(blocks, torch.device("cpu"), poison=True)
+        assert all(parked(p) for b in blocks for p in b.parameters() if not p.requires_grad)
+    family.unet.train()
+    objective = family.training_objective()
+    latents = torch.randn(2, 16, 8, 8, generator=generator)
+    noise, sigmas = objective.draw(latents.shape, generator, None)
+    noised = NoisedBatch(latents, noise, sigmas)
+    with torch.no_grad():
+        text = family.encode_prompts(["a cat", "a dog"])
+    prediction = family.denoise(family.unet, objective.noisy(noised), sigmas, text, {})
+    loss = torch.nn.functional.mse_loss(prediction, objective.target(noised))
+    loss.backward()
+    if swap:  # backward left at most the first swapped block on the device
+        assert len(swapper.present) <= 1
+    grads = {n: p.grad.clone() for n, p in family.unet.named_parameters() if p.requires_grad}
+    return grads, loss.detach()
+
+
+@pytest.mark.parametrize("quantize", ["no", "nf4"])
+def test_checkpointing_and_block_swapping_give_the_plain_gradients(quantize):
+    plain, plain_loss = adapter_gradients(checkpointing=False, swap=False, quantize=quantize)
+    for checkpointing, swap in ((True, False), (True, True)):
+        grads, loss = adapter_gradients(checkpointing, swap, quantize)
+        assert torch.equal(loss, plain_loss)
+        assert grads.keys() == plain.keys()
+        for name, grad in grads.items():
+            assert torch.allclose(grad, plain[name], atol=1e-6, rtol=1e-5), name
+    assert any(g.abs().max() > 0 for g in plain.values())
+
+
+def test_swapped_blocks_render_previews_and_are_parked_after():
+    family = load_family("tiny:flux")
+    family.unet.requires_grad_(False)  # frozen, as training leaves the base
+    text = family.encode_prompts(["a cat"])
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = family.denoise(family.unet, latents, torch.tensor([0.5]), text, {})
+        blocks = family.swappable_blocks()
+        BlockSwapper(blocks, torch.device("cpu"), poison=True)
+        swapped = family.denoise(family.unet, latents, torch.tensor([0.5]), text, {})
+    assert torch.allclose(swapped, expected, atol=1e-6)  # NaN if a parked weight were used
+    assert all(parked(p) for block in blocks for p in block.parameters())
+
+
+def test_a_nf4_flux_base_trains(tmp_path, demo_subset):
+    from conftest import training_config
+
+    from stylelora.train.trainer import train
+
+    cfg = training_config(
+        tmp_path,
+        "tiny:flux",
+        demo_subset(2),
+        "train.max_steps=2",
+        "sample.every_n_steps=0",
+        "train.log_with='none'",
+        "train.quantize_base='nf4'",
+        "train.gradient_checkpointing=true",
+        "train.blocks_to_swap=1",
+        "adapter.unet_targets='attn-mlp'",
+    )
+    cfg.sample.prompts = []
+    tensors = load_file(train(cfg).adapter_path)
+    assert any(k.startswith("lora_unet_single_blocks_0_linear1") for k in tensors)
+    assert any(v.abs().max() > 0 for k, v in tensors.items() if "lora_up" in k)
+
+
+@pytest.mark.parametrize(
+    ("settings", "available", "message"),
+    [
+        ({"blocks_to_swap": 2}, 0, "has no blocks to swap"),
+        ({"blocks_to_swap": 57}, 57, "swap at most 56"),
+        ({"blocks_to_swap": 8}, 57, "needs train.gradient_checkpointing = true"),
+        (
+            {"blocks_to_swap": 8, "gradient_checkpointing": True, "quantize_base": "int8"},
+            57,
+            'with quantize_base = "int8" use "nf4" or "no"',
+        ),
+    ],
+)
+def test_block_swapping_settings_it_cannot_work_with(settings, available, message):
+    with pytest.raises(UserError, match=message):
+        check_block_swapping(TrainConfig(**settings), available)
+    check_block_swapping(TrainConfig(**{**settings, "blocks_to_swap": 0}), available)
