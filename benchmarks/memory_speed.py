@@ -168,8 +168,9 @@ class TensorBytes(TorchDispatchMode):
     gradient hook on every parameter of a module it sees, which fails on a frozen base.
     """
 
-    def __init__(self, resident: list[torch.Tensor]):
+    def __init__(self, resident: list[torch.Tensor], count_meta: bool = False):
         super().__init__()
+        self.count_meta = count_meta  # a model on the meta device stands for the accelerator
         self.seen = WeakIdKeyDictionary()
         self.live = self.peak = 0
         for tensor in resident:
@@ -190,7 +191,7 @@ class TensorBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+            if isinstance(leaf, torch.Tensor) and (self.count_meta or leaf.device.type != "meta"):
                 self.count(leaf)
         return out
 

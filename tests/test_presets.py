@@ -14,6 +14,7 @@ from stylelora.errors import UserError
 from stylelora.train.trainer import train
 
 PRESETS = ["sd15-4gb", "sd15-8gb", "sdxl-6gb", "sdxl-8gb", "sdxl-12gb", "sdxl-24gb"]
+PRESETS += ["flux-8gb", "flux-12gb", "flux-16gb", "flux-24gb"]
 
 
 def test_every_preset_is_there():
@@ -45,21 +46,27 @@ def test_each_preset_loads_as_a_config(name, tmp_path):
     assert cfg.data.dir == tmp_path and cfg.model == "tiny:sd15"
     assert cfg.train.gradient_checkpointing and cfg.data.cache_latents
     assert cfg.train.mixed_precision != "no"
-    side = 1024 if name.startswith("sdxl") else 512
+    side = 512 if name.startswith("sd15") else 1024
     assert cfg.data.resolution == side
 
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_each_preset_trains_the_tiny_model_of_its_family(name, demo_subset, tmp_path):
     """Every setting a preset combines (quantized base, 8-bit optimizer, caches, checkpointing,
-    text-encoder training, half-precision previews) through the real trainer, at 64 px. On
-    the CPU fp16 runs as bf16, which has the same size."""
+    text-encoder training, half-precision previews, block swapping) through the real trainer,
+    at 64 px. On the CPU fp16 runs as bf16, which has the same size. The tiny Flux has two
+    blocks: it swaps one where the preset swaps any."""
     user = tmp_path / "mine.toml"
     family = name.split("-")[0]
+    swap = (
+        "blocks_to_swap = 1\n"
+        if load_config(PRESETS_DIR / f"{name}.toml").train.blocks_to_swap
+        else ""
+    )
     user.write_text(
         f'preset = "{name}"\nname = "mine"\nmodel = "tiny:{family}"\noutput_dir = "run"\n'
         '[data]\ndir = "images"\nresolution = 64\n'
-        '[train]\nmax_steps = 2\nlr_warmup_steps = 0\nmixed_precision = "bf16"\n'
+        f'[train]\nmax_steps = 2\nlr_warmup_steps = 0\nmixed_precision = "bf16"\n{swap}'
         '[sample]\nprompts = ["zqxstyle, a house"]\nevery_n_steps = 2\nnum_inference_steps = 2\n'
     )
     demo_subset(4).rename(tmp_path / "images")
@@ -112,7 +119,9 @@ def test_a_preset_lends_its_settings_but_not_its_images_output_folder_or_name(tm
 def test_an_unknown_preset_is_named_with_the_known_ones(tmp_path):
     user = tmp_path / "mine.toml"
     user.write_text('preset = "sd15-2gb"\nname = "m"\nmodel = "tiny:sd15"\n[data]\ndir = "."\n')
-    with pytest.raises(UserError, match=r"^preset: no preset 'sd15-2gb' \(known: sd15-4gb, "):
+    with pytest.raises(
+        UserError, match=r"^preset: no preset 'sd15-2gb' \(known: flux-12gb, .*sd15-4gb, "
+    ):
         load_config(user)
 
 

@@ -280,21 +280,31 @@ class Flux(ModelFamily):
 
     @classmethod
     def on_meta_device(cls) -> ModelFamily:
-        """Flux.1 dev's transformer and CLIP-L (their configs bundled in `skeletons/flux/`), on
-        the meta device: what kohya names are checked against."""
+        """Flux.1 dev (its configs bundled in `skeletons/flux/`) on the meta device: what kohya
+        names are checked against, and what the memory benchmark counts."""
         from types import SimpleNamespace
 
         from transformers import CLIPTextConfig, CLIPTextModel
 
         from stylelora.families.skeletons import PACKAGE_DIR
 
+        folder = PACKAGE_DIR / "flux"
         with torch.device("meta"):
-            config = FluxTransformer2DModel.load_config(PACKAGE_DIR / "flux" / "transformer")
-            transformer = FluxTransformer2DModel.from_config(config)
-            clip = CLIPTextConfig.from_pretrained(PACKAGE_DIR / "flux" / "text_encoder")
-            text_encoder = CLIPTextModel(clip)
-        scheduler = SimpleNamespace(config={"_class_name": "FlowMatchEulerDiscreteScheduler"})
-        parts = dict(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)
+            transformer = FluxTransformer2DModel.from_config(
+                FluxTransformer2DModel.load_config(folder / "transformer")
+            )
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+            text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+            text_encoder_2 = T5EncoderModel(T5Config.from_pretrained(folder / "text_encoder_2"))
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+        parts = dict(
+            transformer=transformer,
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            scheduler=scheduler,
+            vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),  # as FluxPipeline's
+        )
         return cls(SimpleNamespace(**parts))
 
     @classmethod

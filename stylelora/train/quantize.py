@@ -77,13 +77,24 @@ def quantized_linear(
     return layer.to(device)
 
 
+def quantizable_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    """The model's frozen Linear layers, but those transformers keeps unquantized
+    (`_keep_in_fp32_modules`: T5's `wo`, whose input it casts to that layer's dtype)."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is torch.nn.Linear
+        and not module.weight.requires_grad
+        and name.rpartition(".")[2] not in keep
+    ]
+
+
 def quantize_linears(
     model: torch.nn.Module, kind: str, compute_dtype: torch.dtype, device: torch.device
 ) -> int:
     """Replace `model`'s Linear layers in place; return how many were quantized."""
-    targets = [
-        (name, module) for name, module in model.named_modules() if type(module) is torch.nn.Linear
-    ]
+    targets = quantizable_linears(model)
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -53,7 +53,7 @@ class BlockSwapper:
 
     def bring(self, key: int) -> None:
         for tensor, home in zip(self.tensors[key], self.home[key], strict=True):
-            tensor.data = home.to(self.device, non_blocking=True)
+            tensor.data = home.to(self.device, non_blocking=True, copy=True)
         self.present.add(key)
 
     def before(self, block: torch.nn.Module, args) -> None:
@@ -78,7 +78,10 @@ def frozen_tensors(block: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def home_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
-    """A CPU copy (pinned for fast, asynchronous copies to a CUDA device)."""
+    """A CPU copy (pinned for fast, asynchronous copies to a CUDA device). A meta tensor (the
+    memory benchmark counts a model without weights) stays one."""
+    if tensor.is_meta:
+        return tensor.data
     home = tensor.data.to("cpu", copy=True)
     return home.pin_memory() if pin else home
 

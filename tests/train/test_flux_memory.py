@@ -4,12 +4,15 @@ any use of a parked weight would show; the gradients must be those of the plain 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 
 from stylelora.adapters.inject import inject_adapters
-from stylelora.config import AdapterConfig, TrainConfig
+from stylelora.config import PRESETS_DIR, AdapterConfig, TrainConfig, load_config
 from stylelora.errors import UserError
 from stylelora.families import load_family
 from stylelora.families.objective import NoisedBatch
@@ -124,3 +127,73 @@ def test_block_swapping_settings_it_cannot_work_with(settings, available, messag
     with pytest.raises(UserError, match=message):
         check_block_swapping(TrainConfig(**settings), available)
     check_block_swapping(TrainConfig(**{**settings, "blocks_to_swap": 0}), available)
+
+
+def counting_family(cfg, device: str):
+    """The tiny Flux, adapted and checkpointed as `cfg` says; its denoiser on `device`."""
+    family = load_family("tiny:flux")
+    family.set_t5_options(cfg.t5_max_length, False)
+    adapted = inject_adapters(family, cfg.adapter)
+    enable_gradient_checkpointing(adapted)
+    family.unet.train()
+    family.unet.to(device)
+    return family
+
+
+@pytest.mark.parametrize("swap", [0, 1])
+def test_the_meta_count_is_what_the_cpu_allocates(swap):
+    """benchmarks/flux_memory.py counts the full Flux on the meta device; on the tiny model the
+    same count on real CPU tensors agrees (the CPU's flash attention allocates a little more
+    in backward than the GPU kernel's meta function)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from flux_memory import count_training
+
+    cfg = load_config(
+        PRESETS_DIR / "flux-12gb.toml",
+        ["data.dir='.'", "data.resolution=64", "train.batch_size=2", "t5_max_length=32",
+         "adapter.rank=4", f"train.blocks_to_swap={swap}"],
+    )  # fmt: skip
+    cpu = count_training(counting_family(cfg, "cpu"), cfg, torch.float32, torch.device("cpu"))
+    meta = count_training(counting_family(cfg, "meta"), cfg, torch.float32, torch.device("meta"))
+    assert meta[1:] == cpu[1:]  # resident weights, optimizer states: the same tensors
+    assert 0.9 * cpu[0] <= meta[0] <= cpu[0]
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_the_quantized_stand_in_has_bitsandbytes_sizes(kind):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from flux_memory import QuantizedStandIn
+
+    from stylelora.train.quantize import quantized_linear
+
+    linear = torch.nn.Linear(512, 384).requires_grad_(False)
+    layer = quantized_linear(linear, kind, torch.float32, torch.device("cpu"))
+    if kind == "nf4":
+        state = layer.weight.quant_state
+        real = [layer.weight.data, state.absmax, state.state2.absmax, state.state2.code]
+        real += [state.code, state.offset]
+    else:
+        real = [layer.weight.CB, layer.weight.SCB]
+    real_bytes = sum(t.nbytes for t in real)
+    stand_in = QuantizedStandIn(linear.to("meta"), kind)
+    counted = sum(t.nbytes for t in [*stand_in.parameters(), *stand_in.buffers()])
+    counted -= linear.bias.nbytes  # both keep the bias as it is
+    # the stand-in leaves out NF4's two lookup tables (1 KiB a layer)
+    assert 0 <= real_bytes - counted <= 1100
+
+
+def test_t5_is_quantized_but_the_layer_it_keeps_in_full_precision():
+    """transformers casts the input of T5's `wo` to that layer's dtype: quantized, the
+    conditioning would be bytes. Quantization leaves `wo` alone, and T5 encodes as before."""
+    family = load_family("tiny:flux")
+    t5 = family.pipe.text_encoder_2
+    ids = family.pipe.tokenizer_2(["a red fish"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = t5(ids)[0]
+        t5.requires_grad_(False)
+        quantize_base({"t5": t5}, "nf4", torch.float32, torch.device("cpu"))
+        after = t5(ids)[0]
+    assert type(t5.encoder.block[0].layer[1].DenseReluDense.wo) is torch.nn.Linear
+    assert type(t5.encoder.block[0].layer[0].SelfAttention.q) is not torch.nn.Linear
+    correlation = torch.corrcoef(torch.stack([before.flatten(), after.flatten()]))[0, 1]
+    assert correlation > 0.9

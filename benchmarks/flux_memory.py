@@ -1,0 +1,240 @@
+"""Peak GPU memory of a Flux preset at full size (Flux.1 dev: a 11.9 B parameter transformer,
+T5-XXL's 4.7 B encoder), counted on the meta device: no weight is allocated, so it runs on any
+machine in seconds, where the real model would not fit its memory.
+
+The model is the real architecture from the bundled configs (`Flux.on_meta_device`), set up by
+the trainer's own pieces as the preset says: the adapters (`inject_adapters`), gradient
+checkpointing, block swapping (`swap_blocks`). One training step at the preset's resolution and
+batch then runs on meta tensors while `TensorBytes` (memory_speed.py) counts every tensor an
+accelerator would hold, alive at once: the weights on the device, the adapters, activations and
+gradients. Filling the caches is counted the same way: T5 and CLIP encode one caption, the VAE
+one batch of images. Three things a meta run cannot do are stood in for:
+
+- bitsandbytes cannot quantize meta weights: each quantized Linear becomes a stand-in holding
+  meta tensors of bitsandbytes' sizes (NF4: 4 bits a weight, its absmax per 64 in 8 bits with
+  an fp32 one per 256 of those; int8: a byte a weight and an fp32 scale per row) that makes a
+  bf16 copy of the weight for each matmul and drops it after, as bitsandbytes' kernels do.
+- meta tensors take PyTorch's math attention, which holds the L x L scores: attention goes to
+  the flash kernel's meta function instead, the kernel a GPU runs at these sizes.
+- optimizer states are added by formula: AdamW's two fp32 states (8 bytes a weight);
+  8-bit AdamW's two bytes a weight plus an fp32 absmax per 256 (tensors under 4096 elements
+  keep 32-bit states, as bitsandbytes does).
+
+    python benchmarks/flux_memory.py --preset flux-12gb
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.nn.functional as F
+from memory_speed import TensorBytes, gib
+
+from stylelora.adapters.inject import inject_adapters
+from stylelora.cli import quiet_libraries
+from stylelora.config import PRESETS_DIR, Config, load_config
+from stylelora.families.flux import Flux
+from stylelora.train.placement import WEIGHT_DTYPES, enable_gradient_checkpointing
+from stylelora.train.quantize import quantizable_linears
+from stylelora.train.swap import check_block_swapping, swap_blocks
+
+META = torch.device("meta")
+
+
+class DequantizedMatmul(torch.autograd.Function):
+    """x @ W.T with W made (dequantized) for the matmul and dropped after, in backward too."""
+
+    @staticmethod
+    def forward(ctx, x, packed, bias, shape):
+        ctx.shape = shape
+        ctx.save_for_backward(packed)  # what bitsandbytes keeps: the quantized weight
+        weight = torch.empty(shape, dtype=x.dtype, device=x.device)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device)
+        return grad @ weight, None, None, None
+
+
+class QuantizedStandIn(torch.nn.Module):
+    """A frozen Linear as bitsandbytes stores it (`kind`: nf4 or int8), on the meta device."""
+
+    def __init__(self, linear: torch.nn.Linear, kind: str):
+        super().__init__()
+        self.shape = tuple(linear.weight.shape)
+        count = linear.weight.numel()
+        if kind == "nf4":
+            packed = torch.empty((count + 1) // 2, dtype=torch.uint8, device=META)
+            stats = [
+                torch.empty(-(-count // 64), dtype=torch.uint8, device=META),
+                torch.empty(-(-count // (64 * 256)), dtype=torch.float32, device=META),
+            ]
+        else:
+            packed = torch.empty(count, dtype=torch.int8, device=META)
+            stats = [torch.empty(self.shape[0], dtype=torch.float32, device=META)]
+        self.packed = torch.nn.Parameter(packed, requires_grad=False)
+        for index, tensor in enumerate(stats):
+            self.register_buffer(f"stats{index}", tensor)
+        self.bias = linear.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """What bitsandbytes' layers call their weight: the packed one (T5 reads its dtype)."""
+        return self.packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return DequantizedMatmul.apply(x, self.packed, bias, self.shape)
+
+
+def quantize_on_meta(model: torch.nn.Module, kind: str) -> int:
+    """Swap the Linear layers the trainer quantizes for stand-ins; return how many. (The
+    trainer quantizes before adding adapters; here the adapters' own Linears, which train,
+    are left out by the same rule.)"""
+    targets = quantizable_linears(model)
+    for name, linear in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(
+            model.get_submodule(parent) if parent else model, child, QuantizedStandIn(linear, kind)
+        )
+    return len(targets)
+
+
+@contextmanager
+def flash_attention():
+    """SDPA through the flash kernel's meta function (meta tensors would take the math path)."""
+    original = F.scaled_dot_product_attention
+
+    def flash(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+        if attn_mask is not None:
+            return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
+        op = torch.ops.aten._scaled_dot_product_flash_attention
+        return op(query, key, value, dropout_p, is_causal, scale=scale)[0]
+
+    F.scaled_dot_product_attention = flash
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def optimizer_state_bytes(params: list[torch.nn.Parameter], optimizer: str) -> int:
+    if optimizer == "adamw":
+        return sum(8 * p.numel() for p in params)
+    if optimizer == "adamw8bit":
+        return sum(
+            2 * p.numel() + 8 * -(-p.numel() // 256) if p.numel() >= 4096 else 8 * p.numel()
+            for p in params
+        )
+    raise SystemExit(f"flux_memory: optimizer {optimizer!r} is not counted here (adamw, adamw8bit)")
+
+
+def device_tensors(modules: list[torch.nn.Module], parked: set[int]) -> list[torch.Tensor]:
+    return [t for m in modules for t in (*m.parameters(), *m.buffers()) if id(t) not in parked]
+
+
+def count_caching(family: Flux, cfg: Config, dtype: torch.dtype) -> int:
+    """T5 and CLIP encoding one caption, then the VAE one batch: each visits the device alone."""
+    encoders = family.prompt_encoders()
+    tokens = family.max_sequence_length
+    with torch.no_grad(), flash_attention():
+        with TensorBytes(device_tensors(encoders, set()), count_meta=True) as text:
+            family.pipe.text_encoder_2(torch.zeros(1, tokens, dtype=torch.long, device=META))
+            family.pipe.text_encoder(torch.zeros(1, 77, dtype=torch.long, device=META))
+        vae = family.vae
+        side = cfg.data.resolution
+        pixels = torch.empty(cfg.train.batch_size, 3, side, side, device=META, dtype=vae.dtype)
+        with TensorBytes(device_tensors([vae], set()), count_meta=True) as latents:
+            family.encode_posterior(pixels)
+    print(f"caches: text {gib(text.peak)}, latents {gib(latents.peak)}")
+    return max(text.peak, latents.peak)
+
+
+def count_training(
+    family: Flux, cfg: Config, dtype: torch.dtype, device: torch.device = META
+) -> tuple[int, int, int]:
+    """Peak bytes of one training step, the resident weights' bytes, the optimizer's bytes.
+    (`device`: where the model is; the tests count a small model on the CPU as well.)"""
+    meta = device.type == "meta"
+    swapper = swap_blocks(family.swappable_blocks(), cfg.train, device)
+    parked = swapper.parked_tensors() if swapper else set()
+    transformer = family.unet
+    config = transformer.config
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    side, batch = cfg.data.resolution // family.pipe.vae_scale_factor, cfg.train.batch_size
+    tokens = family.max_sequence_length
+
+    def empty(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+        return torch.zeros(shape, device=device, dtype=dtype)
+
+    latents = empty(batch, config.in_channels // 4, side, side)
+    text = {
+        "encoder_hidden_states": empty(batch, tokens, config.joint_attention_dim),
+        "pooled_projections": empty(batch, config.pooled_projection_dim),
+    }
+    sigmas = empty(batch, dtype=torch.float32)
+    counter = TensorBytes(device_tensors([transformer], parked), count_meta=meta)
+    resident = counter.live
+    with counter, flash_attention() if meta else nullcontext():
+        prediction = family.denoise(transformer, latents, sigmas, text, {})
+        F.mse_loss(prediction.float(), torch.zeros_like(prediction, dtype=torch.float32)).backward()
+    return counter.peak, resident, optimizer_state_bytes(trainable, cfg.train.optimizer)
+
+
+def flux_on_meta(cfg: Config) -> Flux:
+    """Flux.1 dev on the meta device in the preset's dtype, quantized and adapted as it says."""
+    dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
+    family = Flux.on_meta_device()
+    family.set_t5_options(cfg.t5_max_length, cfg.apply_t5_attn_mask)
+    for module in family.modules():
+        module.to(dtype)
+    check_block_swapping(cfg.train, len(family.swappable_blocks()))
+    adapted = inject_adapters(family, cfg.adapter)
+    family.pipe.text_encoder_2.requires_grad_(False)
+    if cfg.train.quantize_base != "no":
+        for model in [family.unet, *family.prompt_encoders()]:
+            quantize_on_meta(model, cfg.train.quantize_base)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(adapted)
+    family.unet.train()
+    return family
+
+
+def preset_config(name: str, overrides: list[str]) -> Config:
+    cfg = load_config(PRESETS_DIR / f"{name}.toml", ["data.dir='.'", *overrides])
+    if cfg.train.mixed_precision == "fp16":
+        cfg.train.mixed_precision = "bf16"  # the same bytes; meta runs either
+    return cfg
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", required=True, help="a Flux preset from configs/")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    quiet_libraries()
+    cfg = preset_config(args.preset, args.overrides)
+    dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
+    family = flux_on_meta(cfg)
+    caching = count_caching(family, cfg, dtype)
+    peak, resident, states = count_training(family, cfg, dtype)
+    print(
+        f"{args.preset}: Flux.1 dev, {cfg.data.resolution} px, batch {cfg.train.batch_size}, "
+        f"{cfg.train.mixed_precision}, base {cfg.train.quantize_base}, "
+        f"checkpointing {cfg.train.gradient_checkpointing}, blocks swapped "
+        f"{cfg.train.blocks_to_swap}, adapters {cfg.adapter.unet_targets} rank {cfg.adapter.rank}, "
+        f"{cfg.train.optimizer}"
+    )
+    print(
+        f"estimated peak, training: {gib(peak + states)}, of which weights on the device "
+        f"{gib(resident)}, optimizer states {gib(states)}; filling the caches: {gib(caching)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
