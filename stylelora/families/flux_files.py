@@ -53,24 +53,24 @@ def is_bfl_transformer(keys: list[str]) -> bool:
 
 
 def read_weights(path: Path, dtype: torch.dtype, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The file's tensors under `prefix` (removed), in `dtype`. ComfyUI's scaled fp8 files keep
-    `<layer>.scale_weight` beside each fp8 weight: the weight is the product."""
+    """The file's tensors under `prefix` (removed), in `dtype`, each converted as it is read
+    (an fp8 file is never held twice). ComfyUI's scaled fp8 files keep `<layer>.scale_weight`
+    beside each fp8 weight: the weight is the product."""
+    out = {}
     try:
         with safe_open(str(path), framework="pt") as handle:
-            names = handle.keys()  # a list: the handle itself does not iterate
-            raw = {
-                k.removeprefix(prefix): handle.get_tensor(k) for k in names if k.startswith(prefix)
-            }
+            names = set(handle.keys())
+            for name in sorted(n for n in names if n.startswith(prefix)):
+                key = name.removeprefix(prefix)
+                if key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input")):
+                    continue
+                value = handle.get_tensor(name)
+                scale = name.removesuffix(".weight") + ".scale_weight"
+                if name.endswith(".weight") and scale in names:
+                    value = value.to(torch.float32) * handle.get_tensor(scale).to(torch.float32)
+                out[key] = value.to(dtype) if value.is_floating_point() else value
     except (SafetensorError, OSError) as exc:
         raise UserError(f"{path}: not a readable .safetensors file ({first_line(exc)})") from None
-    out = {}
-    for key, value in raw.items():
-        if key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input")):
-            continue
-        scale = raw.get(key.removesuffix(".weight") + ".scale_weight")
-        if scale is not None and key.endswith(".weight"):
-            value = value.to(torch.float32) * scale.to(torch.float32)
-        out[key] = value.to(dtype) if value.is_floating_point() else value
     return out
 
 
