@@ -31,18 +31,15 @@ class BlockSwapper:
 
     def __init__(self, blocks: list[torch.nn.Module], device: torch.device, poison: bool = False):
         self.device = torch.device(device)
-        self.tensors = {id(block): frozen_tensors(block) for block in blocks}
         pin = self.device.type == "cuda"
-        self.home = {
-            id(block): [home_copy(t, pin) for t in tensors]
-            for block, tensors in zip(blocks, self.tensors.values(), strict=True)
-        }
-        self.parked = {
-            key: [poisoned(h) if poison else h for h in homes] for key, homes in self.home.items()
-        }
+        self.tensors, self.home, self.parked = {}, {}, {}
         self.present: set[int] = set()
-        for block in blocks:
-            self.park(id(block))
+        for block in blocks:  # one block at a time: at most one block's weights held twice
+            key = id(block)
+            self.tensors[key] = frozen_tensors(block)
+            self.home[key] = [home_copy(t, pin) for t in self.tensors[key]]
+            self.parked[key] = [poisoned(h) if poison else h for h in self.home[key]]
+            self.park(key)
             block.register_forward_pre_hook(self.before)
             block.register_forward_hook(self.after)
 
@@ -78,9 +75,10 @@ def frozen_tensors(block: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def home_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
-    """A CPU copy (pinned for fast, asynchronous copies to a CUDA device). A meta tensor (the
-    memory benchmark counts a model without weights) stays one."""
-    if tensor.is_meta:
+    """Its CPU copy: the tensor itself if it is on the CPU already (frozen, it never changes),
+    pinned for fast, asynchronous copies to a CUDA device. A meta tensor (the memory benchmark
+    counts a model without weights) stays one."""
+    if tensor.is_meta or (tensor.device.type == "cpu" and not pin):
         return tensor.data
     home = tensor.data.to("cpu", copy=True)
     return home.pin_memory() if pin else home
