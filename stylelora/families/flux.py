@@ -102,8 +102,10 @@ class Flux(ModelFamily):
     @property
     def max_sequence_length(self) -> int:
         """T5 tokens per prompt: `t5_max_length`, else 512 for dev, 256 for schnell, as BFL
-        trained them."""
-        return self.t5_tokens or (512 if self.guidance_distilled else 256)
+        trained them, or fewer where the model's T5 tokenizer says so (the demo twin's 96)."""
+        default = 512 if self.guidance_distilled else 256
+        tokenizer = getattr(self.pipe, "tokenizer_2", None)  # none on the meta device
+        return self.t5_tokens or min(default, tokenizer.model_max_length if tokenizer else default)
 
     def set_t5_options(self, max_length: int | None, attention_mask: bool) -> None:
         self.t5_tokens, self.t5_mask = max_length, attention_mask
