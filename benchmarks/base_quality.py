@@ -119,6 +119,24 @@ def score_image(img: Image.Image, sample: Sample, shapes: dict[str, list[np.ndar
     return Score(sample, nearest_color(fg_rgb), nearest_color(bg_rgb), fits[sample.subject], best)
 
 
+def guidance_kwargs(pipe, guidance: float, count: int = 1) -> dict:
+    """Classifier-free guidance at `guidance` for `count` prompts: the pipeline's own, or for a
+    Flux pipeline true CFG (the demo's Flux twin learned its guidance embedding at 1.0 only),
+    with T5 at the length the family trains with (FluxPipeline would pad to 512)."""
+    from diffusers import FluxPipeline
+
+    from stylelora.families import detect_family
+
+    if isinstance(pipe, FluxPipeline):
+        return {
+            "true_cfg_scale": guidance,
+            "negative_prompt": [""] * count,
+            "guidance_scale": 1.0,
+            "max_sequence_length": detect_family(pipe).max_sequence_length,
+        }
+    return {"guidance_scale": guidance}
+
+
 def generate(model: str, prompts: list[Sample], args: argparse.Namespace) -> list[Image.Image]:
     from stylelora.families import load_pipeline
 
@@ -129,7 +147,8 @@ def generate(model: str, prompts: list[Sample], args: argparse.Namespace) -> lis
         generator = torch.Generator().manual_seed(args.seed + start)
         images += pipe(
             [s.caption for s in chunk], height=args.size, width=args.size,
-            num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
+            num_inference_steps=args.steps, generator=generator,
+            **guidance_kwargs(pipe, args.guidance, len(chunk)),
         ).images  # fmt: skip
     return images
 

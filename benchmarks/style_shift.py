@@ -19,6 +19,10 @@ the base's, silhouette IoU at least 0.5, and at scale 0.5 a palette distance bet
     python benchmarks/style_shift.py --adapter runs/demo-style/demo-style.safetensors
     python benchmarks/style_shift.py --train [--set train.min_snr_gamma=5 ...]
     python benchmarks/style_shift.py --adapter A --seeds 7,8,9 --subjects bone,ghost,car
+    python benchmarks/style_shift.py --train --config configs/demo-flux.toml   # the Flux twin
+
+The Flux twin (`demo:flux`, trained with caption dropout and its guidance embedding at 1.0) is
+rendered with true classifier-free guidance (FluxPipeline's `true_cfg_scale`) at `--guidance`.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import tomllib
 import torch
 from PIL import Image, ImageFilter
 
@@ -43,7 +48,7 @@ from make_demo import SUBJECTS as STYLE_SUBJECTS  # noqa: E402
 from make_demo import TRIGGER  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from base_quality import reconstructions  # noqa: E402
+from base_quality import guidance_kwargs, reconstructions  # noqa: E402
 
 STYLE_DIR = ROOT / "datasets" / "demo-style"
 CONFIG = ROOT / "configs" / "demo.toml"
@@ -114,7 +119,7 @@ def render_all(pipe, texts: list[str], seeds: list[int], steps: int, guidance: f
         for seed in seeds:
             generator = torch.Generator().manual_seed(seed)
             result = pipe(text, height=SIZE, width=SIZE, num_inference_steps=steps,
-                          guidance_scale=guidance, generator=generator)  # fmt: skip
+                          generator=generator, **guidance_kwargs(pipe, guidance))  # fmt: skip
             images.append(result.images[0])
     return images
 
@@ -165,15 +170,17 @@ def summarise(group: str, scale: float, images, base, palette: np.ndarray) -> Ro
     )
 
 
-def train_adapter(out: Path, overrides: list[str]) -> tuple[Path, float]:
-    """The README's demo command, with `--set` overrides, into `out`; the adapter and seconds."""
-    command = [sys.executable, "-m", "stylelora", "train", str(CONFIG), "--output-dir", str(out),
+def train_adapter(out: Path, overrides: list[str], config: Path = CONFIG) -> tuple[Path, float]:
+    """The README's demo command (or `config`), with `--set` overrides, into `out`; the adapter
+    and seconds."""
+    command = [sys.executable, "-m", "stylelora", "train", str(config), "--output-dir", str(out),
                "--set", "sample.every_n_steps=0", "--set", "sample.prompts_file=''"]  # fmt: skip
     for item in overrides:
         command += ["--set", item]
     started = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return out / "demo-style.safetensors", time.perf_counter() - started
+    name = tomllib.loads(config.read_text())["name"]
+    return out / f"{name}.safetensors", time.perf_counter() - started
 
 
 def merge(adapter: Path, out: Path, model: str) -> str:
@@ -228,7 +235,7 @@ def table(names: list[str], groups: dict, seeds: list[int], args) -> None:
     unseen = {"not in style set": groups["not in style set"]}
     for name in names:
         with tempfile.TemporaryDirectory() as tmp:
-            adapter, seconds = train_adapter(Path(tmp) / "run", OPTIONS[name])
+            adapter, seconds = train_adapter(Path(tmp) / "run", OPTIONS[name], args.config)
             merged = merge(adapter, Path(tmp) / "merged", args.model) if "merge" in name else None
             rows, _ = measure(adapter, unseen, seeds, [1.0], args.steps, args.guidance,
                               args.model, merged)  # fmt: skip
@@ -247,7 +254,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                         help="train per option (default: all); a Markdown table")  # fmt: skip
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="with --train: a config override, as train --set")  # fmt: skip
-    parser.add_argument("--model", default="demo:sd15")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="the demo config to train")
+    parser.add_argument("--model", help="the base to render (default: the config's model)")
     parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)))
     parser.add_argument("--subjects", help="comma-separated; default: every 4th of each group")
     parser.add_argument("--scales", default="0.5,1.0")
@@ -255,6 +263,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--grid", type=Path, help="save the renders here, one row per scale")
     args = parser.parse_args(argv)
+    args.model = args.model or tomllib.loads(args.config.read_text())["model"]
 
     seeds = [int(s) for s in args.seeds.split(",")]
     scales = [float(s) for s in args.scales.split(",")]
@@ -266,7 +275,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
         table(args.table or list(OPTIONS), groups, seeds, args)
         return []
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = train_adapter(Path(tmp), args.overrides)[0] if args.train else args.adapter
+        adapter = (
+            train_adapter(Path(tmp), args.overrides, args.config)[0] if args.train else args.adapter
+        )
         rows, images = measure(adapter, groups, seeds, scales, args.steps, args.guidance,
                                args.model)  # fmt: skip
     style = style_images()

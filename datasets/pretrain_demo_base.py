@@ -54,7 +54,7 @@ from diffusers import (
 )
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel, compute_snr
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -111,6 +111,7 @@ def make_vae(s: Sizes) -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=s.vae_groups,
         sample_size=SIZE,
+        shift_factor=0.0,  # FluxPipeline, which samples the Flux twin through it, reads it
     )
     # Start with a narrow posterior (std ~0.05): under SD's tiny KL weight the log-variance
     # would otherwise start at 0 and take Adam thousands of steps to shrink, while the decoder
@@ -160,13 +161,18 @@ def load_tokenizer() -> CLIPTokenizer:
 
 def make_pool(count: int, seed: int, tokenizer: CLIPTokenizer,
               quiet: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
-    """`count` training pictures (uint8, N x 3 x 64 x 64) and their token ids (N x 77)."""
+    """`count` training pictures (uint8, N x 3 x 64 x 64), their captions and token ids
+    (N x 77)."""
     images, captions = [], []
     pictures = flat_shapes.training_images(count, SIZE, seed)
     for img, caption in tqdm(pictures, total=count, desc="drawing", leave=False, disable=quiet):
         images.append(img)
         captions.append(caption)
-    return {"pixels": stack_pixels(images), "ids": tokenize(tokenizer, captions)}
+    return {
+        "pixels": stack_pixels(images),
+        "ids": tokenize(tokenizer, captions),
+        "captions": captions,
+    }
 
 
 def codec_pool(count: int, seed: int, quiet: bool = False) -> torch.Tensor:
@@ -198,7 +204,7 @@ def to_unit(pixels: torch.Tensor) -> torch.Tensor:
 
 def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
     """The generator of every random draw in one step: resuming replays the same draws."""
-    offset = {"vae": 1, "diffusion": 2, "decoder": 3}[phase]
+    offset = {"vae": 1, "diffusion": 2, "decoder": 3, "flux": 4}[phase]  # flux: the twin
     return torch.Generator().manual_seed(seed * 1_000_003 + offset * 10_000_019 + step)
 
 
@@ -229,7 +235,7 @@ def save_state(folder: Path, name: str, modules: dict[str, torch.nn.Module], opt
                step: int, ema: EMAModel | None = None) -> None:  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     for key, module in modules.items():
-        save_file(module.state_dict(), folder / f"{name}-{key}.safetensors")
+        save_model(module, str(folder / f"{name}-{key}.safetensors"))  # tied weights once
     state = opt.state_dict()
     tensors = {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
     save_file(tensors, folder / f"{name}-optimizer.safetensors")
@@ -251,7 +257,7 @@ def load_state(folder: Path, name: str, modules: dict[str, torch.nn.Module], opt
         return 0
     meta = json.loads(meta_path.read_text())
     for key, module in modules.items():
-        module.load_state_dict(load_file(folder / f"{name}-{key}.safetensors"))
+        load_model(module, str(folder / f"{name}-{key}.safetensors"))
     state: dict[int, dict[str, torch.Tensor]] = {}
     for flat, tensor in load_file(folder / f"{name}-optimizer.safetensors").items():
         index, key = flat.split(".", 1)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -50,7 +51,13 @@ def source_dir(name: str) -> Path:
 
 
 def _tokenizer_dirs(src: Path) -> list[Path]:
-    return sorted(p.parent for p in src.glob("tokenizer*/tokenizer_config.json"))
+    """The CLIP tokenizer folders (a T5 tokenizer's folder is complete as it is)."""
+    configs = src.glob("tokenizer*/tokenizer_config.json")
+    return sorted(
+        p.parent
+        for p in configs
+        if json.loads(p.read_text()).get("tokenizer_class") == "CLIPTokenizer"
+    )
 
 
 def _digest(src: Path) -> str:
