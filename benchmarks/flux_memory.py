@@ -95,7 +95,7 @@ def quantize_on_meta(model: torch.nn.Module, kind: str) -> int:
     """Swap the Linear layers the trainer quantizes for stand-ins; return how many. (The
     trainer quantizes before adding adapters; here the adapters' own Linears, which train,
     are left out by the same rule.)"""
-    targets = quantizable_linears(model)
+    targets = [(n, m) for n, m in quantizable_linears(model) if not m.weight.requires_grad]
     for name, linear in targets:
         parent, _, child = name.rpartition(".")
         setattr(

@@ -78,15 +78,13 @@ def quantized_linear(
 
 
 def quantizable_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
-    """The model's frozen Linear layers, but those transformers keeps unquantized
+    """The model's Linear layers, but those transformers keeps unquantized
     (`_keep_in_fp32_modules`: T5's `wo`, whose input it casts to that layer's dtype)."""
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     return [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) is torch.nn.Linear
-        and not module.weight.requires_grad
-        and name.rpartition(".")[2] not in keep
+        if type(module) is torch.nn.Linear and name.rpartition(".")[2] not in keep
     ]
 
 

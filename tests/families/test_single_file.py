@@ -64,7 +64,9 @@ def test_family_of_a_single_file_is_told_from_its_keys(tmp_path, skeleton, pipel
 def test_file_of_no_known_family_is_one_clear_line(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"transformer.blocks.0.weight": torch.zeros(1)}, path)
-    with pytest.raises(UserError, match="not an SD1.x, SD2.x or SDXL checkpoint") as error:
+    with pytest.raises(
+        UserError, match="neither an SD1.x, SD2.x or SDXL checkpoint .* nor a Flux.1 transformer"
+    ) as error:
         load_pipeline(str(path))
     assert str(path) in str(error.value) and "\n" not in str(error.value)
 

@@ -105,6 +105,17 @@ def test_a_nf4_flux_base_trains(tmp_path, demo_subset):
         "adapter.unet_targets='attn-mlp'",
     )
     cfg.sample.prompts = []
+    import bitsandbytes as bnb
+
+    from stylelora.train.run import build_run
+
+    pipe = build_run(cfg).family.pipe  # the transformer and T5 quantized, but T5's wo
+    assert isinstance(
+        pipe.transformer.transformer_blocks[0].attn.to_q.base_layer, bnb.nn.Linear4bit
+    )
+    t5_block = pipe.text_encoder_2.encoder.block[0]
+    assert isinstance(t5_block.layer[0].SelfAttention.q, bnb.nn.Linear4bit)
+    assert type(t5_block.layer[1].DenseReluDense.wo) is torch.nn.Linear
     tensors = load_file(train(cfg).adapter_path)
     assert any(k.startswith("lora_unet_single_blocks_0_linear1") for k in tensors)
     assert any(v.abs().max() > 0 for k, v in tensors.items() if "lora_up" in k)
