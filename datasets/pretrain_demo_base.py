@@ -480,7 +480,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    launch(parse_args(argv), pretrain)
+
+
+def launch(args: argparse.Namespace, pretrain) -> None:
+    """Run `pretrain(args, team)` in this process, or in `args.processes` that share each step."""
     if args.processes == 1:
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)
@@ -490,7 +494,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(threads)
         return
     try:
-        mp.spawn(worker, args=(args, free_port()), nprocs=args.processes)
+        mp.spawn(worker, args=(args, free_port(), pretrain), nprocs=args.processes)
     except (mp.ProcessExitedException, mp.ProcessRaisedException) as exc:
         raise SystemExit(f"pretraining stopped ({exc}); --resume goes on from the last "
                          "checkpoint") from None  # fmt: skip
@@ -502,7 +506,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def worker(rank: int, args: argparse.Namespace, port: int) -> None:
+def worker(rank: int, args: argparse.Namespace, port: int, pretrain) -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,

@@ -28,15 +28,12 @@ weights. The folder written holds the transformer, T5 and its tokenizer and the 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
@@ -51,7 +48,7 @@ from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_demo_base import (  # noqa: E402
     Team,
-    free_port,
+    launch,
     load_state,
     load_tokenizer,
     make_pool,
@@ -65,21 +62,13 @@ from stylelora.export.atomic import give_umask_modes  # noqa: E402
 from stylelora.families import load_family  # noqa: E402
 from stylelora.families.flux import Flux  # noqa: E402
 from stylelora.families.objective import FlowMatchObjective, NoisedBatch  # noqa: E402
+from stylelora.families.skeletons import source_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "stylelora" / "families" / "demo_flux"
 # T5 tokens per caption: a word each (the captions have at most 15), with room for unknown
 # words spelled out.
 T5_LENGTH = 32
-# Flux.1 dev's sampling schedule (the shift follows the image's token count).
-SCHEDULER = dict(
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-)
 
 
 def write_t5_tokenizer(folder: Path, captions: list[str]) -> T5TokenizerFast:
@@ -235,7 +224,8 @@ def twin(args: argparse.Namespace, folder: Path, captions: list[str]) -> Flux:
     clip_width = base.text_encoder.config.hidden_size
     transformer = make_transformer(t5.config.d_model, clip_width, args.tiny)
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
+        # Flux.1 dev's sampling schedule (the shift follows the image's token count)
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(source_dir("flux") / "scheduler"),
         vae=base.vae,
         text_encoder=base.text_encoder,
         tokenizer=base.tokenizer,
@@ -292,31 +282,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.processes == 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(args.threads)
-        try:
-            pretrain(args, Team())
-        finally:
-            torch.set_num_threads(threads)
-        return
-    try:
-        mp.spawn(worker, args=(args, free_port()), nprocs=args.processes)
-    except (mp.ProcessExitedException, mp.ProcessRaisedException) as exc:
-        raise SystemExit(f"pretraining stopped ({exc}); --resume goes on from the last "
-                         "checkpoint") from None  # fmt: skip
-
-
-def worker(rank: int, args: argparse.Namespace, port: int) -> None:
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=args.processes)  # fmt: skip
-    try:
-        pretrain(args, Team(rank, args.processes))
-    finally:
-        dist.destroy_process_group()
+    launch(parse_args(argv), pretrain)
 
 
 def pretrain(args: argparse.Namespace, team: Team) -> None:

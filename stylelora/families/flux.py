@@ -29,6 +29,7 @@ from stylelora.families.base import ModelFamily, compute_dtype
 from stylelora.families.bfl import BLOCK_PATH, MODULATION, bfl_module, fused_members, to_bfl
 from stylelora.families.flux_files import is_bfl_transformer, load_flux_files
 from stylelora.families.objective import FlowMatchObjective, Objective
+from stylelora.families.skeletons import source_dir
 from stylelora.families.tiny import tiny_text_encoder, write_tiny_t5_tokenizer, write_tiny_tokenizer
 
 
@@ -354,13 +355,8 @@ class Flux(ModelFamily):
             guidance_embeds=True,
             axes_dims_rope=(4, 6, 6),
         )
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+            source_dir("flux") / "scheduler"  # Flux.1 dev's
         )
         return FluxPipeline(
             scheduler=scheduler,
