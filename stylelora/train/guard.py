@@ -62,18 +62,12 @@ class NonFiniteGuard:
         return False
 
 
-def step_is_finite(losses: list[float], params: list[torch.nn.Parameter], scaled: bool) -> bool:
-    """Whether the accumulated losses and gradients are all finite.
-
-    With a gradient scaler (fp16) an overflowing gradient is the scaler's to skip, and it lowers
-    its scale; only the loss is checked then.
-    """
+def step_is_finite(losses: list[float], grad_norm: torch.Tensor | None) -> bool:
+    """Whether the accumulated losses and the gradients' total norm (non-finite when any
+    gradient is; None with a gradient scaler, whose overflows are its own to skip) are finite."""
     if not all(math.isfinite(loss) for loss in losses):
         return False
-    if scaled:
-        return True
-    grads = [p.grad for p in params if p.grad is not None]
-    return not grads or bool(torch.stack([g.float().norm() for g in grads]).isfinite().all())
+    return grad_norm is None or bool(torch.isfinite(grad_norm))
 
 
 class StopRequest:

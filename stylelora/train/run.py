@@ -187,19 +187,34 @@ def training_step(run: TrainingRun, batch: dict[str, Any], draws: int) -> torch.
     and tests' step; the trainer's Session.optimizer_step adds the non-finite guard)."""
     loss = backward_pass(run, batch, draws)
     if run.accelerator.sync_gradients:
+        clip_gradients(run)
         optimizer_step(run)
     return loss
 
 
+def clip_gradients(run: TrainingRun) -> torch.Tensor | None:
+    """Clip the adapters' gradients to `max_grad_norm` and return their total norm, which also
+    tells whether every gradient is finite (one pass over them for both). Without clipping the
+    norm is computed for that alone; with a gradient scaler (fp16), which skips overflowing
+    steps itself, it is not needed: None."""
+    params = optimizer_params(run.optimizer)
+    norm = None
+    if run.cfg.train.max_grad_norm > 0:
+        norm = run.accelerator.clip_grad_norm_(params, run.cfg.train.max_grad_norm)
+    if run.accelerator.scaler is not None:
+        return None
+    grads = [p.grad for p in params if p.grad is not None]
+    if norm is None and grads:
+        norm = torch.nn.utils.get_total_norm(grads)
+    return norm
+
+
 def optimizer_step(run: TrainingRun, finite: bool = True) -> bool:
-    """At the end of an accumulation window: clip and step if the step is `finite`, then zero
-    the gradients. Whether the optimizer stepped: fp16's gradient scaler skips an overflow."""
+    """At the end of an accumulation window, after `clip_gradients`: step if the step is
+    `finite`, then zero the gradients. Whether the optimizer stepped: fp16's gradient scaler
+    skips an overflow."""
     stepped = False
     if finite:
-        if run.cfg.train.max_grad_norm > 0:
-            run.accelerator.clip_grad_norm_(
-                optimizer_params(run.optimizer), run.cfg.train.max_grad_norm
-            )
         run.optimizer.step()
         stepped = not run.accelerator.optimizer_step_was_skipped
     run.optimizer.zero_grad(set_to_none=True)

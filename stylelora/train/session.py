@@ -34,8 +34,8 @@ from stylelora.train.guard import NonFiniteGuard, StopRequest, inject_fault, ste
 from stylelora.train.placement import visiting
 from stylelora.train.run import (
     TrainingRun,
+    clip_gradients,
     full_adapter_weights,
-    optimizer_params,
     optimizer_step,
 )
 from stylelora.train.validation import validation_loss
@@ -190,11 +190,8 @@ class Session:
         self.window.append(loss.detach().float().item())
         if not self.run.accelerator.sync_gradients:
             return False
-        params = optimizer_params(self.run.optimizer)
-        scaled = self.run.accelerator.scaler is not None
-        finite = not any_process(
-            self.run.accelerator, not step_is_finite(self.window, params, scaled)
-        )
+        norm = clip_gradients(self.run)
+        finite = not any_process(self.run.accelerator, not step_is_finite(self.window, norm))
         stepped = optimizer_step(self.run, finite)
         loss_value = sum(self.window) / len(self.window)
         self.window.clear()
