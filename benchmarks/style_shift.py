@@ -115,11 +115,12 @@ def prompts(subjects: list[str]) -> list[str]:
 
 def render_all(pipe, texts: list[str], seeds: list[int], steps: int, guidance: float):
     images = []
+    guided = guidance_kwargs(pipe, guidance)
     for text in texts:
         for seed in seeds:
             generator = torch.Generator().manual_seed(seed)
             result = pipe(text, height=SIZE, width=SIZE, num_inference_steps=steps,
-                          generator=generator, **guidance_kwargs(pipe, guidance))  # fmt: skip
+                          generator=generator, **guided)  # fmt: skip
             images.append(result.images[0])
     return images
 

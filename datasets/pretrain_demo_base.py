@@ -385,21 +385,32 @@ def train_diffusion(unet, text_encoder, latents: dict, ids: torch.Tensor, empty_
                     team: Team) -> None:  # fmt: skip
     """Train both; on return they hold the moving average of their weights."""
     scheduler = DDPMScheduler(**SCHEDULE, prediction_type="epsilon")
-    denoiser = Denoiser(unet, text_encoder)
+    modules = {"unet": unet, "text_encoder": text_encoder}
+
+    def loss_of(model: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
+        return diffusion_loss(model, scheduler, latents, ids, empty_ids, gen, args, team)
+
+    train_denoiser(Denoiser(unet, text_encoder), modules, "diffusion", loss_of, args, team)
+
+
+def train_denoiser(denoiser: torch.nn.Module, modules: dict[str, torch.nn.Module], phase: str,
+                   loss_of, args: argparse.Namespace, team: Team) -> None:  # fmt: skip
+    """`args.steps` steps of AdamW (warm-up, cosine) on `loss_of(model, generator)`, with an
+    EMA of the weights, checkpoints of `modules` every `args.save_every` steps and `--resume`;
+    on return `denoiser` holds the moving average. Both demo bases train so."""
     params = list(denoiser.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     sched = get_cosine_schedule_with_warmup(opt, min(200, args.steps // 10), args.steps)
     ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
-    modules = {"unet": unet, "text_encoder": text_encoder}
-    start = load_state(args.work, "diffusion", modules, opt, sched, ema) if args.resume else 0
+    start = load_state(args.work, phase, modules, opt, sched, ema) if args.resume else 0
     model = team.wrap(denoiser)
     denoiser.train()
-    bar = tqdm(range(start, args.steps), desc="UNet + text encoder", initial=start,
-               total=args.steps, disable=not team.leader)  # fmt: skip
+    desc = " + ".join(modules)
+    bar = tqdm(range(start, args.steps), desc=desc, initial=start, total=args.steps,
+               disable=not team.leader)  # fmt: skip
     average = None
     for step in bar:
-        gen = step_generator(args.seed, "diffusion", step)
-        loss = diffusion_loss(model, scheduler, latents, ids, empty_ids, gen, args, team)
+        loss = loss_of(model, step_generator(args.seed, phase, step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -409,7 +420,7 @@ def train_diffusion(unet, text_encoder, latents: dict, ids: torch.Tensor, empty_
         average = loss.item() if average is None else 0.98 * average + 0.02 * loss.item()
         bar.set_postfix(loss=f"{average:.4f}")
         if team.leader and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            save_state(args.work, "diffusion", modules, opt, sched, step + 1, ema)
+            save_state(args.work, phase, modules, opt, sched, step + 1, ema)
         if step + 1 == args.stop_after:
             raise SystemExit(f"stopped after step {step + 1} (--stop-after); go on with --resume")
     ema.copy_to(params)

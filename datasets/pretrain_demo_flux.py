@@ -36,8 +36,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from diffusers.optimization import get_cosine_schedule_with_warmup
-from diffusers.training_utils import EMAModel
 from tokenizers import Tokenizer
 from tokenizers.decoders import Metaspace as MetaspaceDecoder
 from tokenizers.models import Unigram
@@ -49,12 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_demo_base import (  # noqa: E402
     Team,
     launch,
-    load_state,
     load_tokenizer,
     make_pool,
-    save_state,
-    step_generator,
     to_unit,
+    train_denoiser,
 )
 
 from stylelora.config import TrainConfig  # noqa: E402
@@ -185,34 +181,12 @@ def train_flux(family: Flux, latents, cond, empty, args, team: Team) -> None:
     """Train T5 and the transformer; on return they hold the moving average of their weights."""
     objective = FlowMatchObjective(dict(family.pipe.scheduler.config))
     denoiser = Denoiser(family)
-    params = list(denoiser.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    sched = get_cosine_schedule_with_warmup(opt, min(200, args.steps // 10), args.steps)
-    ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=3 / 4)
     modules = {"transformer": denoiser.transformer, "t5": denoiser.t5}
-    start = load_state(args.work, "flux", modules, opt, sched, ema) if args.resume else 0
-    model = team.wrap(denoiser)
-    denoiser.train()
-    bar = tqdm(range(start, args.steps), desc="transformer + T5", initial=start,
-               total=args.steps, disable=not team.leader)  # fmt: skip
-    average = None
-    for step in bar:
-        gen = step_generator(args.seed, "flux", step)
-        loss = flow_loss(model, family, objective, latents, cond, empty, gen, args, team)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.step(params)
-        average = loss.item() if average is None else 0.98 * average + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{average:.4f}")
-        if team.leader and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            save_state(args.work, "flux", modules, opt, sched, step + 1, ema)
-        if step + 1 == args.stop_after:
-            raise SystemExit(f"stopped after step {step + 1} (--stop-after); go on with --resume")
-    ema.copy_to(params)
-    denoiser.eval()
+
+    def loss_of(model: torch.nn.Module, gen: torch.Generator) -> torch.Tensor:
+        return flow_loss(model, family, objective, latents, cond, empty, gen, args, team)
+
+    train_denoiser(denoiser, modules, "flux", loss_of, args, team)
 
 
 def twin(args: argparse.Namespace, folder: Path, captions: list[str]) -> Flux:

@@ -52,14 +52,16 @@ def is_bfl_transformer(keys: list[str]) -> bool:
     return any(key.removeprefix(COMFY_PREFIX).startswith("double_blocks.") for key in keys)
 
 
-def read_weights(path: Path, dtype: torch.dtype, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The file's tensors under `prefix` (removed), in `dtype`, each converted as it is read
-    (an fp8 file is never held twice). ComfyUI's scaled fp8 files keep `<layer>.scale_weight`
-    beside each fp8 weight: the weight is the product."""
+def read_weights(path: Path, dtype: torch.dtype, under: str = "") -> dict[str, torch.Tensor]:
+    """The file's tensors in `dtype`, each converted as it is read (an fp8 file is never held
+    twice); only those under the prefix `under` (removed) if the file has any. ComfyUI's
+    scaled fp8 files keep `<layer>.scale_weight` beside each fp8 weight: the weight is the
+    product."""
     out = {}
     try:
         with safe_open(str(path), framework="pt") as handle:
             names = set(handle.keys())
+            prefix = under if any(n.startswith(under) for n in names) else ""
             for name in sorted(n for n in names if n.startswith(prefix)):
                 key = name.removeprefix(prefix)
                 if key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input")):
@@ -96,8 +98,7 @@ def transformer_config(bfl: dict[str, torch.Tensor], template: dict) -> dict:
 
 def load_bfl_transformer(path: Path, dtype: torch.dtype, folder: Path) -> FluxTransformer2DModel:
     """The transformer of a BFL-layout file, its config's sizes read off the file."""
-    prefix = COMFY_PREFIX if any(k.startswith(COMFY_PREFIX) for k in safe_keys(path)) else ""
-    bfl = read_weights(path, dtype, prefix)
+    bfl = read_weights(path, dtype, under=COMFY_PREFIX)
     template = FluxTransformer2DModel.load_config(folder / "transformer")
     try:
         config = transformer_config(bfl, template)
@@ -122,11 +123,6 @@ def load_bfl_transformer(path: Path, dtype: torch.dtype, folder: Path) -> FluxTr
         )
     model.load_state_dict(state, assign=True)
     return model.eval()
-
-
-def safe_keys(path: Path) -> list[str]:
-    with safe_open(str(path), framework="pt") as handle:
-        return list(handle.keys())
 
 
 def config_folder(config: str | None) -> Path:

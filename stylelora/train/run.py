@@ -203,10 +203,10 @@ def clip_gradients(run: TrainingRun) -> torch.Tensor | None:
         norm = run.accelerator.clip_grad_norm_(params, run.cfg.train.max_grad_norm)
     if run.accelerator.scaler is not None:
         return None
+    if norm is not None:
+        return norm
     grads = [p.grad for p in params if p.grad is not None]
-    if norm is None and grads:
-        norm = torch.nn.utils.get_total_norm(grads)
-    return norm
+    return torch.nn.utils.get_total_norm(grads) if grads else None
 
 
 def optimizer_step(run: TrainingRun, finite: bool = True) -> bool:

@@ -72,7 +72,7 @@ def test_bfl_layout_is_the_one_diffusers_converter_reads_on_the_real_model():
     assert not wrong and set(ours) == set(state)
 
 
-def test_bfl_file_loads_back_and_renders_its_folders_image(tmp_path, tiny, configs_only):
+def test_bfl_file_loads_back_and_renders_its_folders_image(tmp_path, tiny):
     family = tiny["family"]
     path = save(family.single_file_state(), tmp_path / "flux.safetensors")
     assert "double_blocks.0.img_attn.qkv.weight" in load_file(path)

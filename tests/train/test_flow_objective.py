@@ -11,16 +11,10 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from stylelora.config import TrainConfig
 from stylelora.errors import UserError
 from stylelora.families.objective import DDPMObjective, FlowMatchObjective, NoisedBatch
+from stylelora.families.skeletons import source_dir
 
-# Flux.1 dev's scheduler config (the values that matter here).
-FLUX_SCHEDULER = dict(
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-    base_shift=0.5,
-    max_shift=1.15,
-    shift=3.0,
-    use_dynamic_shifting=True,
-)
+# Flux.1 dev's scheduler config, as the package bundles it.
+FLUX_SCHEDULER = FlowMatchEulerDiscreteScheduler.load_config(source_dir("flux") / "scheduler")
 OBJECTIVE = FlowMatchObjective(FLUX_SCHEDULER)
 
 
