@@ -456,26 +456,21 @@ def ship_tokenizer_configs(out: Path) -> None:
     shutil.copytree(source_dir("sd15") / "tokenizer", out / "tokenizer")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the diffusers folder to write")
-    p.add_argument("--work", type=Path, default=ROOT / "runs" / "demo-base-pretrain",
-                   help="checkpoints, for --resume (default: runs/demo-base-pretrain)")  # fmt: skip
+def pretraining_parser(description: str, out: Path, work: str) -> argparse.ArgumentParser:
+    """The options both demo bases' scripts take: output, checkpoints, data and the joint
+    diffusion phase's steps, batch and rates, processes and threads."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", type=Path, default=out, help="the folder to write")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / work,
+                   help=f"checkpoints, for --resume (default: runs/{work})")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny models, for tests")
     p.add_argument("--images", type=int, default=12000, help="captioned flat pictures drawn")
-    p.add_argument("--codec-images", type=int, default=12000, help="generic pictures, for the VAE")
-    p.add_argument("--vae-steps", type=int, default=2500)
-    p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--decoder-steps", type=int, default=1000, help="decoder-only steps, last")
-    p.add_argument("--steps", type=int, default=4000, help="UNet + text encoder steps")
+    p.add_argument("--steps", type=int, default=4000, help="denoiser + text encoder steps")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--min-snr-gamma", type=float, default=5.0)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps")
     p.add_argument("--stop-after", type=int, help="stop at this step, as if interrupted (tests)")
@@ -483,10 +478,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # One thread per process: bitwise reproducible on any machine with the same torch, and on
     # a 2-core machine faster than threads waiting on each other.
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    args = p.parse_args(argv)
-    for name in ("batch", "vae_batch"):
+    return p
+
+
+def check_batches(p: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """Each batch is split evenly between the processes."""
+    for name in names:
         if getattr(args, name) % args.processes:
             p.error(f"--{name.replace('_', '-')} must be a multiple of --processes")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = pretraining_parser(__doc__.splitlines()[0], DEFAULT_OUT, "demo-base-pretrain")
+    p.add_argument("--codec-images", type=int, default=12000, help="generic pictures, for the VAE")
+    p.add_argument("--vae-steps", type=int, default=2500)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--decoder-steps", type=int, default=1000, help="decoder-only steps, last")
+    p.add_argument("--min-snr-gamma", type=float, default=5.0)
+    args = p.parse_args(argv)
+    check_batches(p, args, "batch", "vae_batch")
     return args
 
 

@@ -46,9 +46,11 @@ from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_demo_base import (  # noqa: E402
     Team,
+    check_batches,
     launch,
     load_tokenizer,
     make_pool,
+    pretraining_parser,
     to_unit,
     train_denoiser,
 )
@@ -230,26 +232,9 @@ def write_twin(out: Path, family: Flux) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the folder to write")
-    p.add_argument("--work", type=Path, default=ROOT / "runs" / "demo-flux-pretrain",
-                   help="checkpoints, for --resume (default: runs/demo-flux-pretrain)")  # fmt: skip
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tiny", action="store_true", help="tiny models, for tests")
-    p.add_argument("--images", type=int, default=12000, help="captioned flat pictures drawn")
-    p.add_argument("--steps", type=int, default=4000, help="transformer + T5 steps")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--caption-dropout", type=float, default=0.1)
-    p.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps")
-    p.add_argument("--stop-after", type=int, help="stop at this step, as if interrupted (tests)")
-    p.add_argument("--processes", type=int, default=2, help="processes sharing each step")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p = pretraining_parser(__doc__.splitlines()[0], DEFAULT_OUT, "demo-flux-pretrain")
     args = p.parse_args(argv)
-    if args.batch % args.processes:
-        p.error("--batch must be a multiple of --processes")
+    check_batches(p, args, "batch")
     # Sigmas as SD3 and Flux were pretrained: logit-normal, no shift.
     args.options = TrainConfig(timestep_sampling="logit_normal")
     return args
