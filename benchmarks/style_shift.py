@@ -206,9 +206,9 @@ OPTIONS: dict[str, list[str]] = {
     "AdamW8bit": ["train.optimizer='adamw8bit'"],
     "`quantize_base = nf4`": ["train.quantize_base='nf4'"],
     "bf16": ["train.mixed_precision='bf16'"],
-    "cached latents and captions": [
-        "data.cache_latents=true",
-        "data.cache_text_encoder_outputs=true",
+    "caches off (the VAE and the text encoder every step)": [
+        "data.cache_latents=false",
+        "data.cache_text_encoder_outputs=false",
     ],  # fmt: skip
     "`merge` (the merged model)": [],
 }

@@ -56,7 +56,9 @@ class DataConfig(Section):
     flip: bool = False
     repeats: PositiveInt = 1
     trigger_word: str = ""
-    num_workers: NonNegInt = 0
+    # auto: none when training on the CPU (a worker would take a core from the step) or when
+    # every draw comes from memory; else a few, loading the next batches during the step
+    num_workers: NonNegInt | Literal["auto"] = "auto"
     strict: bool = False
     shuffle_caption: bool = False
     keep_tokens: NonNegInt = 0
@@ -69,9 +71,12 @@ class DataConfig(Section):
     min_bucket_side: PositiveInt | None = None
     max_bucket_side: PositiveInt | None = None
     bucket_no_upscale: bool = False
-    cache_latents: bool = False
-    cache_text_encoder_outputs: bool = False
+    # auto: on wherever a cache cannot change what a step trains on (see cache_plan)
+    cache_latents: bool | Literal["auto"] = "auto"
+    cache_text_encoder_outputs: bool | Literal["auto"] = "auto"
     cache_dir: Path | None = None
+    # decoded images (or, cached, their latents) stay in memory when all of them fit in this
+    memory_cache_mb: NonNegInt = 2048
 
     @property
     def caption_randomness(self) -> bool:
@@ -117,7 +122,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _cache_is_deterministic(self) -> DataConfig:
-        if self.cache_latents and not self.center_crop:
+        if self.cache_latents is True and not self.center_crop:
             raise ValueError(
                 "data.cache_latents needs data.center_crop = true: a random crop differs "
                 "every draw, so its latents cannot be cached"

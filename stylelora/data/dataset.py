@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from stylelora.data.buckets import Size, closest_bucket, no_upscale_bucket
 from stylelora.data.captions import CaptionOptions, process_caption
-from stylelora.data.images import load_rgb, resize_and_crop, to_tensor
+from stylelora.data.images import covering_size, crop, load_rgb, scale_to_cover, to_tensor
 from stylelora.data.scan import ImageRecord
 
 ItemKey = tuple[int, int]  # (index into the records, epoch)
@@ -56,6 +57,9 @@ class ImageCaptionDataset(Dataset):
         self.captions = options.captions or CaptionOptions(trigger_word=options.trigger_word)
         self.buckets = [self._assign_bucket(record) for record in records]
         self.cache: TensorCache | None = None
+        # index -> (the image scaled to cover its bucket, its original (height, width)):
+        # filled as images are first drawn once `keep_images_in_memory` turned it on
+        self.memory: dict[int, tuple[Image.Image, tuple[int, int]]] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -74,14 +78,39 @@ class ImageCaptionDataset(Dataset):
 
     def pixels(self, index: int, offset: tuple[float, float]) -> dict[str, Any]:
         """The image cropped to its bucket, unflipped, with its SDXL size conditioning."""
-        image = load_rgb(self.records[index].path, self.options.alpha_background)
-        original_size = (image.height, image.width)
-        image, crop_top_left = resize_and_crop(image, self.bucket(index), offset)
+        scaled, original_size = self.scaled_image(index)
+        image, crop_top_left = crop(scaled, self.bucket(index), offset)
         return {
             "pixel_values": to_tensor(image),
             "original_size": original_size,
             "crop_top_left": crop_top_left,
         }
+
+    def scaled_image(self, index: int) -> tuple[Image.Image, tuple[int, int]]:
+        """The image decoded and scaled to cover its bucket, and its original (height, width);
+        from memory when it is kept there."""
+        if self.memory is not None and index in self.memory:
+            return self.memory[index]
+        image = load_rgb(self.records[index].path, self.options.alpha_background)
+        kept = (scale_to_cover(image, self.bucket(index)), (image.height, image.width))
+        if self.memory is not None:
+            self.memory[index] = kept
+        return kept
+
+    def scaled_bytes(self) -> int:
+        """What every image takes in memory, decoded and scaled to cover its bucket."""
+        total = 0
+        for index, record in enumerate(self.records):
+            bucket = self.bucket(index)
+            width, height = covering_size(record.size, bucket) if all(record.size) else bucket
+            total += width * height * 3
+        return total
+
+    def keep_images_in_memory(self) -> None:
+        """From now on, each image is decoded and scaled once, then served from memory (a
+        DataLoader worker keeps its own copy)."""
+        if self.memory is None:
+            self.memory = {}
 
     def __getitem__(self, key: ItemKey) -> dict[str, Any]:
         index, epoch = key
@@ -112,6 +141,8 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("pixel_values", "latent_mean", "latent_std"):
         if key in items[0]:
             batch[key] = torch.stack([item[key] for item in items])
+    if "latent_layout" in items[0]:
+        batch["latent_layout"] = items[0]["latent_layout"]
     return batch
 
 

@@ -74,14 +74,35 @@ def resize_and_crop(
     Returns the cropped image and the crop's (top, left) in the scaled image, which SDXL
     takes as conditioning.
     """
+    return crop(scale_to_cover(image, size), size, offset)
+
+
+def scale_to_cover(image: Image.Image, size: Size) -> Image.Image:
+    """The image scaled (Lanczos) to the smallest size that covers `size` (width, height)."""
     width, height = size
     scale = cover_scale(image.size, size)
     scaled_w = max(width, round(image.width * scale))
     scaled_h = max(height, round(image.height * scale))
-    image = image.resize((scaled_w, scaled_h), Image.Resampling.LANCZOS)
-    left = round((scaled_w - width) * offset[0])
-    top = round((scaled_h - height) * offset[1])
-    return image.crop((left, top, left + width, top + height)), (top, left)
+    return image.resize((scaled_w, scaled_h), Image.Resampling.LANCZOS)
+
+
+def covering_size(image_size: Size, size: Size) -> Size:
+    """The (width, height) `scale_to_cover` gives an image of `image_size`."""
+    scale = cover_scale(image_size, size)
+    return (
+        max(size[0], round(image_size[0] * scale)),
+        max(size[1], round(image_size[1] * scale)),
+    )
+
+
+def crop(
+    scaled: Image.Image, size: Size, offset: tuple[float, float]
+) -> tuple[Image.Image, tuple[int, int]]:
+    """`size` (width, height) cut out of a covering image at `offset`; and its (top, left)."""
+    width, height = size
+    left = round((scaled.width - width) * offset[0])
+    top = round((scaled.height - height) * offset[1])
+    return scaled.crop((left, top, left + width, top + height)), (top, left)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

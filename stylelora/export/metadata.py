@@ -81,6 +81,7 @@ def training_metadata(
     epochs: int,
     started: float,
     finished: float,
+    latents_cached: bool,
 ) -> dict[str, str]:
     train, adapter = cfg.train, cfg.adapter
     te_lr = (train.text_encoder_lr or train.learning_rate) if adapter.text_encoder else 0.0
@@ -127,7 +128,7 @@ def training_metadata(
         "ss_multires_noise_discount": format_number(train.multires_noise_discount),
         "ss_loss_type": train.loss_type,
         "ss_huber_c": format_number(train.huber_c),
-        "ss_cache_latents": str(cfg.data.cache_latents),
+        "ss_cache_latents": str(latents_cached),
         "ss_shuffle_caption": str(cfg.data.shuffle_caption),
         "ss_keep_tokens": str(cfg.data.keep_tokens),
         "ss_caption_dropout_rate": format_number(cfg.data.caption_dropout_rate),

@@ -14,21 +14,70 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from stylelora.config import Config
 from stylelora.data.dataset import ImageCaptionDataset
 from stylelora.errors import UserError
 from stylelora.export.atomic import save_tensors
 from stylelora.families.base import ModelFamily
 
 Entry = tuple[int, bool]  # (index into the dataset, flipped)
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """Which caches a run fills, and a line for each one that is off, saying why."""
+
+    latents: bool
+    text: bool
+    notes: tuple[str, ...] = ()
+
+
+def latents_cache_dir(cfg: Config) -> Path:
+    return cfg.data.cache_dir or cfg.data.dir / ".stylelora-cache"
+
+
+def cache_plan(cfg: Config) -> CachePlan:
+    """`auto` turns a cache on wherever it cannot change what a step trains on: latents when
+    every draw of an image is the same crop (a flip is cached as its own entry), caption
+    embeddings when the text encoders are frozen and captions never vary."""
+    data, notes = cfg.data, []
+    latents = data.cache_latents is True
+    if data.cache_latents == "auto":
+        folder = latents_cache_dir(cfg)
+        if not data.center_crop:
+            notes.append("latents cache off: data.center_crop = false crops anew at every draw")
+        elif not writable(folder):
+            notes.append(f"latents cache off: {folder} is not writable; set data.cache_dir")
+        else:
+            latents = True
+    elif not latents:
+        notes.append("latents cache off: data.cache_latents = false")
+    text = data.cache_text_encoder_outputs is not False
+    if not text:
+        notes.append("text cache off: data.cache_text_encoder_outputs = false")
+    elif cfg.adapter.text_encoder:
+        notes.append("text cache off: adapter.text_encoder trains the text encoder")
+        text = False
+    elif data.caption_randomness:
+        notes.append("text cache off: caption shuffling or dropout changes captions every draw")
+        text = False
+    return CachePlan(latents, text, tuple(notes))
+
+
+def writable(folder: Path) -> bool:
+    """Whether `folder` can be written, or made in the nearest folder above it that exists."""
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return folder.is_dir() and os.access(folder, os.W_OK)
 
 
 @dataclass
@@ -59,6 +108,7 @@ def entry_name(dataset: ImageCaptionDataset, index: int, flipped: bool, vae_id: 
         "flipped": flipped,
         "background": dataset.options.alpha_background,
         "vae": vae_id,
+        "layout": "recorded",  # entries of earlier versions lack the latents' layout
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest() + ".safetensors"
 
@@ -122,6 +172,7 @@ def encode_and_save(
         ]
     ).to(family.vae.device)
     means, stds = family.encode_posterior(pixels)
+    metadata = {"latent_layout": sampled_layout(means, stds)}
     for row, (entry, item) in enumerate(zip(batch, items, strict=True)):
         tensors = {
             "latent_mean": means[row].contiguous().cpu(),
@@ -129,18 +180,36 @@ def encode_and_save(
             "original_size": torch.tensor(item["original_size"]),
             "crop_top_left": torch.tensor(item["crop_top_left"]),
         }
-        save_tensors(tensors, files[entry])
+        save_tensors(tensors, files[entry], metadata)
+
+
+def sampled_layout(mean: torch.Tensor, std: torch.Tensor) -> str:
+    """How the latents sampled from the VAE's posterior are laid out in memory: oneDNN's
+    convolutions on the CPU hand them over channels-last. A cache entry records it and the
+    latents drawn from it are laid out alike, so the denoiser's kernels sum in the same order
+    and a cached run trains an uncached run's adapter, bitwise. The sum is the one
+    DiagonalGaussianDistribution.sample() makes, with zeros for its noise."""
+    latents = mean + std * torch.zeros(mean.shape, dtype=mean.dtype, device=mean.device)
+    channels_last = latents.dim() == 4 and not latents.is_contiguous()
+    if channels_last and latents.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "contiguous"
 
 
 class CachedEntries(Mapping):
     """Entries read from disk when a batch asks for them, so a large dataset's latents never
-    sit in memory all at once (reading one small file is quick next to a training step)."""
+    sit in memory all at once; `keep_in_memory` keeps each entry once read."""
 
     def __init__(self, files: dict[Entry, Path]):
         self.files = files
+        self.memory: dict[Entry, dict] | None = None
 
     def __getitem__(self, entry: Entry) -> dict:
-        return read_entry(self.files[entry])
+        if self.memory is None:
+            return read_entry(self.files[entry])
+        if entry not in self.memory:
+            self.memory[entry] = read_entry(self.files[entry])
+        return self.memory[entry]
 
     def __iter__(self) -> Iterator[Entry]:
         return iter(self.files)
@@ -148,10 +217,20 @@ class CachedEntries(Mapping):
     def __len__(self) -> int:
         return len(self.files)
 
+    def nbytes(self) -> int:
+        """About what every entry takes in memory: their files' sizes."""
+        return sum(path.stat().st_size for path in self.files.values())
+
+    def keep_in_memory(self) -> None:
+        if self.memory is None:
+            self.memory = {}
+
 
 def read_entry(path: Path) -> dict:
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+            layout = (f.metadata() or {}).get("latent_layout", "contiguous")
     except (OSError, SafetensorError) as exc:
         raise UserError(
             f"{path}: latents cache entry unreadable ({exc}); delete the cache folder "
@@ -160,6 +239,7 @@ def read_entry(path: Path) -> dict:
     return {
         "latent_mean": tensors["latent_mean"],
         "latent_std": tensors["latent_std"],
+        "latent_layout": layout,
         "original_size": tuple(tensors["original_size"].tolist()),
         "crop_top_left": tuple(tensors["crop_top_left"].tolist()),
     }

@@ -14,8 +14,6 @@ import signal
 import sys
 from types import FrameType
 
-import torch
-
 from stylelora.errors import UserError
 
 FAULT_ENV = "STYLELORA_FAULT"
@@ -62,12 +60,10 @@ class NonFiniteGuard:
         return False
 
 
-def step_is_finite(losses: list[float], grad_norm: torch.Tensor | None) -> bool:
-    """Whether the accumulated losses and the gradients' total norm (non-finite when any
-    gradient is; None with a gradient scaler, whose overflows are its own to skip) are finite."""
-    if not all(math.isfinite(loss) for loss in losses):
-        return False
-    return grad_norm is None or bool(torch.isfinite(grad_norm))
+def step_is_finite(values: list[float]) -> bool:
+    """Whether a step's losses and its gradients' total norm (non-finite when any gradient is)
+    are all finite."""
+    return all(math.isfinite(value) for value in values)
 
 
 class StopRequest:

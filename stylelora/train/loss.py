@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from stylelora.config import TrainConfig
 from stylelora.families.base import Generators, ModelFamily
 from stylelora.families.objective import NoisedBatch, Objective
+from stylelora.train.profile import phase
 
 
 def draw_noise(
@@ -30,15 +31,27 @@ def draw_noise(
     timesteps, shaped by the `options` that are on. `generator`: one CPU generator for the batch,
     or one per sample, which makes each sample's draw independent of how a global batch is
     split between processes."""
-    with torch.no_grad():
+    with torch.no_grad(), phase("vae"):
         latents = batch_latents(family, pixels, generator).float()
-    if isinstance(generator, list):
-        draws = [objective.draw((1, *latents.shape[1:]), g, options) for g in generator]
-        noise = torch.cat([noise for noise, _ in draws])
-        timesteps = torch.cat([timesteps for _, timesteps in draws])
-    else:
-        noise, timesteps = objective.draw(latents.shape, generator, options)
-    return NoisedBatch(latents, noise.to(latents), timesteps.to(latents.device))
+    with phase("noise draw"):
+        if isinstance(generator, list):
+            draws = [objective.draw((1, *latents.shape[1:]), g, options) for g in generator]
+            noise = torch.cat([noise for noise, _ in draws])
+            timesteps = torch.cat([timesteps for _, timesteps in draws])
+        else:
+            noise, timesteps = objective.draw(latents.shape, generator, options)
+        noise, timesteps = upload(noise, latents), upload(timesteps, latents, keep_dtype=True)
+    return NoisedBatch(latents, noise, timesteps)
+
+
+def upload(tensor: torch.Tensor, like: torch.Tensor, keep_dtype: bool = False) -> torch.Tensor:
+    """`tensor`, drawn on the CPU, on `like`'s device (in its dtype unless `keep_dtype`). To a
+    GPU it goes from pinned memory without blocking: the host does not wait there for the
+    kernels queued before the copy."""
+    dtype = tensor.dtype if keep_dtype else like.dtype
+    if like.device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(like.device, dtype)
+    return tensor.pin_memory().to(like.device, dtype, non_blocking=True)
 
 
 def batch_latents(
@@ -47,7 +60,10 @@ def batch_latents(
     if isinstance(pixels, torch.Tensor):
         return family.encode_images(pixels, generator)
     if "latent_mean" in pixels:
-        return family.sample_latents(pixels["latent_mean"], pixels["latent_std"], generator)
+        latents = family.sample_latents(pixels["latent_mean"], pixels["latent_std"], generator)
+        if pixels.get("latent_layout") == "channels_last":
+            return latents.contiguous(memory_format=torch.channels_last)
+        return latents
     return family.encode_images(pixels["pixel_values"], generator)
 
 
@@ -90,8 +106,10 @@ def predict(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The denoiser's prediction for the noised latents and the target it should match, in fp32."""
     noisy = objective.noisy(noised)
-    text = batch["text"] if "text" in batch else family.encode_prompts(batch["captions"])
-    prediction = family.denoise(denoiser, noisy, noised.timesteps, text, batch)
+    with phase("text encoder"):
+        text = batch["text"] if "text" in batch else family.encode_prompts(batch["captions"])
+    with phase("denoiser forward"):
+        prediction = family.denoise(denoiser, noisy, noised.timesteps, text, batch)
     return prediction.float(), objective.target(noised).float()
 
 

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from stylelora.config import Config
 from stylelora.errors import UserError
 from stylelora.families.base import ModelFamily
-from stylelora.train.cache import TextCache
+from stylelora.train.cache import CachePlan, TextCache
 from stylelora.train.quantize import quantize_base
 from stylelora.train.swap import BlockSwapper
 
@@ -76,10 +76,10 @@ def enable_gradient_checkpointing(adapted: dict[str, torch.nn.Module]) -> None:
 
 
 def idle_modules(
-    family: ModelFamily, cfg: Config, text_cache: TextCache | None
+    family: ModelFamily, latents_cached: bool, text_cache: TextCache | None
 ) -> list[torch.nn.Module]:
     """Frozen modules the training step no longer calls once the caches are filled."""
-    idle = [family.vae] if cfg.data.cache_latents else []
+    idle = [family.vae] if latents_cached else []
     if text_cache is not None:
         idle += family.prompt_encoders()
     return idle
@@ -89,13 +89,14 @@ def place_for_training(
     accelerator: Accelerator,
     family: ModelFamily,
     cfg: Config,
+    caches: CachePlan,
     text_cache: TextCache | None,
     swapper: BlockSwapper | None = None,
 ) -> list[torch.nn.Module]:
     """Move what the training step calls to the device; the idle modules wait on the CPU, and
     `visiting` brings them over for previews; the swapper's blocks stay parked. Returns the
     idle modules."""
-    idle = idle_modules(family, cfg, text_cache)
+    idle = idle_modules(family, caches.latents, text_cache)
     device = accelerator.device
     for module in family.modules():
         if any(module is i for i in idle):
@@ -111,7 +112,7 @@ def place_for_training(
         )
     if idle and device.type != "cpu":
         torch.cuda.empty_cache()
-        waiting = [("the VAE", cfg.data.cache_latents), ("the text encoders", text_cache)]
+        waiting = [("the VAE", caches.latents), ("the text encoders", text_cache)]
         names = " and ".join(name for name, cached in waiting if cached)
         accelerator.print(f"{names} wait on the CPU; previews bring them over while they render")
     return idle

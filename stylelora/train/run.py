@@ -8,6 +8,7 @@ accelerator, and prepares the rest with accelerate; `training_step` is one micro
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,7 +39,14 @@ from stylelora.families import load_family
 from stylelora.families.base import ModelFamily
 from stylelora.families.objective import Objective
 from stylelora.sample.prompts import SamplePrompt, on_size_grid, parse_prompt_file
-from stylelora.train.cache import TextCache, cache_latents
+from stylelora.train.cache import (
+    CachedEntries,
+    CachePlan,
+    TextCache,
+    cache_latents,
+    cache_plan,
+    latents_cache_dir,
+)
 from stylelora.train.loss import draw_noise, training_loss
 from stylelora.train.optim import (
     build_lr_scheduler,
@@ -54,6 +62,7 @@ from stylelora.train.placement import (
     prepare_model,
     visiting,
 )
+from stylelora.train.profile import phase
 from stylelora.train.swap import check_block_swapping, swap_blocks
 from stylelora.train.validation import (
     FixedSet,
@@ -77,6 +86,7 @@ class TrainingRun:
     sampler: BucketBatchSampler
     loader: DataLoader
     objective: Objective  # the family's: noising, timesteps, target, loss weights
+    caches: CachePlan
     text_cache: TextCache | None
     idle: list[torch.nn.Module]  # frozen modules parked off the accelerator between previews
     validation: FixedSet | None
@@ -133,9 +143,10 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
     encoders = [family.vae, *family.prompt_encoders()] if held_out else []
     with visiting(encoders, accelerator.device):  # held-out images and captions, encoded once
         validation = validation_set(family, held_out, cfg)
-    text_cache = prepare_caches(accelerator, family, dataset, cfg)
+    caches = cache_plan(cfg)
+    text_cache = prepare_caches(accelerator, family, dataset, cfg, caches)
     swapper = swap_blocks(family.swappable_blocks(), cfg.train, accelerator.device)
-    idle = place_for_training(accelerator, family, cfg, text_cache, swapper)
+    idle = place_for_training(accelerator, family, cfg, caches, text_cache, swapper)
     sampler = BucketBatchSampler(
         dataset,
         cfg.train.batch_size,
@@ -146,11 +157,14 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
     # Sharded by the sampler, not by accelerate: see BucketBatchSampler.
     # The loader's own generator: each new iterator draws a seed, which must not come from the
     # global RNG that dropout uses, or a resumed run (one iterator more) would drop other units.
+    workers = loader_workers(cfg.data.num_workers, accelerator.device, dataset)
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=collate,
-        num_workers=cfg.data.num_workers,
+        num_workers=workers,
+        persistent_workers=workers > 0,  # and their images in memory, epoch after epoch
+        pin_memory=accelerator.device.type == "cuda",  # uploads that do not block the host
         generator=torch.Generator(),
     )
     # Only the UNet is wrapped: the pipeline calls the text encoders itself, so a DDP wrapper
@@ -172,6 +186,7 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
         sampler=sampler,
         loader=loader,
         objective=objective,
+        caches=caches,
         text_cache=text_cache,
         idle=idle,
         validation=validation,
@@ -229,7 +244,8 @@ def backward_pass(run: TrainingRun, batch: dict[str, Any], draws: int) -> torch.
     """
     accelerator, cfg = run.accelerator, run.cfg
     with accelerator.accumulate(run.unet):
-        batch = send_to_device(batch, accelerator.device)
+        with phase("upload"):
+            batch = send_to_device(batch, accelerator.device, non_blocking=True)
         first = accelerator.process_index * cfg.train.batch_size
         generators = [
             derived_generator(cfg.seed, draws, first + i) for i in range(len(batch["captions"]))
@@ -239,7 +255,8 @@ def backward_pass(run: TrainingRun, batch: dict[str, Any], draws: int) -> torch.
         noised = draw_noise(run.family, run.objective, batch, generators, cfg.train)
         with accelerator.autocast():  # covers the text encoders, which are not prepared
             loss = training_loss(run.family, run.unet, run.objective, noised, batch, cfg.train)
-        accelerator.backward(loss)
+        with phase("backward"):
+            accelerator.backward(loss)
     if accelerator.sync_gradients:
         average_text_encoder_grads(run)
     return loss
@@ -344,16 +361,18 @@ def report_dataset(accelerator: Accelerator, lines: list[str], cfg: Config) -> N
     )
 
 
-def latents_cache_dir(cfg: Config) -> Path:
-    return cfg.data.cache_dir or cfg.data.dir / ".stylelora-cache"
-
-
 def prepare_caches(
-    accelerator: Accelerator, family: ModelFamily, dataset: ImageCaptionDataset, cfg: Config
+    accelerator: Accelerator,
+    family: ModelFamily,
+    dataset: ImageCaptionDataset,
+    cfg: Config,
+    plan: CachePlan,
 ) -> TextCache | None:
-    """Fill the latents cache and the text cache where the config asks and allows them."""
+    """Fill the caches the plan turns on; keep the data in memory if it fits the budget."""
     say = accelerator.print
-    if cfg.data.cache_latents:
+    for note in plan.notes:
+        say(note)
+    if plan.latents:
         folder = latents_cache_dir(cfg)
         # the others then find the entries written
         with accelerator.main_process_first(), visiting([family.vae], accelerator.device):
@@ -361,18 +380,40 @@ def prepare_caches(
                 family, dataset, folder, cfg.train.batch_size, accelerator.is_local_main_process
             )
         say(f"latents cache {folder}: {stats.encoded} encoded, {stats.reused} reused")
-    if not cfg.data.cache_text_encoder_outputs:
-        return None
-    if cfg.adapter.text_encoder:
-        say("text cache off: adapter.text_encoder trains the text encoder")
-        return None
-    if cfg.data.caption_randomness:
-        say("text cache off: shuffle_caption or caption dropout changes the captions every draw")
+    keep_data_in_memory(dataset, cfg.data.memory_cache_mb, say)
+    if not plan.text:
         return None
     captions = [with_trigger(r.caption, cfg.data.trigger_word) for r in dataset.records]
     say(f"text cache: {len(set(captions))} distinct captions encoded once")
-    with visiting(family.prompt_encoders(), accelerator.device):
+    with visiting(family.prompt_encoders(), accelerator.device), accelerator.autocast():
         return TextCache(family, captions)
+
+
+def keep_data_in_memory(dataset: ImageCaptionDataset, budget_mb: int, say) -> None:
+    """Serve each image's latents (cached) or decoded, scaled pixels from memory after its
+    first draw, when all of them fit in `budget_mb`; else read them at every draw."""
+    cached = isinstance(dataset.cache, CachedEntries)
+    what = "cached latents" if cached else "decoded images"
+    size_mb = (dataset.cache.nbytes() if cached else dataset.scaled_bytes()) / 2**20
+    if size_mb > budget_mb:
+        say(f"{what} read at every draw: {size_mb:.1f} MB > data.memory_cache_mb {budget_mb}")
+        return
+    if cached:
+        dataset.cache.keep_in_memory()
+    else:
+        dataset.keep_images_in_memory()
+
+
+def loader_workers(setting: int | str, device: torch.device, dataset: ImageCaptionDataset) -> int:
+    """`data.num_workers`; auto: none on the CPU, where the step keeps every core busy and a
+    worker would take one, nor when cached latents are served from memory; else up to four
+    processes (half the cores) that load the next batches while the device trains."""
+    if setting != "auto":
+        return int(setting)
+    in_memory = isinstance(dataset.cache, CachedEntries) and dataset.cache.memory is not None
+    if device.type == "cpu" or in_memory:
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from stylelora.train.checkpoint import (
 from stylelora.train.ema import AdapterEMA
 from stylelora.train.guard import NonFiniteGuard, StopRequest, inject_fault, step_is_finite
 from stylelora.train.placement import visiting
+from stylelora.train.profile import host_read, phase, step_done
 from stylelora.train.run import (
     TrainingRun,
     clip_gradients,
@@ -78,7 +79,7 @@ class Session:
     metadata: Callable[[int, int], dict[str, str]]  # (steps, epochs) -> the file's header
     state: TrainState = field(default_factory=TrainState)
     stopping: bool = False
-    window: list[float] = field(default_factory=list)
+    window: list[torch.Tensor] = field(default_factory=list)  # this step's micro-batch losses
 
     def __post_init__(self) -> None:
         train = self.run.cfg.train
@@ -187,17 +188,22 @@ class Session:
         `max_nonfinite_steps` of them in a row raise NonFiniteStop. A step the fp16 gradient
         scaler skips (it overflowed; the scaler lowers its scale) is not taken and not counted.
         """
-        self.window.append(loss.detach().float().item())
+        self.window.append(loss.detach())
         if not self.run.accelerator.sync_gradients:
             return False
-        norm = clip_gradients(self.run)
-        finite = not any_process(self.run.accelerator, not step_is_finite(self.window, norm))
-        stepped = optimizer_step(self.run, finite)
-        loss_value = sum(self.window) / len(self.window)
+        with phase("clip"):
+            norm = clip_gradients(self.run)
+        with phase("guard"):
+            # one read for the progress bar's loss and the guard: a GPU waits at each read
+            values = host_read(*self.window, *([] if norm is None else [norm]))
+            finite = not any_process(self.run.accelerator, not step_is_finite(values))
+        with phase("optimizer"):
+            stepped = optimizer_step(self.run, finite)
+        losses = values[: len(self.window)]
         self.window.clear()
         self.record_guard(finite)
         if stepped:
-            self.state.losses.append(loss_value)
+            self.state.losses.append(sum(losses) / len(losses))
         return stepped
 
     def record_guard(self, finite: bool) -> None:
@@ -212,21 +218,28 @@ class Session:
     def after_step(self, stop: StopRequest) -> None:
         """Everything that follows an optimizer step, each only when it is due."""
         cfg, state = self.run.cfg, self.state
-        self.run.lr_scheduler.step()
+        step_done()
+        with phase("schedule"):
+            self.run.lr_scheduler.step()
         if self.ema:
-            self.ema.update()
+            with phase("ema"):
+                self.ema.update()
         state.step += 1
         self.session_steps += 1
         state.lrs.append(self.run.lr_scheduler.get_last_lr()[0])
-        self.log_step()
+        with phase("logging"):
+            self.log_step()
         if self.run.validation and state.step % cfg.validation.every_n_steps == 0:
-            self.validate()
+            with phase("validation"):
+                self.validate()
         if self.previewer and due(state.step, cfg.sample.every_n_steps, cfg.train.max_steps):
-            self.preview()
+            with phase("preview"):
+                self.preview()
         inject_fault("interrupt", state.step)
         self.stopping = any_process(self.run.accelerator, stop.requested)
         if self.stopping or due(state.step, cfg.train.checkpoint_every_n_steps):
-            self.checkpoint()
+            with phase("checkpoint"):
+                self.checkpoint()
 
     def end_epoch(self) -> None:
         self.state.epoch += 1

@@ -117,7 +117,11 @@ def test_cached_away_modules_are_parked_and_previews_still_render(
         sheet = Previewer(run.family, run.prompts, "default").render()
     assert sheet.size == (128, 64)  # without and with the adapter
     only_text = tiny_run(
-        tmp_path / "b", tiny_sd15_dir, data, "data.cache_text_encoder_outputs=true"
+        tmp_path / "b",
+        tiny_sd15_dir,
+        data,
+        "data.cache_latents=false",
+        "data.cache_text_encoder_outputs=true",
     )
     assert only_text.idle == [only_text.family.pipe.text_encoder]
 
