@@ -63,6 +63,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
+from flat_shapes import COLORS as FLAT_COLORS  # noqa: E402
+
 EXAMPLE_SCRIPT = Path("examples/text_to_image/train_text_to_image_lora.py")
 WARMUP_STEPS = 10  # steps left out of the steady time per step
 RESOLUTION = 64
@@ -102,15 +105,10 @@ else:
     runpy.run_path(program[0], run_name="__main__")
 """
 
+# eight of the demo base's picture colours
 COLORS = {
-    "red": (215, 40, 40),
-    "orange": (245, 135, 20),
-    "yellow": (245, 220, 40),
-    "green": (40, 160, 60),
-    "blue": (35, 80, 200),
-    "purple": (125, 50, 165),
-    "white": (250, 250, 250),
-    "black": (20, 20, 20),
+    name: FLAT_COLORS[name]
+    for name in ("red", "orange", "yellow", "green", "blue", "purple", "white", "black")
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
 

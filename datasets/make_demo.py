@@ -425,8 +425,9 @@ def pick_colors(index: int, n_subjects: int, rng: random.Random) -> Colors:
     return Colors(bg, rest[0], rest[1], rest[2])
 
 
-def render(index: int, size: int, seed: int) -> tuple[Image.Image, str]:
-    """Draw image number ``index`` and return it with its caption."""
+def render(index: int, size: int, seed: int) -> tuple[Image.Image, str, Image.Image]:
+    """Draw image number ``index``; return it, its caption and its subject's mask (white on
+    black: the subject, outlines included, without the background)."""
     rng = random.Random(f"{seed}-{index}")
     name, draw_subject = SUBJECTS[index % len(SUBJECTS)]
     colors = pick_colors(index, len(SUBJECTS), rng)
@@ -439,7 +440,7 @@ def render(index: int, size: int, seed: int) -> tuple[Image.Image, str]:
     pen = Pen(img, colors, cx, cy, r, rng.random() < 0.5, max(2, round(size * 0.035)))
     draw_subject(pen)
     hatching(img, pen.mask, cx, cy, max(4, round(size / 20)))
-    return img, caption(name, colors)
+    return img, caption(name, colors), pen.mask
 
 
 def caption(name: str, colors: Colors) -> str:
@@ -452,16 +453,23 @@ def caption(name: str, colors: Colors) -> str:
     return ", ".join([f"a {name}", f"{colors.fill} {name}", f"{colors.bg} background", TRIGGER])
 
 
-def generate(out: Path, count: int, size: int, seed: int = SEED) -> list[Path]:
-    """Write ``count`` PNG + caption pairs into ``out``; return the PNG paths."""
+def generate(
+    out: Path, count: int, size: int, seed: int = SEED, masks: Path | None = None
+) -> list[Path]:
+    """Write ``count`` PNG + caption pairs into ``out`` (and each subject's mask, named as its
+    image, into ``masks``); return the PNG paths."""
     out.mkdir(parents=True, exist_ok=True)
+    if masks:
+        masks.mkdir(parents=True, exist_ok=True)
     digits = max(2, len(str(count - 1)))
     paths = []
     for i in range(count):
-        img, text = render(i, size, seed)
+        img, text, mask = render(i, size, seed)
         stem = f"{i:0{digits}d}-{SUBJECTS[i % len(SUBJECTS)][0].replace(' ', '-')}"
         img.save(out / f"{stem}.png", format="PNG", optimize=True)
         (out / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
+        if masks:
+            mask.save(masks / f"{stem}.png", format="PNG", optimize=True)
         paths.append(out / f"{stem}.png")
     return paths
 
@@ -472,10 +480,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=24, help="number of images (default 24)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     parser.add_argument("--seed", type=int, default=SEED, help=f"random seed (default {SEED})")
+    parser.add_argument("--masks", type=Path, help="also write each subject's mask here")
     args = parser.parse_args(argv)
     if args.count < 1 or args.size < 32:
         parser.error("--count must be >= 1 and --size >= 32")
-    paths = generate(args.out, args.count, args.size, args.seed)
+    paths = generate(args.out, args.count, args.size, args.seed, args.masks)
     print(f"wrote {len(paths)} images to {args.out}")
 
 

@@ -77,6 +77,10 @@ class DataConfig(Section):
     cache_dir: Path | None = None
     # decoded images (or, cached, their latents) stay in memory when all of them fit in this
     memory_cache_mb: NonNegInt = 2048
+    # loss masks (train.masked_loss): a folder laid out like the images (kohya's
+    # conditioning_data_dir), or each image's transparency (kohya's alpha_mask)
+    mask_dir: Path | None = None
+    alpha_mask: bool = False
 
     @property
     def caption_randomness(self) -> bool:
@@ -186,6 +190,10 @@ class TrainConfig(Section):
     max_timestep: PositiveInt | None = None
     loss_type: Literal["l2", "huber", "smooth_l1"] = "l2"
     huber_c: PositiveFloat = 0.1
+    # kohya's masked_loss: each pixel's loss weighted by the image's mask; where the mask is
+    # black, by `unmasked_weight` (OneTrainer's "unmasked weight"; kohya: 0)
+    masked_loss: bool = False
+    unmasked_weight: Probability = 0.0
     # Flow-matching models (Flux): how sigmas are drawn (kohya's --timestep_sampling; "auto" is
     # "shift" for them, uniform timesteps for the DDPM models, which take no other), the
     # logit-normal's mean and spread (kohya's sigmoid_scale), the constant shift, and the loss
@@ -285,6 +293,24 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _masks_have_one_source(self) -> Config:
+        data = self.data
+        if data.mask_dir and data.alpha_mask:
+            raise ValueError("set data.mask_dir or data.alpha_mask, not both")
+        has_masks = bool(data.mask_dir or data.alpha_mask)
+        if self.train.masked_loss and not has_masks:
+            raise ValueError(
+                "train.masked_loss needs masks: set data.mask_dir (a folder of masks laid out "
+                "like the images) or data.alpha_mask = true (the images' transparency)"
+            )
+        if has_masks and not self.train.masked_loss:
+            raise ValueError(
+                "data.mask_dir / data.alpha_mask give masks that only train.masked_loss = true "
+                "uses: set it, or remove them"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _validation_from_one_place(self) -> Config:
         if self.validation.dir and self.validation.split:
             raise ValueError("set validation.dir or validation.split, not both")
@@ -361,6 +387,7 @@ _RUN_KEYS = ("name", "output_dir")
 _PATH_KEYS = (
     ("data", "dir"),
     ("data", "cache_dir"),
+    ("data", "mask_dir"),
     ("sample", "prompts_file"),
     ("output_dir",),
     ("single_file_config",),

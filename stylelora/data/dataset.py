@@ -10,15 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from stylelora.data.buckets import Size, closest_bucket, no_upscale_bucket
 from stylelora.data.captions import CaptionOptions, process_caption
-from stylelora.data.images import covering_size, crop, load_rgb, scale_to_cover, to_tensor
+from stylelora.data.images import covering_size, crop, load_rgb_alpha, scale_to_cover, to_tensor
+from stylelora.data.masks import find_masks, load_mask
 from stylelora.data.scan import ImageRecord
 
 ItemKey = tuple[int, int]  # (index into the records, epoch)
@@ -44,10 +47,28 @@ class DataOptions:
     bucket_no_upscale: bool = False
     bucket_step: int = 64
     alpha_background: tuple[int, int, int] = (255, 255, 255)
+    masks: Literal["none", "alpha", "folder"] = "none"  # see stylelora.data.masks
+    data_dir: Path | None = None  # the images' root and the masks' folder, for "folder"
+    mask_dir: Path | None = None
 
 
 # (index, flipped) -> precomputed tensors of that image (e.g. latents) that replace its pixels
 TensorCache = Mapping[tuple[int, bool], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """An image decoded and scaled to cover its bucket, its mask scaled alike (or None), and
+    the image's original (height, width)."""
+
+    image: Image.Image
+    mask: Image.Image | None
+    original_size: tuple[int, int]
+
+
+def mask_tensor(mask: Image.Image) -> torch.Tensor:
+    """An 8-bit mask as a float tensor (1, H, W) in [0, 1]."""
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None].contiguous()
 
 
 class ImageCaptionDataset(Dataset):
@@ -56,10 +77,15 @@ class ImageCaptionDataset(Dataset):
         self.options = options
         self.captions = options.captions or CaptionOptions(trigger_word=options.trigger_word)
         self.buckets = [self._assign_bucket(record) for record in records]
+        self.mask_paths = (
+            find_masks(records, options.data_dir, options.mask_dir)
+            if options.masks == "folder"
+            else None
+        )
         self.cache: TensorCache | None = None
-        # index -> (the image scaled to cover its bucket, its original (height, width)):
-        # filled as images are first drawn once `keep_images_in_memory` turned it on
-        self.memory: dict[int, tuple[Image.Image, tuple[int, int]]] | None = None
+        # index -> the image and its mask scaled to cover its bucket, and the image's original
+        # (height, width): filled as images are first drawn once `keep_images_in_memory` is on
+        self.memory: dict[int, Scaled] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -77,25 +103,40 @@ class ImageCaptionDataset(Dataset):
         return self.buckets[index]
 
     def pixels(self, index: int, offset: tuple[float, float]) -> dict[str, Any]:
-        """The image cropped to its bucket, unflipped, with its SDXL size conditioning."""
-        scaled, original_size = self.scaled_image(index)
-        image, crop_top_left = crop(scaled, self.bucket(index), offset)
-        return {
+        """The image cropped to its bucket, unflipped, with its SDXL size conditioning, and
+        its loss mask cropped alike (in [0, 1]) when the dataset has masks."""
+        scaled = self.scaled_image(index)
+        image, crop_top_left = crop(scaled.image, self.bucket(index), offset)
+        item = {
             "pixel_values": to_tensor(image),
-            "original_size": original_size,
+            "original_size": scaled.original_size,
             "crop_top_left": crop_top_left,
         }
+        if scaled.mask is not None:
+            mask, _ = crop(scaled.mask, self.bucket(index), offset)
+            item["mask"] = mask_tensor(mask)
+        return item
 
-    def scaled_image(self, index: int) -> tuple[Image.Image, tuple[int, int]]:
-        """The image decoded and scaled to cover its bucket, and its original (height, width);
-        from memory when it is kept there."""
+    def scaled_image(self, index: int) -> Scaled:
+        """The image (and its mask) decoded and scaled to cover its bucket; from memory when it
+        is kept there."""
         if self.memory is not None and index in self.memory:
             return self.memory[index]
-        image = load_rgb(self.records[index].path, self.options.alpha_background)
-        kept = (scale_to_cover(image, self.bucket(index)), (image.height, image.width))
+        image, alpha = load_rgb_alpha(self.records[index].path, self.options.alpha_background)
+        bucket = self.bucket(index)
+        mask = None
+        if self.options.masks == "alpha":
+            mask = alpha or Image.new("L", image.size, 255)
+        elif self.mask_paths is not None:
+            mask = load_mask(self.mask_paths[index], image.size)
+        scaled = Scaled(
+            scale_to_cover(image, bucket),
+            scale_to_cover(mask, bucket, Image.Resampling.BILINEAR) if mask else None,
+            (image.height, image.width),
+        )
         if self.memory is not None:
-            self.memory[index] = kept
-        return kept
+            self.memory[index] = scaled
+        return scaled
 
     def scaled_bytes(self) -> int:
         """What every image takes in memory, decoded and scaled to cover its bucket."""
@@ -103,7 +144,7 @@ class ImageCaptionDataset(Dataset):
         for index, record in enumerate(self.records):
             bucket = self.bucket(index)
             width, height = covering_size(record.size, bucket) if all(record.size) else bucket
-            total += width * height * 3
+            total += width * height * (3 if self.options.masks == "none" else 4)
         return total
 
     def keep_images_in_memory(self) -> None:
@@ -124,7 +165,9 @@ class ImageCaptionDataset(Dataset):
         else:
             item = self.pixels(index, offset)
             if flipped:
-                item["pixel_values"] = item["pixel_values"].flip(-1)
+                for key in ("pixel_values", "mask"):
+                    if key in item:
+                        item[key] = item[key].flip(-1)
         width, height = self.bucket(index)
         item["target_size"] = (height, width)
         item["caption"] = process_caption(self.records[index].caption, self.captions, rng)
@@ -138,7 +181,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "crop_top_lefts": [item["crop_top_left"] for item in items],
         "target_sizes": [item["target_size"] for item in items],
     }
-    for key in ("pixel_values", "latent_mean", "latent_std"):
+    for key in ("pixel_values", "latent_mean", "latent_std", "mask"):
         if key in items[0]:
             batch[key] = torch.stack([item[key] for item in items])
     if "latent_layout" in items[0]:

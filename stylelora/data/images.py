@@ -14,7 +14,7 @@ from stylelora.data.problems import DAMAGED, EMPTY, NOT_AN_IMAGE, TOO_LARGE, Pro
 # Above this many pixels an image is refused as a likely decompression bomb (PIL's own limit).
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
-_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
 def inspect_image(path: Path) -> tuple[Size, Problem | None]:
@@ -44,15 +44,22 @@ def inspect_image(path: Path) -> tuple[Size, Problem | None]:
 
 def load_rgb(path: Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """The image upright (EXIF orientation applied) in 8-bit RGB, transparency composited."""
+    return load_rgb_alpha(path, background)[0]
+
+
+def load_rgb_alpha(
+    path: Path, background: tuple[int, int, int] = (255, 255, 255)
+) -> tuple[Image.Image, Image.Image | None]:
+    """`load_rgb`'s image, and its alpha channel upright (None when it has no transparency)."""
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
-        if image.mode in _SIXTEEN_BIT or image.mode == "F":
+        if image.mode in SIXTEEN_BIT or image.mode == "F":
             image = to_8bit(image)
         if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
             rgba = image.convert("RGBA")
             canvas = Image.new("RGBA", rgba.size, tuple(background) + (255,))
-            return Image.alpha_composite(canvas, rgba).convert("RGB")
-        return image.convert("RGB")
+            return Image.alpha_composite(canvas, rgba).convert("RGB"), rgba.getchannel("A")
+        return image.convert("RGB"), None
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
@@ -77,13 +84,11 @@ def resize_and_crop(
     return crop(scale_to_cover(image, size), size, offset)
 
 
-def scale_to_cover(image: Image.Image, size: Size) -> Image.Image:
-    """The image scaled (Lanczos) to the smallest size that covers `size` (width, height)."""
-    width, height = size
-    scale = cover_scale(image.size, size)
-    scaled_w = max(width, round(image.width * scale))
-    scaled_h = max(height, round(image.height * scale))
-    return image.resize((scaled_w, scaled_h), Image.Resampling.LANCZOS)
+def scale_to_cover(
+    image: Image.Image, size: Size, resample: Image.Resampling = Image.Resampling.LANCZOS
+) -> Image.Image:
+    """The image scaled to the smallest size that covers `size` (width, height)."""
+    return image.resize(covering_size(image.size, size), resample)
 
 
 def covering_size(image_size: Size, size: Size) -> Size:

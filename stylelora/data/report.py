@@ -53,6 +53,9 @@ def data_options(data: DataConfig, seed: int) -> DataOptions:
         bucket_no_upscale=data.bucket_no_upscale,
         bucket_step=data.bucket_step,
         alpha_background=data.alpha_background,
+        masks="folder" if data.mask_dir else "alpha" if data.alpha_mask else "none",
+        data_dir=data.dir,
+        mask_dir=data.mask_dir,
     )
 
 

@@ -129,6 +129,7 @@ def training_metadata(
         "ss_loss_type": train.loss_type,
         "ss_huber_c": format_number(train.huber_c),
         "ss_cache_latents": str(latents_cached),
+        "ss_masked_loss": str(train.masked_loss),
         "ss_shuffle_caption": str(cfg.data.shuffle_caption),
         "ss_keep_tokens": str(cfg.data.keep_tokens),
         "ss_caption_dropout_rate": format_number(cfg.data.caption_dropout_rate),

@@ -28,6 +28,7 @@ from stylelora.data.dataset import ImageCaptionDataset
 from stylelora.errors import UserError
 from stylelora.export.atomic import save_tensors
 from stylelora.families.base import ModelFamily
+from stylelora.train.loss import mask_on_latents
 
 Entry = tuple[int, bool]  # (index into the dataset, flipped)
 
@@ -109,8 +110,16 @@ def entry_name(dataset: ImageCaptionDataset, index: int, flipped: bool, vae_id: 
         "background": dataset.options.alpha_background,
         "vae": vae_id,
         "layout": "recorded",  # entries of earlier versions lack the latents' layout
+        "mask": mask_identity(dataset, index),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest() + ".safetensors"
+
+
+def mask_identity(dataset: ImageCaptionDataset, index: int) -> str | None:
+    """What an entry's mask comes from: the mask file's bytes, or the image's transparency."""
+    if dataset.mask_paths is not None:
+        return file_digest(dataset.mask_paths[index])
+    return "alpha" if dataset.options.masks == "alpha" else None
 
 
 def cache_latents(
@@ -180,6 +189,9 @@ def encode_and_save(
             "original_size": torch.tensor(item["original_size"]),
             "crop_top_left": torch.tensor(item["crop_top_left"]),
         }
+        if "mask" in item:  # kept at the latents' size, as the loss weighs them
+            mask = item["mask"].flip(-1) if entry[1] else item["mask"]
+            tensors["mask"] = mask_on_latents(mask[None], means.shape[-2:])[0].contiguous()
         save_tensors(tensors, files[entry], metadata)
 
 
@@ -236,13 +248,16 @@ def read_entry(path: Path) -> dict:
             f"{path}: latents cache entry unreadable ({exc}); delete the cache folder "
             "and run again to rebuild it"
         ) from None
-    return {
+    entry = {
         "latent_mean": tensors["latent_mean"],
         "latent_std": tensors["latent_std"],
         "latent_layout": layout,
         "original_size": tuple(tensors["original_size"].tolist()),
         "crop_top_left": tuple(tensors["crop_top_left"].tolist()),
     }
+    if "mask" in tensors:
+        entry["mask"] = tensors["mask"]
+    return entry
 
 
 class TextCache:

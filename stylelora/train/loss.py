@@ -90,7 +90,10 @@ def training_loss(
     """The loss the optimizer minimises: MSE or Huber per image, weighted as the objective
     says (min-SNR, if set)."""
     prediction, target = predict(family, denoiser, objective, noised, batch)
-    per_image = elementwise_loss(prediction, target, options).mean(dim=(1, 2, 3))
+    per_pixel = elementwise_loss(prediction, target, options)
+    if options.masked_loss:
+        per_pixel = per_pixel * mask_weights(batch["mask"], per_pixel, options.unmasked_weight)
+    per_image = per_pixel.mean(dim=(1, 2, 3))
     weights = objective.loss_weights(noised.timesteps, options)
     if weights is not None:
         per_image = per_image * weights.to(per_image)
@@ -111,6 +114,22 @@ def predict(
     with phase("denoiser forward"):
         prediction = family.denoise(denoiser, noisy, noised.timesteps, text, batch)
     return prediction.float(), objective.target(noised).float()
+
+
+def mask_on_latents(mask: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """Masks (N, 1, H, W) in pixels brought onto the latents' (h, w): each latent pixel takes
+    the mean of the image pixels it stands for (as kohya does); a no-op at that size already."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return F.interpolate(mask, size=tuple(size), mode="area")
+
+
+def mask_weights(mask: torch.Tensor, loss: torch.Tensor, unmasked_weight: float) -> torch.Tensor:
+    """Each latent pixel's loss weight: 1 where the mask is white, `unmasked_weight` where it is
+    black, in between where it is grey. Not renormalised, as in kohya: a mostly black mask
+    trains with a smaller loss."""
+    mask = mask_on_latents(mask.to(loss), loss.shape[-2:])
+    return unmasked_weight + (1.0 - unmasked_weight) * mask
 
 
 def elementwise_loss(
