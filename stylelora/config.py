@@ -34,6 +34,7 @@ PRESETS_DIR = _presets_dir()
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 ColorByte = Annotated[int, Field(ge=0, le=255)]
@@ -154,6 +155,12 @@ class AdapterConfig(Section):
     double_block_indices: list[NonNegInt] | None = None
     single_block_indices: list[NonNegInt] | None = None
 
+    # kohya's block-wise ranks for UNets, one value per block (adapters/blocks.py; 0: none)
+    block_dims: list[NonNegInt] | None = None
+    block_alphas: list[PositiveFloat] | None = None
+    conv_block_dims: list[NonNegInt] | None = None
+    conv_block_alphas: list[PositiveFloat] | None = None
+
 
 class TrainConfig(Section):
     max_steps: PositiveInt = 1000
@@ -194,6 +201,12 @@ class TrainConfig(Section):
     # black, by `unmasked_weight` (OneTrainer's "unmasked weight"; kohya: 0)
     masked_loss: bool = False
     unmasked_weight: Probability = 0.0
+    # kohya's block-wise learning rates for UNets (adapters/blocks.py): weights per block, or a
+    # named curve such as "sine+0.5"; a block at or below the threshold is not trained
+    down_lr_weight: list[NonNegFloat] | str | None = None
+    mid_lr_weight: list[NonNegFloat] | NonNegFloat | None = None
+    up_lr_weight: list[NonNegFloat] | str | None = None
+    block_lr_zero_threshold: NonNegFloat = 0.0
     # Flow-matching models (Flux): how sigmas are drawn (kohya's --timestep_sampling; "auto" is
     # "shift" for them, uniform timesteps for the DDPM models, which take no other), the
     # logit-normal's mean and spread (kohya's sigmoid_scale), the constant shift, and the loss

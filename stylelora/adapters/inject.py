@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
+from stylelora.adapters.blocks import BlockPlan
 from stylelora.adapters.dora import use_column_dora
 from stylelora.adapters.dropout import add_module_dropout
 from stylelora.adapters.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS, Targets
@@ -25,15 +26,22 @@ PEFT_INIT = {"kaiming": True, "gaussian": "gaussian"}  # True: kohya's Kaiming-u
 
 
 def lora_config(
-    rank: int, alpha: float, targets: Targets, cfg: AdapterConfig, conv: tuple[int, float]
+    rank: int,
+    alpha: float,
+    targets: Targets,
+    cfg: AdapterConfig,
+    conv: tuple[int, float],
+    ranks: dict[str, tuple[int, float]] | None = None,
 ) -> LoraConfig:
-    """PEFT's config; the 3x3 convolutions of `targets.conv` get rank and alpha `conv`."""
+    """PEFT's config; the 3x3 convolutions of `targets.conv` get rank and alpha `conv`, and the
+    modules in `ranks` (full paths) their own (block-wise dims)."""
+    patterns = {path: conv for path in targets.conv} | (ranks or {})
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,
         target_modules=targets.main + targets.conv,
-        rank_pattern={path: conv[0] for path in targets.conv},
-        alpha_pattern={path: conv[1] for path in targets.conv},
+        rank_pattern={path: value[0] for path, value in patterns.items()},
+        alpha_pattern={path: value[1] for path, value in patterns.items()},
         init_lora_weights=PEFT_INIT[cfg.init],
         lora_dropout=cfg.dropout,
         use_dora=cfg.use_dora,
@@ -48,8 +56,11 @@ def add_adapter(module: torch.nn.Module, config: LoraConfig, cfg: AdapterConfig)
     add_module_dropout(module, cfg.module_dropout)
 
 
-def inject_adapters(family: ModelFamily, cfg: AdapterConfig) -> dict[str, torch.nn.Module]:
-    """Add adapters in place; return the adapted modules keyed by kohya prefix.
+def inject_adapters(
+    family: ModelFamily, cfg: AdapterConfig, blocks: BlockPlan | None = None
+) -> dict[str, torch.nn.Module]:
+    """Add adapters in place; return the adapted modules keyed by kohya prefix. `blocks`: the
+    UNet's modules and ranks as block-wise options chose them (adapters/blocks.py).
 
     Every base weight is frozen; adapter weights are kept in fp32 whatever the base dtype, so
     mixed-precision training updates them at full precision.
@@ -61,8 +72,9 @@ def inject_adapters(family: ModelFamily, cfg: AdapterConfig) -> dict[str, torch.
 
     adapted = {"lora_unet": family.unet}
     conv = (cfg.conv_rank or cfg.rank, cfg.conv_alpha or cfg.alpha)
-    targets = family.denoiser_targets(cfg)
-    add_adapter(family.unet, lora_config(cfg.rank, cfg.alpha, targets, cfg, conv), cfg)
+    targets = blocks.targets() if blocks else family.denoiser_targets(cfg)
+    ranks = blocks.ranks if blocks else None
+    add_adapter(family.unet, lora_config(cfg.rank, cfg.alpha, targets, cfg, conv, ranks), cfg)
     if cfg.text_encoder:
         rank = cfg.text_encoder_rank or cfg.rank
         alpha = cfg.text_encoder_alpha or cfg.alpha

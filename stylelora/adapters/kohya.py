@@ -14,6 +14,8 @@ computes exactly each part's delta.
 DoRA modules also get `<name>.dora_scale` (see adapters/dora.py). AUTOMATIC1111 applies
 alpha/rank after normalising `W + up @ down`, ComfyUI before, so a DoRA module is written with
 alpha/rank folded into `lora_up` and alpha = rank: both UIs then compute the weight trained here.
+A Linear with a block-wise alpha of its own is written with the adapter's alpha, the ratio
+folded into `lora_up` (see `block_alpha`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,18 @@ def module_alpha(module: torch.nn.Module, module_path: str) -> float:
         if module_path == pattern or module_path.endswith("." + pattern):
             return float(alpha)
     return float(config.lora_alpha)
+
+
+def block_alpha(module: torch.nn.Module, alpha: float, down: torch.Tensor) -> float | None:
+    """For a Linear or 1x1 module with an alpha of its own (block-wise alphas), the alpha to
+    write instead: the adapter's, with the ratio folded into `lora_up` by the caller. diffusers'
+    kohya loader drops per-module alphas of attention modules (it names them by an attention
+    processor that no longer exists) and applies the most common one, so every such module
+    carries the same alpha and each reader computes the trained weight. LoCon's 3x3
+    convolutions keep their conv_alpha, which every reader takes. None: write it as it is."""
+    common = float(module.peft_config[ADAPTER_NAME].lora_alpha)
+    three_by_three = down.dim() == 4 and down.shape[-1] > 1
+    return common if alpha != common and not three_by_three else None
 
 
 def peft_to_kohya(
@@ -69,6 +83,9 @@ def peft_to_kohya(
         module_path = members[0]
         parts = grouped[module_path]
         alpha = module_alpha(module, module_path)
+        if common := block_alpha(module, alpha, parts["lora_down"]):
+            parts["lora_up"] = parts["lora_up"] * (alpha / common)
+            alpha = common
         if "dora_scale" in parts:
             rank = parts["lora_down"].shape[0]
             parts["lora_up"] = parts["lora_up"] * (alpha / rank)

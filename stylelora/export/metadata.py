@@ -73,6 +73,31 @@ def bucket_metadata(cfg: Config) -> dict[str, str]:
     }
 
 
+def block_args(cfg: Config) -> dict[str, str]:
+    """The block-wise options that are set, as kohya writes them in ss_network_args."""
+    options = {
+        "block_dims": cfg.adapter.block_dims,
+        "block_alphas": cfg.adapter.block_alphas,
+        "conv_block_dims": cfg.adapter.conv_block_dims,
+        "conv_block_alphas": cfg.adapter.conv_block_alphas,
+        "down_lr_weight": cfg.train.down_lr_weight,
+        "mid_lr_weight": cfg.train.mid_lr_weight,
+        "up_lr_weight": cfg.train.up_lr_weight,
+    }
+    args = {
+        key: value
+        if isinstance(value, str)
+        else ",".join(f"{v:g}" for v in value)
+        if isinstance(value, list)
+        else f"{value:g}"
+        for key, value in options.items()
+        if value is not None
+    }
+    if args and cfg.train.block_lr_zero_threshold:
+        args["block_lr_zero_threshold"] = f"{cfg.train.block_lr_zero_threshold:g}"
+    return args
+
+
 def training_metadata(
     cfg: Config,
     scan: ScanResult,
@@ -91,6 +116,7 @@ def training_metadata(
         network_args["text_encoder_alpha"] = adapter.text_encoder_alpha or adapter.alpha
         network_args["text_encoder_targets"] = adapter.text_encoder_targets
     network_args.update(variant_args(adapter))
+    network_args.update(block_args(cfg))
     # DoRA files carry alpha = rank (the scale is folded into lora_up; see adapters/kohya.py).
     alpha = adapter.rank if adapter.use_dora else adapter.alpha
     resolution = cfg.data.resolution

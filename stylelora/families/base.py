@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -21,6 +22,10 @@ from stylelora.adapters.targets import TEXT_ENCODER_TARGETS, Targets, unet_targe
 from stylelora.config import AdapterConfig
 from stylelora.errors import UserError, first_line
 from stylelora.families.objective import DDPMObjective, Objective
+
+KOHYA_UNET_BLOCK = re.compile(
+    r"(up|down)_blocks_(\d+)_(resnets|attentions|upsamplers|downsamplers)_(\d+)_"
+)
 
 # One CPU generator for a whole batch, or one per sample.
 Generators = torch.Generator | list[torch.Generator]
@@ -358,6 +363,23 @@ class ModelFamily:
         """kohya's module for `module_path`, and the paths of every module fused into it in
         output order: just `module_path`, unless the family's kohya layout fuses (Flux)."""
         return self.kohya_name(prefix, module_path), (module_path,)
+
+    def kohya_blocks(self) -> tuple[int, int, int, bool]:
+        """kohya's block-wise layout of the UNet (adapters/blocks.py): blocks on the down path,
+        in the middle, on the up path, and whether a block at each end adds to them. SD1.x and
+        SD2: 12, 1, 12 (block 0 holds no module)."""
+        return 12, 1, 12, False
+
+    def kohya_block_index(self, kohya_name: str) -> int:
+        """kohya's block of a UNet module by its kohya name (-1: none, trained at the full rate):
+        `3 * i + j` for the j-th resnet or attention of `down_blocks_i` (plus 1) or `up_blocks_i`
+        (plus 13), `3 * i + 2` for its sampler, 12 for the middle block."""
+        found = KOHYA_UNET_BLOCK.search(kohya_name)
+        if found:
+            side, i, kind, j = found.groups()
+            index = 3 * int(i) + (2 if kind.endswith("samplers") else int(j))
+            return index + (1 if side == "down" else 13)
+        return 12 if "mid_block_" in kohya_name else -1
 
     def metadata(self) -> dict[str, str]:
         """Family-specific `ss_*` keys of an exported adapter."""

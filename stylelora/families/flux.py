@@ -274,6 +274,13 @@ class Flux(ModelFamily):
             return super().kohya_part(prefix, module_path)
         return self.kohya_name(prefix, module_path), fused_members(module_path)
 
+    def kohya_blocks(self) -> tuple[int, int, int, bool]:
+        raise UserError(
+            "block-wise rates and dims (down_lr_weight, block_dims, ...) are for UNets; a Flux "
+            "transformer chooses its blocks with adapter.train_blocks, double_block_indices "
+            "and single_block_indices"
+        )
+
     def metadata(self) -> dict[str, str]:
         """kohya's Flux network module, as its Flux LoRAs say (ComfyUI reads the names)."""
         return {

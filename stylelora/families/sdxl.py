@@ -128,3 +128,18 @@ class SDXL(ModelFamily):
         if prefix == "lora_unet":
             module_path = original_unet_path(module_path, self.unet.config)
         return super().kohya_name(prefix, module_path)
+
+    def kohya_blocks(self) -> tuple[int, int, int, bool]:
+        """kohya's SDXL layout: 9 input, 3 middle, 9 output blocks, and one at each end."""
+        return 9, 3, 9, True
+
+    def kohya_block_index(self, kohya_name: str) -> int:
+        """By the original UNet's names: time embedding 0, input_blocks_N 1 + N, middle_block_N
+        10 + N, output_blocks_N 13 + N, out 22."""
+        name = kohya_name.removeprefix("lora_unet_")
+        for start, first in (("input_blocks_", 1), ("middle_block_", 10), ("output_blocks_", 13)):
+            if name.startswith(start):
+                return first + int(name[len(start) :].split("_")[0])
+        if name.startswith(("time_embed_", "label_emb_")):
+            return 0
+        return 22 if name.startswith("out_") else -1

@@ -78,25 +78,36 @@ def default_args(cfg: TrainConfig) -> dict[str, Any]:
     return {"weight_decay": cfg.weight_decay}  # lion8bit: Lion's own betas (0.9, 0.99)
 
 
-def parameter_groups(adapted: dict[str, torch.nn.Module], cfg: TrainConfig) -> list[dict]:
+def parameter_groups(
+    adapted: dict[str, torch.nn.Module],
+    cfg: TrainConfig,
+    lr_weights: dict[str, float] | None = None,
+) -> list[dict]:
     """One group per adapted component; text encoders may have their own learning rate.
 
     With LoRA+ (`loraplus_lr_ratio`), each component's up matrices (PEFT's `lora_B`) form a
-    group of their own at the ratio times its learning rate.
+    group of their own at the ratio times its learning rate. `lr_weights` (UNet module path ->
+    weight, block-wise rates) splits the UNet's groups by weight.
     """
     groups = []
     for prefix, module in adapted.items():
         lr = (
             cfg.learning_rate if prefix == "lora_unet" else cfg.text_encoder_lr or cfg.learning_rate
         )
-        if not cfg.loraplus_lr_ratio:
+        if not cfg.loraplus_lr_ratio and not (lr_weights and prefix == "lora_unet"):
             groups.append({"params": adapter_parameters(module), "lr": lr, "name": prefix})
             continue
-        trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        down = [p for n, p in trainable if "lora_B" not in n]
-        up = [p for n, p in trainable if "lora_B" in n]
-        groups.append({"params": down, "lr": lr, "name": prefix})
-        groups.append({"params": up, "lr": lr * cfg.loraplus_lr_ratio, "name": f"{prefix}_up"})
+        split: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            weight = (lr_weights or {}).get(name.split(".lora_")[0], 1.0)
+            up = bool(cfg.loraplus_lr_ratio) and "lora_B" in name
+            split.setdefault((weight, up), []).append(param)
+        for (weight, up), params in sorted(split.items(), key=lambda item: item[0][1]):
+            scale = weight * (cfg.loraplus_lr_ratio if up else 1.0)
+            name = prefix + ("_up" if up else "") + (f"_x{weight:g}" if weight != 1.0 else "")
+            groups.append({"params": params, "lr": lr * scale, "name": name})
     return groups
 
 

@@ -22,6 +22,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, ProjectConfiguration, send_to_device, set_seed
 from torch.utils.data import DataLoader
 
+from stylelora.adapters.blocks import plan_blocks, uses_blocks
 from stylelora.adapters.inject import adapter_parameters, inject_adapters, rank_above_width
 from stylelora.config import Config
 from stylelora.data.captions import with_trigger
@@ -133,12 +134,18 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
     check_block_swapping(cfg.train, len(family.swappable_blocks()))
     prepare_model(family, cfg, accelerator)
     set_seed(cfg.seed)  # PEFT draws the adapters' initial weights from torch's global RNG
-    adapted = inject_adapters(family, cfg.adapter)
+    blocks = (
+        plan_blocks(family, family.denoiser_targets(cfg.adapter), cfg.adapter, cfg.train)
+        if uses_blocks(cfg.adapter, cfg.train)
+        else None
+    )
+    adapted = inject_adapters(family, cfg.adapter, blocks)
     if note := rank_above_width(adapted):
         accelerator.print(note)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(adapted)
-    optimizer = build_optimizer(parameter_groups(adapted, cfg.train), cfg.train)
+    groups = parameter_groups(adapted, cfg.train, blocks.lr_weights if blocks else None)
+    optimizer = build_optimizer(groups, cfg.train)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.train)
     encoders = [family.vae, *family.prompt_encoders()] if held_out else []
     with visiting(encoders, accelerator.device):  # held-out images and captions, encoded once
