@@ -94,14 +94,15 @@ def parameter_groups(
         lr = (
             cfg.learning_rate if prefix == "lora_unet" else cfg.text_encoder_lr or cfg.learning_rate
         )
-        if not cfg.loraplus_lr_ratio and not (lr_weights and prefix == "lora_unet"):
+        weights = (lr_weights or {}) if prefix == "lora_unet" else {}
+        if not cfg.loraplus_lr_ratio and not weights:
             groups.append({"params": adapter_parameters(module), "lr": lr, "name": prefix})
             continue
         split: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
         for name, param in module.named_parameters():
             if not param.requires_grad:
                 continue
-            weight = (lr_weights or {}).get(name.split(".lora_")[0], 1.0)
+            weight = weights.get(name.split(".lora_")[0], 1.0)
             up = bool(cfg.loraplus_lr_ratio) and "lora_B" in name
             split.setdefault((weight, up), []).append(param)
         for (weight, up), params in sorted(split.items(), key=lambda item: item[0][1]):
