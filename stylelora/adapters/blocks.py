@@ -115,7 +115,8 @@ def plan_blocks(
     family: ModelFamily, targets: Targets, adapter: AdapterConfig, train: TrainConfig
 ) -> BlockPlan:
     """The block options applied to the UNet's `targets`."""
-    total = sum(family.kohya_blocks()[:3]) + (2 if family.kohya_blocks()[3] else 0)
+    down, mid, up, ends = family.kohya_blocks()
+    total = down + mid + up + (2 if ends else 0)
     dims = per_block(adapter.block_dims, "block_dims", total, family)
     alphas = per_block(adapter.block_alphas, "block_alphas", total, family)
     conv_dims = per_block(adapter.conv_block_dims, "conv_block_dims", total, family)
@@ -140,7 +141,15 @@ def plan_blocks(
     return plan
 
 
-def module_rank(block, conv, adapter, dims, alphas, conv_dims, conv_alphas) -> tuple[int, float]:
+def module_rank(
+    block: int,
+    conv: bool,
+    adapter: AdapterConfig,
+    dims: list[int] | None,
+    alphas: list[float] | None,
+    conv_dims: list[int] | None,
+    conv_alphas: list[float] | None,
+) -> tuple[int, float]:
     """(rank, alpha) of a module in `block`: its block's value where given, else the config's."""
     if conv:
         rank, alpha = adapter.conv_rank or adapter.rank, adapter.conv_alpha or adapter.alpha

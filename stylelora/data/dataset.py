@@ -102,9 +102,11 @@ class ImageCaptionDataset(Dataset):
         """The (width, height) this image trains at."""
         return self.buckets[index]
 
-    def pixels(self, index: int, offset: tuple[float, float]) -> dict[str, Any]:
-        """The image cropped to its bucket, unflipped, with its SDXL size conditioning, and
-        its loss mask cropped alike (in [0, 1]) when the dataset has masks."""
+    def pixels(
+        self, index: int, offset: tuple[float, float], flipped: bool = False
+    ) -> dict[str, Any]:
+        """The image cropped to its bucket (mirrored if `flipped`), with its SDXL size
+        conditioning, and its loss mask cropped alike (in [0, 1]) when the dataset has masks."""
         scaled = self.scaled_image(index)
         image, crop_top_left = crop(scaled.image, self.bucket(index), offset)
         item = {
@@ -115,6 +117,10 @@ class ImageCaptionDataset(Dataset):
         if scaled.mask is not None:
             mask, _ = crop(scaled.mask, self.bucket(index), offset)
             item["mask"] = mask_tensor(mask)
+        if flipped:
+            for key in ("pixel_values", "mask"):
+                if key in item:
+                    item[key] = item[key].flip(-1)
         return item
 
     def scaled_image(self, index: int) -> Scaled:
@@ -126,12 +132,12 @@ class ImageCaptionDataset(Dataset):
         bucket = self.bucket(index)
         mask = None
         if self.options.masks == "alpha":
-            mask = alpha or Image.new("L", image.size, 255)
+            mask = alpha if alpha is not None else Image.new("L", image.size, 255)
         elif self.mask_paths is not None:
             mask = load_mask(self.mask_paths[index], image.size)
         scaled = Scaled(
             scale_to_cover(image, bucket),
-            scale_to_cover(mask, bucket, Image.Resampling.BILINEAR) if mask else None,
+            None if mask is None else scale_to_cover(mask, bucket, Image.Resampling.BILINEAR),
             (image.height, image.width),
         )
         if self.memory is not None:
@@ -163,11 +169,7 @@ class ImageCaptionDataset(Dataset):
         if self.cache is not None:
             item = dict(self.cache[(index, flipped)])
         else:
-            item = self.pixels(index, offset)
-            if flipped:
-                for key in ("pixel_values", "mask"):
-                    if key in item:
-                        item[key] = item[key].flip(-1)
+            item = self.pixels(index, offset, flipped)
         width, height = self.bucket(index)
         item["target_size"] = (height, width)
         item["caption"] = process_caption(self.records[index].caption, self.captions, rng)

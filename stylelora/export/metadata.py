@@ -73,6 +73,13 @@ def bucket_metadata(cfg: Config) -> dict[str, str]:
     }
 
 
+def block_value(value: str | float | list[float]) -> str:
+    """A curve's name as it is, numbers as kohya's comma-separated text."""
+    if isinstance(value, str):
+        return value
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
+
+
 def block_args(cfg: Config) -> dict[str, str]:
     """The block-wise options that are set, as kohya writes them in ss_network_args."""
     options = {
@@ -84,15 +91,7 @@ def block_args(cfg: Config) -> dict[str, str]:
         "mid_lr_weight": cfg.train.mid_lr_weight,
         "up_lr_weight": cfg.train.up_lr_weight,
     }
-    args = {
-        key: value
-        if isinstance(value, str)
-        else ",".join(f"{v:g}" for v in value)
-        if isinstance(value, list)
-        else f"{value:g}"
-        for key, value in options.items()
-        if value is not None
-    }
+    args = {key: block_value(value) for key, value in options.items() if value is not None}
     if args and cfg.train.block_lr_zero_threshold:
         args["block_lr_zero_threshold"] = f"{cfg.train.block_lr_zero_threshold:g}"
     return args

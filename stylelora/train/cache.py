@@ -173,13 +173,8 @@ def encode_and_save(
     batch: list[Entry],
     files: dict[Entry, Path],
 ) -> None:
-    items = [dataset.pixels(index, (0.5, 0.5)) for index, _ in batch]
-    pixels = torch.stack(
-        [
-            item["pixel_values"].flip(-1) if flipped else item["pixel_values"]
-            for item, (_, flipped) in zip(items, batch, strict=True)
-        ]
-    ).to(family.vae.device)
+    items = [dataset.pixels(index, (0.5, 0.5), flipped) for index, flipped in batch]
+    pixels = torch.stack([item["pixel_values"] for item in items]).to(family.vae.device)
     means, stds = family.encode_posterior(pixels)
     metadata = {"latent_layout": sampled_layout(means, stds)}
     for row, (entry, item) in enumerate(zip(batch, items, strict=True)):
@@ -190,8 +185,7 @@ def encode_and_save(
             "crop_top_left": torch.tensor(item["crop_top_left"]),
         }
         if "mask" in item:  # kept at the latents' size, as the loss weighs them
-            mask = item["mask"].flip(-1) if entry[1] else item["mask"]
-            tensors["mask"] = mask_on_latents(mask[None], means.shape[-2:])[0].contiguous()
+            tensors["mask"] = mask_on_latents(item["mask"][None], means.shape[-2:])[0].contiguous()
         save_tensors(tensors, files[entry], metadata)
 
 

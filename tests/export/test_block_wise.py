@@ -7,7 +7,7 @@ import torch
 from lora_helpers import fresh_pipe, max_diff, randomise, rendered
 from safetensors import safe_open
 
-from stylelora.adapters.blocks import plan_blocks, preset_weights
+from stylelora.adapters.blocks import full_paths, plan_blocks, preset_weights
 from stylelora.adapters.inject import inject_adapters
 from stylelora.adapters.targets import unet_targets
 from stylelora.config import AdapterConfig, TrainConfig
@@ -53,11 +53,17 @@ def test_kohyas_named_curves():
 def test_block_rates_scale_each_modules_learning_rate_and_zero_leaves_it_out():
     family = load_family(str(tiny_model_path("sd15")))
     adapter = AdapterConfig(rank=4, unet_targets="attn-mlp")
-    train = TrainConfig(learning_rate=1e-3, down_lr_weight=[0.0, 0.5], mid_lr_weight=2.0,
-                        up_lr_weight="zeros+0.25", block_lr_zero_threshold=0.1)  # fmt: skip
+    # the tiny UNet's attention blocks are 1, 12, 16 and 17; 16 falls under the threshold
+    train = TrainConfig(
+        learning_rate=1e-3,
+        down_lr_weight=[0.0, 0.5],
+        mid_lr_weight=2.0,
+        up_lr_weight=[0.25, 0.25, 0.25, 0.05],
+        block_lr_zero_threshold=0.1,
+    )
     plan = plan_blocks(family, family.denoiser_targets(adapter), adapter, train)
     adapted = inject_adapters(family, adapter, plan)
-    expected = {1: 0.5, 12: 2.0, **{b: 0.25 for b in range(13, 25)}}  # block 0 holds nothing
+    expected = {1: 0.5, 12: 2.0, 13: 0.25, 14: 0.25, 15: 0.25, **{b: 1.0 for b in range(17, 25)}}
     groups = parameter_groups(adapted, train, plan.lr_weights)
     lr_of = {id(p): group["lr"] for group in groups for p in group["params"]}
     seen = set()
@@ -66,9 +72,9 @@ def test_block_rates_scale_each_modules_learning_rate_and_zero_leaves_it_out():
             block = block_of(family, name.split(".lora_")[0])
             assert lr_of[id(param)] == pytest.approx(1e-3 * expected[block]), name
             seen.add(block)
-    assert 1 in seen and 12 in seen and not seen - set(expected)
+    assert seen == {1, 12, 17}  # block 16's weight is under the threshold: no adapter there
     everything = unet_targets(family.unet, "attn-mlp")
-    assert len(plan.main) < len(everything.main) or any(block_of(family, p) == 1 for p in plan.main)
+    assert any(block_of(family, p) == 16 for p in full_paths(family.unet, everything.main))
     with pytest.raises(UserError, match="train.down_lr_weight: 13 values, a sd15 UNet has 12"):
         plan_blocks(family, everything, adapter, TrainConfig(down_lr_weight=[1.0] * 13))
     with pytest.raises(UserError, match="adapter.block_dims: 23 values, a sd15 UNet has 25"):
