@@ -97,7 +97,29 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("folder", type=Path)
     tiny.set_defaults(run=run_make_tiny_model)
     add_tool_commands(commands)
+    add_ui_command(commands)
     return parser
+
+
+def add_ui_command(commands) -> None:
+    ui = commands.add_parser(
+        "ui", help="a local web UI: start runs, watch them, browse datasets and results"
+    )
+    ui.add_argument("--host", default="127.0.0.1", help="other than 127.0.0.1: needs a token")
+    ui.add_argument("--port", type=int, default=7870)
+    ui.add_argument(
+        "--root",
+        dest="roots",
+        action="append",
+        type=Path,
+        metavar="DIR",
+        help="a folder the UI may read and write (repeatable; default: the current folder)",
+    )
+    ui.add_argument(
+        "--data", type=Path, help="the UI's database folder (default: ROOT/.stylelora-ui)"
+    )
+    ui.add_argument("--token", help="the access token (default: made at start)")
+    ui.set_defaults(run=run_ui)
 
 
 def add_tool_commands(commands) -> None:
@@ -256,6 +278,12 @@ def run_dataset_check(args: argparse.Namespace) -> None:
         print("\n".join(lines))
     sys.stdout.flush()  # the list comes before the error line on a terminal sharing both
     require_usable(scan, data.dir, data.strict, "each file is listed above")
+
+
+def run_ui(args: argparse.Namespace) -> None:
+    from stylelora.ui.serve import serve
+
+    serve(args.host, args.port, args.roots or [Path.cwd()], args.data, args.token)
 
 
 def run_make_tiny_model(args: argparse.Namespace) -> None:

@@ -446,17 +446,23 @@ def _parse_value(text: str) -> Any:
 
 def describe_validation_error(exc: ValidationError) -> str:
     """The first problem as one line: dotted key, what is wrong, and the value given."""
-    error = exc.errors()[0]
-    key = ".".join(str(part) for part in error["loc"]) or "config"
-    if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key (check the spelling; see configs/demo.toml for every key)"
-    if error["type"] == "missing":
-        return f"{key}: required key is missing"
-    message = error["msg"].removeprefix("Value error, ")
-    given = error.get("input")
-    if isinstance(given, (str, int, float, bool)) and error["type"] != "value_error":
-        message += f" (got {given!r})"
+    key, message = validation_problem(exc.errors()[0])
     if key != "config":
         message = f"{key}: {message}"
     more = len(exc.errors()) - 1
     return message + (f" (and {more} more problems)" if more else "")
+
+
+def validation_problem(error: dict[str, Any]) -> tuple[str, str]:
+    """One of pydantic's errors as (dotted key, what is wrong and the value given); the key is
+    "config" for a problem of the whole file."""
+    key = ".".join(str(part) for part in error["loc"]) or "config"
+    if error["type"] == "extra_forbidden":
+        return key, "unknown key (check the spelling; see configs/demo.toml for every key)"
+    if error["type"] == "missing":
+        return key, "required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    given = error.get("input")
+    if isinstance(given, (str, int, float, bool)) and error["type"] != "value_error":
+        message += f" (got {given!r})"
+    return key, message

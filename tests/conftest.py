@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# the web UI's fixtures (a server, headless Chromium) for tests/ui
+pytest_plugins = ["ui_fixtures"]
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.toml"
 DEMO_DATA = ROOT / "datasets" / "demo-style"

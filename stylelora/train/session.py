@@ -33,6 +33,7 @@ from stylelora.train.ema import AdapterEMA
 from stylelora.train.guard import NonFiniteGuard, StopRequest, inject_fault, step_is_finite
 from stylelora.train.placement import visiting
 from stylelora.train.profile import host_read, phase, step_done
+from stylelora.train.progress import ProgressLog
 from stylelora.train.run import (
     TrainingRun,
     clip_gradients,
@@ -100,6 +101,7 @@ class Session:
         self.began, self.seconds_before = self.run.started, 0.0
         self.session_steps = 0
         self.progress: tqdm | None = None
+        self.events = ProgressLog(self.run.cfg.output_dir, enabled=self.main)
 
     @property
     def main(self) -> bool:
@@ -138,6 +140,7 @@ class Session:
             unit="step",
             disable=not self.run.accelerator.is_local_main_process,
         )
+        self.events.write("start", step=self.state.step, max_steps=self.run.cfg.train.max_steps)
         if self.run.validation and not self.state.validation:
             self.validate()
 
@@ -257,6 +260,14 @@ class Session:
         values = {"loss": state.losses[-1], "lr": state.lrs[-1], "skipped_steps": state.skipped}
         with self.side_task(f"the log of step {state.step}"):
             self.run.accelerator.log(values, step=state.step)
+            self.events.write(
+                "step",
+                step=state.step,
+                max_steps=self.run.cfg.train.max_steps,
+                loss=state.losses[-1],
+                lr=state.lrs[-1],
+                seconds=round(self.seconds_trained(), 3),
+            )
         if self.progress is not None:
             self.progress.update(1)
             postfix = {"loss": f"{state.losses[-1]:.4f}", "lr": f"{state.lrs[-1]:.2e}"}
@@ -270,6 +281,7 @@ class Session:
         )
         self.state.validation.append((self.state.step, loss))
         self.run.accelerator.log({"validation_loss": loss}, step=self.state.step)
+        self.events.write("validation", step=self.state.step, loss=loss)
         self.say(f"step {self.state.step}: validation loss {loss:.5f}")
 
     def preview(self) -> None:
@@ -284,6 +296,7 @@ class Session:
                     sheet = self.previewer.render()
                 with atomic_path(self.run.cfg.output_dir / relative) as tmp:
                     sheet.save(tmp, format="PNG")
+                self.events.write("preview", step=step, path=relative)
                 self.log_image(sheet)
             self.report("running")
         self.run.accelerator.wait_for_everyone()
@@ -368,6 +381,7 @@ class Session:
         if not self.main:
             return
         with self.side_task("writing report.html"):
+            self.events.write("status", step=self.state.step, status=status)
             self.write_report(status)
 
     def written_previews(self) -> list[tuple[int, str]]:
@@ -413,6 +427,7 @@ class Session:
         )
 
     def close(self) -> None:
+        self.events.close()
         if self.progress is not None:
             self.progress.close()
             self.progress = None

@@ -1,0 +1,89 @@
+"""A dataset folder as the UI shows it: each image with its caption and bucket, every problem
+`stylelora dataset check` finds with its file, thumbnails, and caption edits written atomically."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps
+from pydantic import ValidationError
+
+from stylelora.config import DataConfig, describe_validation_error
+from stylelora.data.dataset import ImageCaptionDataset
+from stylelora.data.report import collect_dataset, data_options, describe, problem_lines
+from stylelora.data.scan import IMAGE_EXTENSIONS
+from stylelora.errors import UserError
+from stylelora.export.atomic import atomic_path
+from stylelora.ui.roots import Roots
+
+THUMB_SIDE = 160
+
+
+def dataset_listing(folder: Path, roots: Roots, resolution: int = 512,
+                    caption_extension: str = ".txt") -> dict[str, Any]:  # fmt: skip
+    """Images with caption, bucket and concept; problems; the report's lines."""
+    try:
+        data = DataConfig(dir=folder, resolution=resolution, caption_extension=caption_extension)
+    except ValidationError as exc:
+        raise UserError(describe_validation_error(exc)) from None
+    scan = collect_dataset(data)
+    dataset = ImageCaptionDataset(scan.records, data_options(data, 0))
+    items = [
+        {
+            "path": roots.relative(record.path),
+            "caption": record.caption,
+            "caption_file": roots.relative(record.path.with_suffix(data.caption_extension)),
+            "has_caption_file": record.path.with_suffix(data.caption_extension).is_file(),
+            "size": list(record.size),
+            "bucket": list(dataset.bucket(index)),
+            "repeats": record.repeats,
+            "concept": record.concept,
+        }
+        for index, record in enumerate(scan.records)
+    ]
+    problems = [{"path": roots.relative(path), "problem": str(why)} for path, why in scan.problems]
+    lines = describe(scan, dataset, data) if scan.records else problem_lines(scan)
+    return {"folder": roots.relative(folder), "items": items, "problems": problems,
+            "report": lines}  # fmt: skip
+
+
+def subfolders(folder: Path, roots: Roots) -> list[dict[str, Any]]:
+    """The folders in `folder` (not hidden), each with how many images it holds."""
+    result = []
+    for child in sorted(folder.iterdir()):
+        if child.name.startswith(".") or not child.is_dir():
+            continue
+        try:
+            roots.resolve(child)  # a link out of the roots is not offered
+        except UserError:
+            continue
+        images = sum(1 for path in child.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS)
+        result.append({"path": roots.relative(child), "name": child.name, "images": images})
+    return result
+
+
+def write_caption(image: Path, text: str, caption_extension: str = ".txt") -> Path:
+    """The caption beside `image`, replaced in one rename (a crash leaves the old one)."""
+    if image.suffix.lower() not in IMAGE_EXTENSIONS or not image.is_file():
+        raise UserError(f"{image}: not an image file")
+    caption = image.with_suffix(caption_extension if caption_extension.startswith(".") else
+                                f".{caption_extension}")  # fmt: skip
+    with atomic_path(caption) as tmp:
+        tmp.write_text(text.strip() + "\n", encoding="utf-8")
+    return caption
+
+
+def thumbnail(image: Path, side: int = THUMB_SIDE) -> bytes:
+    if image.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise UserError(f"{image}: not an image file")
+    try:
+        with Image.open(image) as img:
+            img = ImageOps.exif_transpose(img)
+            img.thumbnail((side, side))
+            out = io.BytesIO()
+            img.convert("RGBA" if img.mode in ("RGBA", "LA", "P") else "RGB").save(out, "PNG")
+    except OSError as exc:
+        raise UserError(f"{image}: cannot read the image ({exc})") from None
+    return out.getvalue()

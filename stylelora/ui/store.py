@@ -1,0 +1,112 @@
+"""Runs and the queue, kept in SQLite in the UI's data folder so they survive a restart."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    config TEXT NOT NULL,          -- the TOML file `stylelora train` reads
+    output_dir TEXT NOT NULL,
+    status TEXT NOT NULL,          -- see STATUSES
+    resume INTEGER NOT NULL DEFAULT 0,
+    queued_at REAL,
+    started_at REAL,
+    ended_at REAL,
+    pid INTEGER,
+    slot INTEGER,
+    returncode INTEGER,
+    message TEXT NOT NULL DEFAULT ''
+)
+"""
+
+# queued -> running -> finished | failed | stopped (a checkpoint, then exit) | interrupted (the
+# process died without saying why, or the UI found it gone after a restart)
+STATUSES = ("queued", "running", "stopping", "finished", "failed", "stopped", "interrupted")
+ACTIVE = ("running", "stopping")
+
+
+@dataclass
+class Run:
+    id: int
+    name: str
+    config: str
+    output_dir: str
+    status: str
+    resume: bool
+    queued_at: float | None
+    started_at: float | None
+    ended_at: float | None
+    pid: int | None
+    slot: int | None
+    returncode: int | None
+    message: str
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.output_dir)
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self.connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(SCHEMA)
+
+    @contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=10)
+        db.row_factory = sqlite3.Row
+        try:
+            with db:  # commits, or rolls back on an exception
+                yield db
+        finally:
+            db.close()
+
+    def add(self, name: str, config: Path, output_dir: Path) -> Run:
+        with self.connect() as db:
+            cursor = db.execute(
+                "INSERT INTO runs (name, config, output_dir, status, queued_at) "
+                "VALUES (?, ?, ?, 'queued', ?)",
+                (name, str(config), str(output_dir), time.time()),
+            )
+            run_id = cursor.lastrowid
+        return self.get(run_id)
+
+    def get(self, run_id: int) -> Run | None:
+        with self.connect() as db:
+            row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return Run(**{**dict(row), "resume": bool(row["resume"])}) if row else None
+
+    def all(self) -> list[Run]:
+        with self.connect() as db:
+            rows = db.execute("SELECT * FROM runs ORDER BY id DESC").fetchall()
+        return [Run(**{**dict(row), "resume": bool(row["resume"])}) for row in rows]
+
+    def with_status(self, *statuses: str) -> list[Run]:
+        return [run for run in self.all() if run.status in statuses]
+
+    def next_queued(self) -> Run | None:
+        queued = self.with_status("queued")
+        return min(queued, key=lambda run: (run.queued_at or 0, run.id)) if queued else None
+
+    def update(self, run_id: int, **values) -> None:
+        for key in values:
+            if key not in Run.__dataclass_fields__ or key == "id":
+                raise KeyError(key)
+        assignments = ", ".join(f"{key} = ?" for key in values)
+        with self.connect() as db:
+            db.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*values.values(), run_id))
+
+    def remove(self, run_id: int) -> None:
+        with self.connect() as db:
+            db.execute("DELETE FROM runs WHERE id = ?", (run_id,))

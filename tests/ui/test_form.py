@@ -1,0 +1,91 @@
+"""The config form: built from the config models, it holds every key, checks as the CLI does,
+and its TOML view is the same settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stylelora.config import Config, load_config
+from stylelora.errors import UserError
+from stylelora.ui import form
+from stylelora.ui.roots import Roots
+
+
+def config_keys(model=Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, form.BaseModel):
+            keys += config_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def test_every_config_key_is_in_the_form_once_in_a_readme_group():
+    keys = [field.key for field in form.form_fields()]
+    assert sorted(keys) == sorted(config_keys())
+    groups = {field.key: field.group for field in form.form_fields()}
+    assert groups["data.cache_latents"] == "[data] caches"
+    assert groups["train.noise_offset"] == "[train] quality"
+    assert groups["data.mask_dir"] == "masked loss" and groups["sample.seed"] == "[sample]"
+    # the groups are the rows of the README's config table, in its order
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("| section | keys |")[1].split("\n\n")[0]
+    rows = [line.split("|")[1].strip().replace("`", "") for line in table.splitlines()[2:]]
+    assert rows == form.GROUP_ORDER
+    fields = form.FIELDS
+    assert fields["train.optimizer"].choices == [
+        "adamw", "adamw8bit", "adafactor", "prodigy", "lion8bit"
+    ]  # fmt: skip
+    assert fields["data.flip"].choices == ["true", "false"]
+    assert fields["data.cache_latents"].choices == ["auto", "true", "false"]
+    assert fields["train.learning_rate"].kind == "number"
+    assert fields["train.learning_rate"].default == "0.0001"
+    assert fields["data.dir"].required and fields["data.dir"].kind == "text"
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("train.learning_rate", "-1"), ("train.optimizer", "sgd"), ("data.bucket_step", "12"),
+     ("adapter.rank", "many"), ("train.max_timestep", "0")],
+)  # fmt: skip
+def test_a_field_gets_the_message_the_command_line_prints(tmp_path, key, value):
+    (tmp_path / "data").mkdir()
+    base = {"name": "x", "model": "tiny:sd15", "data.dir": "data"}
+    checked = form.check_settings({**base, key: value}, Roots([tmp_path]))
+    assert checked.config is None and len(checked.problems) == 1
+    [(problem_key, message)] = checked.problems.items()
+    config = tmp_path / "c.toml"
+    config.write_text(form.toml_of(form.settings_to_raw(base)))
+    with pytest.raises(UserError) as cli:
+        load_config(config, [f"{key}={value}"])
+    assert str(cli.value) == f"{config}: {problem_key}: {message}"
+
+
+def test_settings_and_their_toml_are_one_state(tmp_path):
+    settings = {
+        "name": "x",
+        "preset": "sd15-8gb",
+        "model": "tiny:sd15",
+        "data.dir": "data",
+        "data.alpha_background": "[0, 0, 0]",
+        "train.optimizer_args": '{ "d_coef" = 2 }',
+        "train.learning_rate": "0.0002",
+        "sample.prompts": '["a cat", "a dog"]',
+        "data.trigger_word": "123",
+    }
+    text = form.toml_of(form.settings_to_raw(settings))
+    assert form.settings_from_toml(text) == settings
+    raw = form.settings_to_raw(settings)
+    assert raw["data"]["trigger_word"] == "123"  # a text key stays text
+    assert raw["train"]["optimizer_args"] == {"d_coef": 2}
+    (tmp_path / "data").mkdir()
+    checked = form.check_settings(settings, Roots([tmp_path]))
+    assert checked.problems == {}
+    assert checked.config.train.gradient_checkpointing  # from the preset, under the settings
+    assert checked.config.data.dir == tmp_path / "data"
+    with pytest.raises(UserError, match="not valid TOML"):
+        form.settings_from_toml("name = ")

@@ -1,0 +1,211 @@
+"""The UI end to end in headless Chromium: a run started from the form and watched to its end,
+previews in the gallery, a caption edited, a run stopped and resumed, the UI restarted under
+a run, and trying the adapter."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from ui_fixtures import UIServer, run_settings, screenshot
+
+from stylelora.config import tomllib
+from stylelora.train.progress import PROGRESS_FILE, read_events
+
+FINISHED = '[data-status="finished"]'
+
+
+def test_the_demo_starts_from_the_form_and_is_watched_to_its_end(server, page, tmp_path):
+    page.goto(server.url("/new"))
+    page.wait_for_selector("#field-name")
+    # a value the CLI refuses is named beside its field, in the CLI's words
+    set_field(page, "train.learning_rate", "-1")
+    problem = page.locator("#problem-train\\.learning_rate")
+    problem.filter(has_text="greater than 0").wait_for()
+    # the demo template, pointed at this root's copy of the style set, shortened
+    page.select_option("#template", "demo")
+    page.click("#load-template")
+    page.wait_for_function("document.querySelector('#field-name').value === 'demo-style'")
+    for key, value in {
+        "output_dir": "runs/demo",
+        "data.dir": "style",
+        "sample.prompts_file": "prompts.txt",
+        "train.max_steps": "40",
+        "sample.every_n_steps": "20",
+        "sample.num_inference_steps": "8",
+    }.items():
+        set_field(page, key, value)
+    page.wait_for_function("!document.querySelector('#problem-output_dir').textContent")
+    screenshot(page, "new-run", tmp_path)
+    page.click("#start")
+    page.wait_for_url(re.compile(r"/runs/\d+$"))
+    page.wait_for_selector("body[data-status='running'], body" + FINISHED, timeout=60_000)
+    page.wait_for_selector("body" + FINISHED, timeout=180_000)
+    assert page.inner_text("#step") == page.inner_text("#max") == "40"
+    # both previews in the gallery, each loaded as an image
+    page.wait_for_function(
+        "[...document.querySelectorAll('#gallery img')].filter(i => i.naturalWidth > 0).length"
+        " === 2"
+    )
+    page.wait_for_selector("#downloads a:has-text('demo-style.safetensors')")
+    screenshot(page, "run", tmp_path)
+    run_dir = server.root / "runs" / "demo"
+    assert (run_dir / "demo-style.safetensors").stat().st_size > 0
+    written = tomllib.loads((run_dir / "config.toml").read_text())
+    assert written["train"]["max_steps"] == 40 and written["data"]["dir"] == str(
+        server.root / "style"
+    )
+    assert page.errors == []
+
+    # the adapter it wrote, tried on the Try page: the base and the adapted image differ
+    page.goto(server.url("/try"))
+    page.fill("#adapter", "runs/demo/demo-style.safetensors")
+    page.fill("#steps", "8")
+    page.click("#render")
+    page.wait_for_function("document.querySelector('#result').naturalWidth > 0", timeout=120_000)
+    src = page.get_attribute("#result", "src")
+    image = np.asarray(Image.open(server.data / "try" / Path(src).name).convert("RGB"), float)
+    half = image.shape[1] // 2
+    assert np.abs(image[:, :half] - image[:, half:]).mean() > 2.0
+    screenshot(page, "try", tmp_path)
+
+
+def set_field(page, key: str, value: str) -> None:
+    """Open the field's group, type the value, leave the field (the form checks on change)."""
+    selector = "#field-" + key.replace(".", "\\.")
+    page.eval_on_selector(selector, "input => { input.closest('details').open = true; }")
+    page.fill(selector, value)
+    page.dispatch_event(selector, "change")
+
+
+def test_a_caption_edited_in_place_is_written_to_disk(server, page, tmp_path):
+    page.goto(server.url("/datasets?path=style&resolution=64"))
+    card = page.locator(".card").filter(has_text="03-star.png")
+    card.locator("img").evaluate("img => img.decode()")
+    assert "bucket 64x64" in card.inner_text()
+    card.locator("textarea").fill("a star, a new caption, zqxstyle")
+    card.locator("button").click()
+    card.get_by_text("saved").wait_for()
+    assert (server.root / "style" / "03-star.txt").read_text() == (
+        "a star, a new caption, zqxstyle\n"
+    )
+    leftovers = [p for p in (server.root / "style").iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+    screenshot(page, "datasets", tmp_path)
+
+    # the files `dataset check` cannot use, each named with why
+    mixed = server.root / "mixed"
+    mixed.mkdir()
+    shutil.copy(server.root / "style" / "00-circle.png", mixed)
+    (mixed / "broken.png").write_bytes(b"not a png")
+    page.goto(server.url("/datasets?path=mixed&resolution=64"))
+    page.wait_for_selector(".card")
+    assert "1 file cannot be used" in page.inner_text("#problems")
+    assert "mixed/broken.png: " in page.inner_text("#problems")
+    assert page.locator(".card").count() == 1
+    status, reply = server.call("GET", "/api/dataset?path=mixed&resolution=100")
+    assert status == 400 and "data.resolution 100 must be a multiple" in reply["error"]
+
+
+def test_a_run_passes_between_the_command_line_and_the_ui(server, page):
+    """Started on the command line and interrupted; imported, resumed and stopped in the UI;
+    finished on the command line with the command the UI shows."""
+    folder = server.root / "runs" / "relay"
+    config = server.root / "relay.toml"
+    config.write_text(
+        f'name = "relay"\nmodel = "demo:sd15"\noutput_dir = "{folder}"\n'
+        f'[data]\ndir = "{server.root / "style"}"\nresolution = 64\n'
+        "[train]\nmax_steps = 60\nlearning_rate = 1e-3\n"
+    )
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "stylelora", "train", str(config)],
+        cwd=server.root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first = wait_for_step(folder, 5)
+    cli.send_signal(signal.SIGINT)
+    assert cli.wait(timeout=60) == 130
+    first = last_step(folder)
+
+    status, reply = server.call("POST", "/api/runs/import", {"folder": "runs/relay"})
+    assert status == 200, reply
+    run_id = reply["id"]
+    page.goto(server.url(f"/runs/{run_id}"))
+    page.wait_for_selector("body[data-status='stopped']")
+    page.click("#resume")
+    page.wait_for_function(f"Number(document.body.dataset.step) >= {first + 5}", timeout=120_000)
+    page.click("#stop")
+    page.wait_for_selector("body[data-status='stopped']", timeout=60_000)
+    stopped = server.wait_for(run_id, lambda r: r["status"] == "stopped")
+    second = stopped["step"]
+    assert stopped["can_resume"] and first + 5 <= second < 60
+    assert re.search(rf"interrupted at step {second}", page.inner_text("#message"))
+    log = (folder / "train.log").read_text(errors="replace")
+    assert f"resuming from {folder / 'checkpoints' / f'step-{first:06d}'}: step {first}" in log
+
+    _, detail = server.call("GET", f"/api/runs/{run_id}")
+    command = detail["resume_command"].split()
+    assert command[0] == "stylelora"
+    done = subprocess.run([sys.executable, "-m", "stylelora", *command[1:]], cwd=server.root,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming from {folder / 'checkpoints' / f'step-{second:06d}'}" in done.stdout
+    finished = server.wait_for(run_id, lambda r: r["status"] == "finished", timeout=30)
+    assert finished["step"] == 60 and "command line" in finished["message"]
+    page.wait_for_selector("body" + FINISHED, timeout=30_000)
+    assert page.inner_text("#step") == "60"
+
+
+def wait_for_step(folder: Path, step: int, timeout: float = 120) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if last_step(folder) >= step:
+            return last_step(folder)
+        time.sleep(0.2)
+    raise AssertionError(f"{folder} never reached step {step}")
+
+
+def last_step(folder: Path) -> int:
+    events, _ = read_events(folder / PROGRESS_FILE)
+    return max((e["step"] for e in events if e["event"] == "step"), default=0)
+
+
+def test_the_ui_finds_a_run_again_after_a_restart(workspace, browser, tmp_path):
+    """The queue holds the second run while the first trains; the UI stops (as Ctrl-C does) and
+    starts again: the first run went on, and the queue goes on in order."""
+    data = tmp_path / "ui-data"
+    first = UIServer(workspace, data, token="t").start()
+    ids = []
+    for name, steps in (("restart", 150), ("queued", 20)):
+        status, reply = first.call("POST", "/api/runs", {"settings": run_settings(name, steps)})
+        assert status == 200, reply
+        ids.append(reply["id"])
+    running = first.wait_for(ids[0], lambda r: r["step"] >= 5)
+    assert first.wait_for(ids[1], lambda r: True)["status"] == "queued"  # one run at a time
+    first.stop()
+    os.kill(running["pid"], 0)  # the run goes on without the UI
+
+    second = UIServer(workspace, data, token="t").start()
+    try:
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(second.url(f"/runs/{ids[0]}"))
+        page.wait_for_selector("body[data-status='running']", timeout=30_000)
+        page.wait_for_selector("body" + FINISHED, timeout=180_000)
+        assert page.inner_text("#step") == "150"
+        done = second.wait_for(ids[1], lambda r: r["status"] == "finished")
+        assert done["started_at"] >= second.wait_for(ids[0], lambda r: True)["ended_at"]
+        page.goto(second.url("/"))
+        page.wait_for_selector(f"tr[data-run='{ids[1]}'] .status.finished")
+        screenshot(page, "runs", tmp_path)
+        page.close()
+    finally:
+        second.stop()
