@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from stylelora.adapters.inject import adapters_disabled
 from stylelora.cli import quiet_libraries
 from stylelora.config import PRESETS_DIR, Config, load_config
 from stylelora.data.dataset import derived_generator
@@ -49,7 +50,6 @@ from stylelora.errors import UserError
 from stylelora.families import detect_family, load_family
 from stylelora.families.base import ModelFamily
 from stylelora.families.skeletons import skeleton_dir
-from stylelora.sample.preview import adapters_disabled
 from stylelora.train.loss import draw_noise
 from stylelora.train.optim import check_optimizer
 from stylelora.train.placement import WEIGHT_DTYPES

@@ -82,6 +82,9 @@ class DataConfig(Section):
     # conditioning_data_dir), or each image's transparency (kohya's alpha_mask)
     mask_dir: Path | None = None
     alpha_mask: bool = False
+    # regularisation (class) images, kohya's reg_data_dir: `N_class` folders, drawn as often as
+    # the training images each epoch, their loss weighted by train.prior_loss_weight
+    reg_dir: Path | None = None
 
     @property
     def caption_randomness(self) -> bool:
@@ -216,6 +219,14 @@ class TrainConfig(Section):
     logit_std: PositiveFloat = 1.0
     discrete_flow_shift: PositiveFloat = 3.1582  # kohya's advice for Flux.1
     flow_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    # kohya's prior_loss_weight: the loss weight of data.reg_dir's images
+    prior_loss_weight: NonNegFloat = 1.0
+    # prior preservation without class images (ai-toolkit's differential output preservation):
+    # each caption with the trigger word replaced by `prior_preservation_class` is trained
+    # toward the frozen model's own prediction for it, with this weight
+    prior_preservation: bool = False
+    prior_preservation_weight: PositiveFloat = 1.0
+    prior_preservation_class: str = ""
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     ema_export: Literal["beside", "instead"] = "beside"
     loraplus_lr_ratio: PositiveFloat | None = None
@@ -324,6 +335,26 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _priors_have_what_they_need(self) -> Config:
+        data, train = self.data, self.train
+        if train.prior_loss_weight != 1.0 and not data.reg_dir:
+            raise ValueError(
+                "train.prior_loss_weight weighs the regularisation images: set data.reg_dir "
+                "(a folder of class images), or remove it"
+            )
+        if data.reg_dir and train.masked_loss:
+            raise ValueError(
+                "data.reg_dir with train.masked_loss: regularisation images have no masks; "
+                "use one or the other"
+            )
+        if train.prior_preservation and not data.trigger_word:
+            raise ValueError(
+                "train.prior_preservation replaces the trigger word in each caption by "
+                "train.prior_preservation_class: set data.trigger_word"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _validation_from_one_place(self) -> Config:
         if self.validation.dir and self.validation.split:
             raise ValueError("set validation.dir or validation.split, not both")
@@ -401,6 +432,7 @@ _PATH_KEYS = (
     ("data", "dir"),
     ("data", "cache_dir"),
     ("data", "mask_dir"),
+    ("data", "reg_dir"),
     ("sample", "prompts_file"),
     ("output_dir",),
     ("single_file_config",),

@@ -7,9 +7,13 @@ every PEFT before 0.22), which must not stop a training run.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from stylelora.adapters.blocks import BlockPlan
 from stylelora.adapters.dora import use_column_dora
@@ -116,3 +120,16 @@ def rank_above_width(adapted: dict[str, torch.nn.Module]) -> str | None:
         f"note: the adapter rank is above the width of {over} of the {total} adapted layers "
         f"(the narrowest is {narrowest}); there it adds memory, not capacity: lower adapter.rank"
     )
+
+
+@contextlib.contextmanager
+def adapters_disabled(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Every PEFT adapter layer in `modules` acts as its base layer inside the block."""
+    layers = [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)

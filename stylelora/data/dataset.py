@@ -9,7 +9,7 @@ state, always drawn in that order and only for the options that are on.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,9 +19,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from stylelora.data.buckets import Size, closest_bucket, no_upscale_bucket
-from stylelora.data.captions import CaptionOptions, process_caption
+from stylelora.data.captions import CaptionOptions, process_caption, with_trigger
 from stylelora.data.images import covering_size, crop, load_rgb_alpha, scale_to_cover, to_tensor
 from stylelora.data.masks import find_masks, load_mask
+from stylelora.data.regularisation import regularisation_draws
 from stylelora.data.scan import ImageRecord
 
 ItemKey = tuple[int, int]  # (index into the records, epoch)
@@ -72,13 +73,28 @@ def mask_tensor(mask: Image.Image) -> torch.Tensor:
 
 
 class ImageCaptionDataset(Dataset):
-    def __init__(self, records: list[ImageRecord], options: DataOptions):
-        self.records = records
+    """The training images, then any regularisation images (`priors`): an item says which it
+    is, and a prior's caption never takes the trigger word."""
+
+    def __init__(
+        self,
+        records: list[ImageRecord],
+        options: DataOptions,
+        priors: list[ImageRecord] | tuple[ImageRecord, ...] = (),
+    ):
+        self.records = [*records, *priors]
+        self.first_prior = len(records)
         self.options = options
         self.captions = options.captions or CaptionOptions(trigger_word=options.trigger_word)
-        self.buckets = [self._assign_bucket(record) for record in records]
+        self.prior_captions = replace(self.captions, trigger_word="")
+        # draws of each image an epoch: its repeats; priors as many in all as the training images
+        training_draws = [record.repeats for record in records]
+        self.draws = training_draws + regularisation_draws(
+            [record.repeats for record in priors], sum(training_draws)
+        )
+        self.buckets = [self._assign_bucket(record) for record in self.records]
         self.mask_paths = (
-            find_masks(records, options.data_dir, options.mask_dir)
+            find_masks(self.records, options.data_dir, options.mask_dir)
             if options.masks == "folder"
             else None
         )
@@ -97,6 +113,16 @@ class ImageCaptionDataset(Dataset):
         if options.bucket_no_upscale:
             return no_upscale_bucket(record.size, options.resolution, options.bucket_step)
         return closest_bucket(record.size, list(options.buckets))
+
+    def is_prior(self, index: int) -> bool:
+        return index >= self.first_prior
+
+    def caption_options(self, index: int) -> CaptionOptions:
+        return self.prior_captions if self.is_prior(index) else self.captions
+
+    def fixed_caption(self, index: int) -> str:
+        """The caption every draw reads when no caption option varies it."""
+        return with_trigger(self.records[index].caption, self.caption_options(index).trigger_word)
 
     def bucket(self, index: int) -> Size:
         """The (width, height) this image trains at."""
@@ -172,7 +198,10 @@ class ImageCaptionDataset(Dataset):
             item = self.pixels(index, offset, flipped)
         width, height = self.bucket(index)
         item["target_size"] = (height, width)
-        item["caption"] = process_caption(self.records[index].caption, self.captions, rng)
+        item["caption"] = process_caption(
+            self.records[index].caption, self.caption_options(index), rng
+        )
+        item["prior"] = self.is_prior(index)
         return item
 
 
@@ -186,6 +215,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("pixel_values", "latent_mean", "latent_std", "mask"):
         if key in items[0]:
             batch[key] = torch.stack([item[key] for item in items])
+    batch["prior"] = torch.tensor([item["prior"] for item in items])
     if "latent_layout" in items[0]:
         batch["latent_layout"] = items[0]["latent_layout"]
     return batch
@@ -222,8 +252,8 @@ class BucketBatchSampler:
         rng = derived_generator(self.seed, epoch)
         size = self.batch_size * self.num_replicas
         by_bucket: dict[Size, list[int]] = {}
-        for index, record in enumerate(self.dataset.records):
-            by_bucket.setdefault(self.dataset.bucket(index), []).extend([index] * record.repeats)
+        for index, draws in enumerate(self.dataset.draws):
+            by_bucket.setdefault(self.dataset.bucket(index), []).extend([index] * draws)
         batches = []
         for bucket in sorted(by_bucket):
             indices = by_bucket[bucket]

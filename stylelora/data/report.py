@@ -81,6 +81,22 @@ def describe(scan: ScanResult, dataset: ImageCaptionDataset, data: DataConfig) -
     return lines
 
 
+def prior_lines(dataset: ImageCaptionDataset, cfg) -> list[str]:
+    """'regularisation: 12 images, 24 draws per epoch (as many as the training images), ...'."""
+    priors = range(dataset.first_prior, len(dataset))
+    if not priors:
+        return []
+    draws = sum(dataset.draws[index] for index in priors)
+    unused = sum(1 for index in priors if dataset.draws[index] == 0)
+    line = (
+        f"regularisation: {len(priors)} images, {draws} draws per epoch (as many as the "
+        f"training images), loss weight {cfg.train.prior_loss_weight:g}, from {cfg.data.reg_dir}"
+    )
+    return [line] + (
+        [f"  {unused} of them are not drawn: more than the training draws"] if unused else []
+    )
+
+
 def upscale_lines(dataset: ImageCaptionDataset) -> list[str]:
     """'18 images upscaled to fit their bucket (x2.7 to x3.2)', or nothing."""
     scales = [

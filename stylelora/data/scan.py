@@ -151,6 +151,7 @@ def collect_images(
     min_image_size: int | None = None,
     strict: bool = False,
     trigger_word: str = "",
+    key: str = "data.dir",
 ) -> ScanResult:
     """Every usable image under `root` with its caption, and every unusable one with why.
 
@@ -162,7 +163,7 @@ def collect_images(
     """
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"data.dir {root}: folder not found")
+        raise UserError(f"{key} {root}: folder not found")
     result = ScanResult()
     captions = CaptionReader(caption_extension, strict)
     for path in image_files(root):
@@ -187,7 +188,9 @@ def collect_images(
     return result
 
 
-def require_usable(result: ScanResult, root: Path, strict: bool, hint: str) -> None:
+def require_usable(
+    result: ScanResult, root: Path, strict: bool, hint: str, key: str = "data.dir"
+) -> None:
     """Raise UserError when nothing is usable (or, when `strict`, anything is not).
 
     `hint`: where the user sees each unusable file, ending the one-line error.
@@ -200,9 +203,9 @@ def require_usable(result: ScanResult, root: Path, strict: bool, hint: str) -> N
         return
     if not result.problems:
         raise UserError(
-            f"data.dir {root}: no usable images: no {', '.join(sorted(IMAGE_EXTENSIONS))} files"
+            f"{key} {root}: no usable images: no {', '.join(sorted(IMAGE_EXTENSIONS))} files"
         )
-    raise UserError(f"data.dir {root}: no usable images: {count_by_kind(result.problems)}; {hint}")
+    raise UserError(f"{key} {root}: no usable images: {count_by_kind(result.problems)}; {hint}")
 
 
 def check_hint(root: Path) -> str:

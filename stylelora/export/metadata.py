@@ -106,6 +106,7 @@ def training_metadata(
     started: float,
     finished: float,
     latents_cached: bool,
+    priors: ScanResult | None = None,
 ) -> dict[str, str]:
     train, adapter = cfg.train, cfg.adapter
     te_lr = (train.text_encoder_lr or train.learning_rate) if adapter.text_encoder else 0.0
@@ -164,6 +165,9 @@ def training_metadata(
         **bucket_metadata(cfg),
         "ss_tag_frequency": json.dumps(tag_frequency(scan)),
         "ss_dataset_dirs": json.dumps(dataset_dirs(scan)),
+        "ss_num_reg_images": str(sum(r.repeats for r in priors.records) if priors else 0),
+        "ss_reg_dataset_dirs": json.dumps(dataset_dirs(priors) if priors else {}),
+        "ss_prior_loss_weight": format_number(train.prior_loss_weight),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{family.modelspec_architecture}/lora",
         "modelspec.implementation": "https://github.com/huggingface/diffusers",

@@ -10,25 +10,12 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
+from stylelora.adapters.inject import adapters_disabled
 from stylelora.families.base import ModelFamily
 from stylelora.sample.prompts import SamplePrompt
 from stylelora.sample.render import grid, preview_pipeline, render_all
-
-
-@contextlib.contextmanager
-def adapters_disabled(modules: list[torch.nn.Module]) -> Iterator[None]:
-    """Every PEFT adapter layer in `modules` acts as its base layer inside the block."""
-    layers = [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
 
 
 @contextlib.contextmanager

@@ -87,13 +87,16 @@ def training_loss(
     batch: dict[str, Any],
     options: TrainConfig,
 ) -> torch.Tensor:
-    """The loss the optimizer minimises: MSE or Huber per image, weighted as the objective
-    says (min-SNR, if set)."""
+    """The loss the optimizer minimises: MSE or Huber per image (masked, if set), weighted by
+    `prior_loss_weight` for regularisation images and as the objective says (min-SNR, if set)."""
     prediction, target = predict(family, denoiser, objective, noised, batch)
     per_pixel = elementwise_loss(prediction, target, options)
     if options.masked_loss:
         per_pixel = per_pixel * mask_weights(batch["mask"], per_pixel, options.unmasked_weight)
     per_image = per_pixel.mean(dim=(1, 2, 3))
+    if options.prior_loss_weight != 1.0 and "prior" in batch:
+        prior = batch["prior"].to(per_image.device)
+        per_image = per_image * torch.where(prior, options.prior_loss_weight, 1.0).to(per_image)
     weights = objective.loss_weights(noised.timesteps, options)
     if weights is not None:
         per_image = per_image * weights.to(per_image)

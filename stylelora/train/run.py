@@ -25,14 +25,14 @@ from torch.utils.data import DataLoader
 from stylelora.adapters.blocks import plan_blocks, uses_blocks
 from stylelora.adapters.inject import adapter_parameters, inject_adapters, rank_above_width
 from stylelora.config import Config
-from stylelora.data.captions import with_trigger
 from stylelora.data.dataset import (
     BucketBatchSampler,
     ImageCaptionDataset,
     collate,
     derived_generator,
 )
-from stylelora.data.report import data_options, describe, scan_dataset
+from stylelora.data.regularisation import scan_regularisation
+from stylelora.data.report import data_options, describe, prior_lines, scan_dataset
 from stylelora.data.scan import ScanResult
 from stylelora.errors import UserError
 from stylelora.export.atomic import atomic_path, remove_stale_temporaries
@@ -63,6 +63,7 @@ from stylelora.train.placement import (
     prepare_model,
     visiting,
 )
+from stylelora.train.prior import class_captions, preservation_loss
 from stylelora.train.profile import phase
 from stylelora.train.swap import check_block_swapping, swap_blocks
 from stylelora.train.validation import (
@@ -92,6 +93,7 @@ class TrainingRun:
     idle: list[torch.nn.Module]  # frozen modules parked off the accelerator between previews
     validation: FixedSet | None
     scan: ScanResult
+    priors: ScanResult | None  # the regularisation images (data.reg_dir)
     dataset_lines: list[str]  # the dataset summary, for the report
     prompts: list[SamplePrompt]
     started: float
@@ -102,8 +104,11 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
     started = time.time()
     check_optimizer(cfg.train)
     scan = scan_dataset(cfg.data)
+    priors = scan_regularisation(cfg.data)
     records, held_out = split_records(scan.records, cfg)
-    dataset = ImageCaptionDataset(records, data_options(cfg.data, cfg.seed))
+    dataset = ImageCaptionDataset(
+        records, data_options(cfg.data, cfg.seed), priors.records if priors else ()
+    )
     prompts, prompt_notes = sample_prompts(cfg)
     # accelerate keeps one mixed-precision setting per process; a second run (tests, the
     # benchmark) may ask for another. The process group (PartialState) is kept.
@@ -122,7 +127,9 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
         for path in remove_stale_temporaries(cfg.output_dir, skip=("checkpoints",)):
             accelerator.print(f"removed {path}, left by an interrupted write")
         write_run_config(cfg)
-    dataset_lines = describe(scan, dataset, cfg.data) + held_out_line(held_out)
+    dataset_lines = (
+        describe(scan, dataset, cfg.data) + held_out_line(held_out) + prior_lines(dataset, cfg)
+    )
     report_dataset(accelerator, dataset_lines, cfg)
     for note in prompt_notes:
         accelerator.print(note)
@@ -198,6 +205,7 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
         idle=idle,
         validation=validation,
         scan=scan,
+        priors=priors,
         dataset_lines=dataset_lines,
         prompts=prompts,
         started=started,
@@ -262,6 +270,8 @@ def backward_pass(run: TrainingRun, batch: dict[str, Any], draws: int) -> torch.
         noised = draw_noise(run.family, run.objective, batch, generators, cfg.train)
         with accelerator.autocast():  # covers the text encoders, which are not prepared
             loss = training_loss(run.family, run.unet, run.objective, noised, batch, cfg.train)
+            if cfg.train.prior_preservation:
+                loss = loss + preservation_loss(run, noised, batch)
         with phase("backward"):
             accelerator.backward(loss)
     if accelerator.sync_gradients:
@@ -299,6 +309,11 @@ def check_platform(accelerator: Accelerator, cfg: Config) -> None:
         raise UserError(
             "train.mixed_precision = 'fp16' needs a GPU (its loss scaling runs there); "
             "use 'bf16' or 'no' on the CPU"
+        )
+    if cfg.train.prior_preservation and accelerator.num_processes > 1:
+        raise UserError(
+            "train.prior_preservation: one process only for now (its extra passes through the "
+            "denoiser are not synchronised between processes)"
         )
     sharded = (DistributedType.DEEPSPEED, DistributedType.FSDP)
     if accelerator.distributed_type in sharded and cfg.adapter.text_encoder:
@@ -390,7 +405,9 @@ def prepare_caches(
     keep_data_in_memory(dataset, cfg.data.memory_cache_mb, say)
     if not plan.text:
         return None
-    captions = [with_trigger(r.caption, cfg.data.trigger_word) for r in dataset.records]
+    captions = [dataset.fixed_caption(index) for index in range(len(dataset))]
+    if cfg.train.prior_preservation:
+        captions += class_captions(captions, cfg.data.trigger_word, cfg.train)
     say(f"text cache: {len(set(captions))} distinct captions encoded once")
     with visiting(family.prompt_encoders(), accelerator.device), accelerator.autocast():
         return TextCache(family, captions)

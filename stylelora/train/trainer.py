@@ -44,8 +44,16 @@ def train(
         run=run,
         previewer=Previewer(run.family, run.prompts, cfg.sample.scheduler) if run.prompts else None,
         metadata=lambda steps, epochs: training_metadata(
-            cfg, run.scan, run.family, steps, epochs, run.started, time.time(), run.caches.latents
-        ),
+            cfg,
+            run.scan,
+            run.family,
+            steps,
+            epochs,
+            run.started,
+            time.time(),
+            run.caches.latents,
+            run.priors,
+        ),  # fmt: skip
     )
     try:
         return run_session(session, run, resume, profile)

@@ -56,6 +56,11 @@ SPECIAL_GROUPS = {
     ),
     "masked loss": [*keys("train", "masked_loss", "unmasked_weight"),
                     *keys("data", "mask_dir", "alpha_mask")],
+    "regularisation": [
+        "data.reg_dir",
+        *keys("train", "prior_loss_weight", "prior_preservation", "prior_preservation_weight",
+              "prior_preservation_class"),
+    ],
     "block-wise (UNets)": [
         *keys("train", "down_lr_weight", "mid_lr_weight", "up_lr_weight",
               "block_lr_zero_threshold"),
@@ -88,6 +93,7 @@ GROUP_ORDER = [
     "[train]",
     "[train] quality",
     "masked loss",
+    "regularisation",
     "block-wise (UNets)",
     "[train] flow matching",
     "[train] safety",
