@@ -198,6 +198,8 @@ OPTIONS: dict[str, list[str]] = {
     "`attention` only": ["adapter.unet_targets='attention'"],
     "`full` (LoCon)": ["adapter.unet_targets='full'"],
     "DoRA": ["adapter.use_dora=true"],
+    "LoHa (LyCORIS, rank 8)": ["adapter.type='loha'"],
+    "LoKr (LyCORIS, rank 8, factor -1)": ["adapter.type='lokr'"],
     "min-SNR 5": ["train.min_snr_gamma=5.0"],
     "noise offset 0.05": ["train.noise_offset=0.05"],
     "EMA 0.99, exported instead": ["train.ema_decay=0.99", "train.ema_export='instead'"],

@@ -139,6 +139,9 @@ class DataConfig(Section):
 
 
 class AdapterConfig(Section):
+    # lora: kohya's LoRA (LoCon with `full`); loha, lokr: LyCORIS's Hadamard and Kronecker
+    # products (PEFT's LoHa and LoKr), written in LyCORIS's key layout
+    type: Literal["lora", "loha", "lokr"] = "lora"
     rank: PositiveInt = 16
     alpha: PositiveFloat = 8.0
     unet_targets: Literal["cross-attn", "attention", "attn-mlp", "full"] = "cross-attn"
@@ -163,6 +166,31 @@ class AdapterConfig(Section):
     block_alphas: list[PositiveFloat] | None = None
     conv_block_dims: list[NonNegInt] | None = None
     conv_block_alphas: list[PositiveFloat] | None = None
+    # LoKr (LyCORIS's `factor` and `decompose_both`): each weight is kron(w1, w2) with w1's sides
+    # as close to `lokr_factor` as they divide (-1: near the square root); w2 is a rank-`rank`
+    # product unless the rank reaches half its side, w1 too with `decompose_both`
+    lokr_factor: Annotated[int, Field(ge=-1)] = -1
+    decompose_both: bool = False
+
+    @model_validator(mode="after")
+    def _lycoris_takes_its_own_options(self) -> AdapterConfig:
+        if self.type != "lokr" and (self.lokr_factor != -1 or self.decompose_both):
+            raise ValueError(
+                "adapter.lokr_factor and adapter.decompose_both are LoKr's: "
+                'set adapter.type = "lokr", or remove them'
+            )
+        if self.lokr_factor == 0:
+            raise ValueError("adapter.lokr_factor must be -1 (automatic) or a positive factor")
+        if self.type == "lora":
+            return self
+        lora_only = {"use_dora": self.use_dora, "dropout": self.dropout, "init": self.init}
+        for key, value in lora_only.items():
+            if value and value != "kaiming":
+                raise ValueError(
+                    f"adapter.{key} is LoRA's; adapter.type = {self.type!r} does not take it "
+                    "(LoHa and LoKr take adapter.module_dropout)"
+                )
+        return self
 
 
 class TrainConfig(Section):
@@ -351,6 +379,23 @@ class Config(Section):
             raise ValueError(
                 "train.prior_preservation replaces the trigger word in each caption by "
                 "train.prior_preservation_class: set data.trigger_word"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _lycoris_fits_the_training(self) -> Config:
+        kind = self.adapter.type
+        if kind == "lora":
+            return self
+        if self.train.loraplus_lr_ratio:
+            raise ValueError(
+                f"train.loraplus_lr_ratio speeds up LoRA's up matrices; adapter.type = {kind!r} "
+                "has none: remove it"
+            )
+        if self.train.quantize_base != "no":
+            raise ValueError(
+                f'train.quantize_base = "{self.train.quantize_base}": PEFT\'s {kind} layers wrap '
+                'only full-precision layers; use adapter.type = "lora" or quantize_base = "no"'
             )
         return self
 

@@ -18,8 +18,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from stylelora.adapters.blocks import BlockPlan
 from stylelora.adapters.dora import use_column_dora
 from stylelora.adapters.dropout import add_module_dropout
+from stylelora.adapters.lycoris import full_matrix_scale, lycoris_config
 from stylelora.adapters.targets import TEXT_ENCODER_TARGETS, UNET_TARGETS, Targets
 from stylelora.config import AdapterConfig
+from stylelora.errors import UserError
 from stylelora.families.base import ModelFamily
 
 __all__ = ["ADAPTER_NAME", "TEXT_ENCODER_TARGETS", "UNET_TARGETS", "inject_adapters"]
@@ -52,9 +54,27 @@ def lora_config(
     )
 
 
-def add_adapter(module: torch.nn.Module, config: LoraConfig, cfg: AdapterConfig) -> None:
-    """Inject one component's adapters, with the DoRA orientation and module dropout asked for."""
+def adapter_config(
+    cfg: AdapterConfig,
+    rank: int,
+    alpha: float,
+    targets: Targets,
+    conv: tuple[int, float],
+    ranks: dict[str, tuple[int, float]] | None = None,
+):
+    """PEFT's config for `adapter.type`: LoRA's, or LoHa's or LoKr's."""
+    if cfg.type == "lora":
+        return lora_config(rank, alpha, targets, cfg, conv, ranks)
+    return lycoris_config(cfg, rank, alpha, targets, conv, ranks)
+
+
+def add_adapter(module: torch.nn.Module, config, cfg: AdapterConfig) -> None:
+    """Inject one component's adapters, with the DoRA orientation and module dropout asked for
+    (PEFT's LoHa and LoKr drop modules themselves)."""
     inject_adapter_in_model(config, module, ADAPTER_NAME)  # also sets module.peft_config
+    if cfg.type != "lora":
+        full_matrix_scale(module, ADAPTER_NAME)
+        return
     if cfg.use_dora:
         use_column_dora(module, ADAPTER_NAME)
     add_module_dropout(module, cfg.module_dropout)
@@ -69,6 +89,11 @@ def inject_adapters(
     Every base weight is frozen; adapter weights are kept in fp32 whatever the base dtype, so
     mixed-precision training updates them at full precision.
     """
+    if cfg.type != "lora" and family.kohya_fuses:
+        raise UserError(
+            f"adapter.type = {cfg.type!r}: {family.name}'s kohya layout fuses modules (q, k, v in "
+            'one), which LyCORIS\'s layout cannot hold; use adapter.type = "lora"'
+        )
     family.unet.requires_grad_(False)
     family.vae.requires_grad_(False)
     for encoder in family.text_encoders().values():
@@ -78,13 +103,13 @@ def inject_adapters(
     conv = (cfg.conv_rank or cfg.rank, cfg.conv_alpha or cfg.alpha)
     targets = blocks.targets() if blocks else family.denoiser_targets(cfg)
     ranks = blocks.ranks if blocks else None
-    add_adapter(family.unet, lora_config(cfg.rank, cfg.alpha, targets, cfg, conv, ranks), cfg)
+    add_adapter(family.unet, adapter_config(cfg, cfg.rank, cfg.alpha, targets, conv, ranks), cfg)
     if cfg.text_encoder:
         rank = cfg.text_encoder_rank or cfg.rank
         alpha = cfg.text_encoder_alpha or cfg.alpha
         te_targets = family.text_encoder_targets(cfg.text_encoder_targets)
         for prefix, encoder in family.text_encoders().items():
-            add_adapter(encoder, lora_config(rank, alpha, te_targets, cfg, conv), cfg)
+            add_adapter(encoder, adapter_config(cfg, rank, alpha, te_targets, conv), cfg)
             adapted[prefix] = encoder
     for module in adapted.values():
         for param in module.parameters():

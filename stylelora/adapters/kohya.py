@@ -26,6 +26,7 @@ import torch
 from peft import get_peft_model_state_dict
 
 from stylelora.adapters.inject import ADAPTER_NAME
+from stylelora.adapters.lycoris import is_lycoris, peft_to_lycoris
 from stylelora.errors import UserError
 
 PEFT_TO_KOHYA = {
@@ -62,7 +63,10 @@ def peft_to_kohya(
     kohya_part: Callable[[str, str], tuple[str, tuple[str, ...]]],
 ) -> dict[str, torch.Tensor]:
     """kohya tensors for the adapters in `module`; `kohya_part(prefix, path)` names each one's
-    kohya module and the paths of every module fused into it, in output order."""
+    kohya module and the paths of every module fused into it, in output order. LoHa and LoKr
+    adapters are written in LyCORIS's layout (adapters/lycoris.py)."""
+    if is_lycoris(module, ADAPTER_NAME):
+        return peft_to_lycoris(module, prefix, kohya_part, ADAPTER_NAME)
     # No embedding check: it looks the base model up on the hub, and no embeddings are adapted.
     state = get_peft_model_state_dict(
         module, adapter_name=ADAPTER_NAME, save_embedding_layers=False

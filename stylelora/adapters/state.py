@@ -1,4 +1,5 @@
-"""An adapter file in memory: kohya-named modules (down, up, alpha, dora_scale) and their checks.
+"""An adapter file in memory: kohya-named modules (down, up, alpha, dora_scale; or LyCORIS's
+LoHa and LoKr tensors) and their checks.
 
 The tools (resize, combine, convert, merge, inspect) all read and write through this, so a file
 from kohya sd-scripts, LyCORIS or stylelora is handled the same way.
@@ -13,16 +14,18 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from stylelora.adapters.lycoris import ALGOS, LycorisModule, lycoris_problems
 from stylelora.errors import UserError, first_line
 
 PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 PARTS[".dora_scale"] = "dora_scale"
 SUFFIXES = {part: suffix for suffix, part in PARTS.items()}
+PARTS.update({f".{part}": part for parts in ALGOS.values() for part in parts})
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
@@ -39,11 +42,20 @@ class LoraModule:
     def rank(self) -> int:
         return self.down.shape[0]
 
+    algo: ClassVar[str] = "lora"
+
     @property
     def weight_shape(self) -> tuple[int, ...]:
         return (self.up.shape[0], *self.down.shape[1:])
 
-    def delta(self) -> torch.Tensor:
+    @property
+    def in_width(self) -> int:
+        return self.down[0].numel()
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        return tuple(shape) == self.weight_shape
+
+    def delta(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """(alpha / rank) * up @ down, in the adapted weight's shape, in fp32."""
         product = self.up.float().flatten(1) @ self.down.float().flatten(1)
         return (self.alpha / self.rank * product).reshape(self.weight_shape)
@@ -59,14 +71,30 @@ class LoraModule:
         return out
 
 
+Module = LoraModule | LycorisModule
+
+
 @dataclass
 class Adapter:
-    modules: dict[str, LoraModule]
+    modules: dict[str, Module]
     metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def is_dora(self) -> bool:
         return any(m.dora_scale is not None for m in self.modules.values())
+
+    @property
+    def algo(self) -> str:
+        """lora, loha, lokr, or e.g. "loha+lora" for a file that mixes them."""
+        return "+".join(sorted({m.algo for m in self.modules.values()})) or "lora"
+
+    def require_lora(self, path: str | Path, tool: str) -> None:
+        """A one-line refusal for a tool that works on LoRA's up/down pairs only."""
+        if self.algo != "lora":
+            raise UserError(
+                f"{path}: a {self.algo} (LyCORIS) file: {tool} works on LoRA's up/down pairs, "
+                "which it has none of; sample, merge and inspect take it"
+            )
 
     def with_uniform_alpha(self) -> Adapter:
         """The same ΔW with one alpha (the largest rank) for every module, scale folded into up.
@@ -75,7 +103,7 @@ class Adapter:
         alpha_pattern keys match no module, so the commonest alpha is used for all). DoRA modules
         keep alpha = rank, which the UIs' DoRA formulas need.
         """
-        if self.is_dora or not self.modules:
+        if self.is_dora or self.algo != "lora" or not self.modules:
             return self
         alpha = float(max(m.rank for m in self.modules.values()))
         modules = {
@@ -126,9 +154,23 @@ def nonfinite_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [f"{shown}: NaN or infinite values"]
 
 
+def lycoris_module(name: str, parts: dict[str, torch.Tensor]) -> tuple[Module | None, list[str]]:
+    """A LoHa or LoKr module from its tensors, or the problems that stop it."""
+    algos = {algo for algo, names in ALGOS.items() if any(k in names for k in parts)}
+    if len(algos) > 1 or {"down", "up"} & set(parts):
+        return None, [f"{name}: mixes the tensors of several adapter kinds ({sorted(parts)})"]
+    (algo,) = algos
+    alpha = float(parts["alpha"]) if "alpha" in parts else None
+    module = LycorisModule(algo, {k: v for k, v in parts.items() if k != "alpha"}, alpha)
+    problems = lycoris_problems(name, module) or nonfinite_problems(
+        {f"{name}.{k}": v for k, v in parts.items()}
+    )
+    return (None if problems else module), problems
+
+
 def modules_from_tensors(
     tensors: dict[str, torch.Tensor],
-) -> tuple[dict[str, LoraModule], list[str]]:
+) -> tuple[dict[str, Module], list[str]]:
     """kohya modules from flat tensors, and the problems found (unknown keys, bad pairs)."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     problems = []
@@ -140,6 +182,12 @@ def modules_from_tensors(
         grouped.setdefault(split[0], {})[split[1]] = value
     modules = {}
     for name, parts in sorted(grouped.items()):
+        if set(parts) - set(SUFFIXES):
+            module, found = lycoris_module(name, parts)
+            problems += found
+            if module is not None:
+                modules[name] = module
+            continue
         found = pair_problems(name, parts)
         problems += found
         if found:

@@ -1,6 +1,8 @@
-"""Add a kohya-format adapter into a model's weights, DoRA included (diffusers drops `dora_scale`).
+"""Add a kohya-format adapter into a model's weights: DoRA (diffusers drops `dora_scale`) and
+LyCORIS's LoHa and LoKr (diffusers does not read them) included.
 
-The arithmetic is the UIs': W += s * (alpha / rank) * up @ down; for a DoRA module, ComfyUI's
+The arithmetic is the UIs': W += s * (alpha / rank) * up @ down (LoHa, LoKr: s * their ΔW, see
+adapters/lycoris.py); for a DoRA module, ComfyUI's
 `weight_decompose` (AUTOMATIC1111's `apply_weight_decompose` gives the same weight when
 alpha = rank, which is how stylelora writes DoRA files):
 
@@ -12,16 +14,16 @@ from __future__ import annotations
 import torch
 
 from stylelora.adapters.dora import column_norm
-from stylelora.adapters.state import Adapter, LoraModule
+from stylelora.adapters.state import Adapter, Module
 from stylelora.errors import UserError
 from stylelora.export.names import family_targets
 from stylelora.families.base import ModelFamily
 
 
-def merged_weight(weight: torch.Tensor, module: LoraModule, strength: float) -> torch.Tensor:
+def merged_weight(weight: torch.Tensor, module: Module, strength: float) -> torch.Tensor:
     """The weight with `module` added at `strength`, in fp32."""
     weight = weight.float()
-    delta = module.delta()
+    delta = module.delta(tuple(weight.shape))
     if module.dora_scale is None:
         return weight + strength * delta
     combined = weight + delta
@@ -49,7 +51,7 @@ def add_into_weights(family: ModelFamily, adapter: Adapter, strength: float, pat
         layers = targets[name].members
         # A fused kohya module (Flux's qkv) covers its members' weights stacked by output rows.
         weight = torch.cat([layer.weight for layer in layers])
-        if tuple(weight.shape) != module.weight_shape:
+        if not module.fits(tuple(weight.shape)):
             raise UserError(
                 f"{path}: {name} is {module.weight_shape} but the model's weight is "
                 f"{tuple(weight.shape)} (an adapter for another model?)"

@@ -43,6 +43,11 @@ def by_component(
     adapter: Adapter, family: ModelFamily, path: str
 ) -> dict[str, dict[str, LoraModule]]:
     """The adapter's modules grouped by pipeline component, keyed by module path."""
+    if adapter.algo != "lora":
+        raise UserError(
+            f"{path}: a {adapter.algo} (LyCORIS) file has no diffusers or PEFT LoRA layout "
+            "(diffusers does not read LoHa or LoKr); keep it in kohya's (LyCORIS's) format"
+        )
     if adapter.is_dora:
         raise UserError(
             f"{path}: DoRA's per-input dora_scale has no diffusers or PEFT equivalent "

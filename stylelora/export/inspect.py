@@ -4,11 +4,13 @@ broken in a damaged one (truncation, unpaired or mismatched up/down, NaN, a hash
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
 from stylelora.adapters.state import (
     Adapter,
+    Module,
     convert_command,
     modules_from_tensors,
     read_tensors,
@@ -46,14 +48,21 @@ SHOWN_METADATA = (
 )
 
 
-def kind(name: str, module) -> str:
-    if module.down.dim() == 4 and module.down.shape[-1] > 1:
+# A LoHa or LoKr file flattens a convolution's kernel into its inputs; its name tells it.
+RESNET_CONV = re.compile(r"_(resnets_\d+_conv[12]|(down|up)samplers_0_conv)$")
+
+
+def kind(name: str, module: Module) -> str:
+    spatial = module.algo == "lora" and module.down.dim() == 4 and module.down.shape[-1] > 1
+    if spatial or (module.algo != "lora" and RESNET_CONV.search(name)):
         return "3x3 conv (LoCon)"
     return next((label for key, label in KINDS if key in name), "resnet / other")
 
 
-def counted(values) -> str:
-    return ", ".join(f"{v:g} ({n})" for v, n in sorted(Counter(values).items()))
+def counted(values, none: str = "full") -> str:
+    """`value (count)` pairs; None counts as `none` (a LoKr of two full matrices has no rank)."""
+    named = Counter(none if v is None else f"{v:g}" for v in values)
+    return ", ".join(f"{v} ({n})" for v, n in sorted(named.items()))
 
 
 def describe(path: Path, adapter: Adapter, fmt: str) -> list[str]:
@@ -61,7 +70,9 @@ def describe(path: Path, adapter: Adapter, fmt: str) -> list[str]:
     components = Counter("_".join(name.split("_")[:2]) for name in modules)
     lines = [
         f"file: {path} ({path.stat().st_size / 2**20:.2f} MiB)",
-        f"format: {fmt}" + (" + DoRA (dora_scale)" if adapter.is_dora else ""),
+        f"format: {fmt}"
+        + (" + DoRA (dora_scale)" if adapter.is_dora else "")
+        + (f" (LyCORIS {adapter.algo})" if adapter.algo != "lora" else ""),
         f"family: {file_family(adapter).name}"
         + ("" if "ss_base_model_version" in adapter.metadata else " (told from names/shapes)"),
         f"modules: {len(modules)} ("
@@ -72,7 +83,7 @@ def describe(path: Path, adapter: Adapter, fmt: str) -> list[str]:
             f"{k}: {n}" for k, n in Counter(kind(n, m) for n, m in modules.items()).items()
         ),
         f"ranks: {counted(m.rank for m in modules.values())}",
-        f"alphas: {counted(m.alpha for m in modules.values())}",
+        f"alphas: {counted((m.alpha for m in modules.values()), none='none (scale 1)')}",
     ]
     lines += [
         f"{key}: {adapter.metadata[key]}" for key in SHOWN_METADATA if key in adapter.metadata

@@ -61,10 +61,10 @@ def write_lora_tensors(
     return save_tensors(tensors, path, header)
 
 
-def network_metadata(rank: int, alpha: float, args: dict) -> dict[str, str]:
-    """The keys kohya keeps even with --no_metadata."""
+def network_metadata(rank: int, alpha: float, args: dict, algo: str = "lora") -> dict[str, str]:
+    """The keys kohya keeps even with --no_metadata; LoHa and LoKr are LyCORIS's network."""
     return {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if algo == "lora" else "lycoris.kohya",
         "ss_network_dim": str(rank),
         "ss_network_alpha": format_number(alpha),
         "ss_network_args": json.dumps(args),

@@ -36,8 +36,14 @@ def dataset_dirs(scan: ScanResult) -> dict[str, dict[str, int]]:
 
 
 def variant_args(adapter) -> dict:
-    """kohya's / LyCORIS's network_args names for LoCon, DoRA and the dropouts."""
+    """kohya's / LyCORIS's network_args names for LoCon, DoRA, LoHa, LoKr and the dropouts."""
     args: dict = {}
+    if adapter.type != "lora":
+        args["algo"] = adapter.type
+    if adapter.type == "lokr":
+        args["factor"] = adapter.lokr_factor
+        if adapter.decompose_both:
+            args["decompose_both"] = True
     if adapter.unet_targets == "full":
         args["conv_dim"] = adapter.conv_rank or adapter.rank
         args["conv_alpha"] = adapter.conv_alpha or adapter.alpha
@@ -121,7 +127,7 @@ def training_metadata(
     alpha = adapter.rank if adapter.use_dora else adapter.alpha
     resolution = cfg.data.resolution
     return {
-        **network_metadata(adapter.rank, alpha, network_args),
+        **network_metadata(adapter.rank, alpha, network_args, adapter.type),
         "ss_output_name": cfg.name,
         "ss_sd_model_name": cfg.model,
         "ss_training_started_at": repr(started),

@@ -55,7 +55,7 @@ def file_family(adapter: Adapter) -> type[ModelFamily]:
     return adapter_family(
         adapter.metadata.get("ss_base_model_version", ""),
         list(adapter.modules),
-        [m.down.shape[1] for n, m in adapter.modules.items() if n.endswith("attn2_to_k")],
+        [m.in_width for n, m in adapter.modules.items() if n.endswith("attn2_to_k")],
     )
 
 

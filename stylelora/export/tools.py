@@ -82,7 +82,9 @@ def run_resize(path: Path, rank: int | None, energy: float | None, out: Path) ->
         raise UserError(f"--energy {energy}: must be in (0, 1], e.g. 0.99")
     if rank is not None and rank < 1:
         raise UserError(f"--rank {rank}: must be 1 or more")
-    resized, reports = resize_adapter(read_adapter(path), rank, energy)
+    adapter = read_adapter(path)
+    adapter.require_lora(path, "resize")
+    resized, reports = resize_adapter(adapter, rank, energy)
     write_lora_tensors(out, resized.tensors(), resized.metadata)
     lines = [report.line() for report in reports]
     worst = max((r.error for r in reports), default=0.0)
@@ -92,6 +94,8 @@ def run_resize(path: Path, rank: int | None, energy: float | None, out: Path) ->
 def run_combine(items: list[str], out: Path, rank: int | None) -> list[str]:
     weighted = [parse_weighted(text) for text in items]
     adapters = [(str(path), read_adapter(path), strength) for path, strength in weighted]
+    for path, adapter, _ in adapters:
+        adapter.require_lora(path, "combine")
     combined = combine_adapters(adapters)
     lines = []
     if rank is not None:

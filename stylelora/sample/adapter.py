@@ -46,9 +46,10 @@ def attach_adapter(
 ) -> bool:
     """Check that the file fits `family`, then put it on the pipeline; what sample and merge share.
 
-    diffusers drops DoRA's `dora_scale`, and reads a family's fused kohya modules (Flux's qkv)
-    only at the real model's widths, so those files are added into the weights at `scale`, with
-    the formula AUTOMATIC1111 and ComfyUI use (export/apply.py), and False is returned.
+    diffusers drops DoRA's `dora_scale`, does not read LyCORIS's LoHa and LoKr, and reads a
+    family's fused kohya modules (Flux's qkv) only at the real model's widths, so those files
+    are added into the weights at `scale`, with the formula AUTOMATIC1111 and ComfyUI use
+    (export/apply.py), and False is returned.
     Anything else is loaded by diffusers' own loader as adapter `name`, not yet weighted: True.
     A PEFT folder or file is converted to kohya's format first, as `stylelora export` does.
     `adapter`: the file already read, if the caller has it.
@@ -65,7 +66,7 @@ def attach_adapter(
         return load_lora(family, path, str(path), name)
     adapter = adapter or read_adapter(path)  # names a bad pair or NaN before any change
     check_family(family, path, list(adapter.tensors()), adapter.metadata)
-    if adapter.is_dora or family.kohya_fuses:
+    if adapter.is_dora or adapter.algo != "lora" or family.kohya_fuses:
         add_into_weights(family, adapter, scale, str(path))
         return False
     return load_lora(family, path, str(path), name)
