@@ -223,7 +223,8 @@ def main() -> int:
     caching = count_caching(family, cfg, dtype)
     peak, resident, states = count_training(family, cfg, dtype)
     print(
-        f"{args.preset}: Flux.1 dev, {cfg.data.largest_resolution} px, batch {cfg.train.batch_size}, "
+        f"{args.preset}: Flux.1 dev, {cfg.data.largest_resolution} px, "
+        f"batch {cfg.train.batch_size}, "
         f"{cfg.train.mixed_precision}, base {cfg.train.quantize_base}, "
         f"checkpointing {cfg.train.gradient_checkpointing}, blocks swapped "
         f"{cfg.train.blocks_to_swap}, adapters {cfg.adapter.unet_targets} rank {cfg.adapter.rank}, "
