@@ -116,14 +116,18 @@ class DataConfig(Section):
         high = self.max_bucket_side or max(resolution, min(1024, 2 * resolution))
         return low, high
 
-    @field_validator("resolution")
+    @field_validator("resolution", mode="before")
     @classmethod
-    def _resolutions_once_each(cls, value: int | list[int]) -> int | list[int]:
-        if not isinstance(value, list):
-            return value
-        if not value:
-            raise ValueError("give a side such as 512, or a list of them such as [512, 768, 1024]")
-        twice = sorted({side for side in value if value.count(side) > 1})
+    def _sides_once_each(cls, value: Any) -> Any:
+        """One message for any wrong value (pydantic's would name each branch of the union)."""
+        sides = value if isinstance(value, list) else [value]
+        if not all(isinstance(side, int) and not isinstance(side, bool) and side > 0
+                   for side in sides) or not sides:  # fmt: skip
+            raise ValueError(
+                "expected a side such as 512, or a list of them such as [512, 768, 1024] "
+                f"(got {value!r})"
+            )
+        twice = sorted({side for side in sides if sides.count(side) > 1})
         if twice:
             raise ValueError(f"lists {', '.join(map(str, twice))} twice; give each side once")
         return value

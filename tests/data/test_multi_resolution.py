@@ -124,7 +124,8 @@ def test_class_images_are_drawn_at_each_resolution_as_the_training_images(tmp_pa
 
 @pytest.mark.parametrize(
     "value, extra, message",
-    [("[]", (), "data.resolution: give a side such as 512, or a list"),
+    [("[]", (), "data.resolution: expected a side such as 512, or a list of them such as [512"),
+     ("[0, 64]", (), "data.resolution: expected a side such as 512, or a list of them"),
      ("[64, 128, 64]", (), "data.resolution: lists 64 twice; give each side once"),
      ("[64, 96]", (), "data.resolution 96 must be a multiple of data.bucket_step 64"),
      ("[64, 256]", ("data.max_bucket_side=128",),
