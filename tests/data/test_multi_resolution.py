@@ -18,6 +18,7 @@ from stylelora.data.dataset import BucketBatchSampler, ImageCaptionDataset
 from stylelora.data.report import data_options, describe, scan_dataset
 from stylelora.data.scan import scan_folder
 from stylelora.errors import UserError
+from stylelora.export.metadata import training_metadata
 from stylelora.families import detect_family
 from stylelora.train.cache import cache_latents
 from stylelora.train.run import build_run
@@ -137,8 +138,12 @@ def test_resolution_mistakes_are_one_line_errors(value, extra, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_the_latents_cache_holds_each_resolution_apart_and_is_reused(tmp_path, tiny_sd15_dir):
-    family = detect_family(DiffusionPipeline.from_pretrained(tiny_sd15_dir))
+@pytest.fixture(scope="module")
+def family(tiny_sd15_dir):
+    return detect_family(DiffusionPipeline.from_pretrained(tiny_sd15_dir))
+
+
+def test_the_latents_cache_holds_each_resolution_apart_and_is_reused(tmp_path, family):
     data, cache = multi(image_folder(tmp_path / "d")), tmp_path / "cache"
     dataset = dataset_of(data)
     first = cache_latents(family, dataset, cache, 4, show_progress=False)
@@ -172,3 +177,16 @@ def test_a_run_trains_at_both_resolutions_and_its_file_records_them(tmp_path, ti
         meta = f.metadata()
     assert meta["ss_resolution"] == "(64, 64)" and meta["modelspec.resolution"] == "64x64"
     assert meta["ss_resolutions"] == "(32, 32), (64, 64)" and meta["ss_steps"] == "5"
+
+
+def test_one_resolution_writes_the_header_a_plain_number_writes(tmp_path, tiny_sd15_dir, family):
+    data = image_folder(tmp_path / "d")
+    headers = []
+    for value in ("64", "[64]", "[32, 64]"):
+        options = (f"data.resolution={value}", "data.bucket_step=16")
+        cfg = training_config(tmp_path, tiny_sd15_dir, data, *options)
+        scan = scan_dataset(cfg.data)
+        headers.append(training_metadata(cfg, scan, family, 5, 1, 1.0, 2.0, True))
+    assert headers[0] == headers[1] and "ss_resolutions" not in headers[0]
+    assert headers[0]["ss_resolution"] == headers[2]["ss_resolution"] == "(64, 64)"
+    assert headers[2]["ss_resolutions"] == "(32, 32), (64, 64)"
