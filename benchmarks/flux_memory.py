@@ -146,7 +146,7 @@ def count_caching(family: Flux, cfg: Config, dtype: torch.dtype) -> int:
             family.pipe.text_encoder_2(torch.zeros(1, tokens, dtype=torch.long, device=META))
             family.pipe.text_encoder(torch.zeros(1, 77, dtype=torch.long, device=META))
         vae = family.vae
-        side = cfg.data.resolution
+        side = cfg.data.largest_resolution
         pixels = torch.empty(cfg.train.batch_size, 3, side, side, device=META, dtype=vae.dtype)
         with TensorBytes(device_tensors([vae], set()), count_meta=True) as latents:
             family.encode_posterior(pixels)
@@ -165,7 +165,7 @@ def count_training(
     transformer = family.unet
     config = transformer.config
     trainable = [p for p in transformer.parameters() if p.requires_grad]
-    side, batch = cfg.data.resolution // family.pipe.vae_scale_factor, cfg.train.batch_size
+    side, batch = cfg.data.largest_resolution // family.pipe.vae_scale_factor, cfg.train.batch_size
     tokens = family.max_sequence_length
 
     def empty(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
@@ -223,7 +223,8 @@ def main() -> int:
     caching = count_caching(family, cfg, dtype)
     peak, resident, states = count_training(family, cfg, dtype)
     print(
-        f"{args.preset}: Flux.1 dev, {cfg.data.resolution} px, batch {cfg.train.batch_size}, "
+        f"{args.preset}: Flux.1 dev, {cfg.data.largest_resolution} px, "
+        f"batch {cfg.train.batch_size}, "
         f"{cfg.train.mixed_precision}, base {cfg.train.quantize_base}, "
         f"checkpointing {cfg.train.gradient_checkpointing}, blocks swapped "
         f"{cfg.train.blocks_to_swap}, adapters {cfg.adapter.unet_targets} rank {cfg.adapter.rank}, "

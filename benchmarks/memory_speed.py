@@ -217,7 +217,7 @@ def count_caching(run: TrainingRun) -> int:
     quantized layers) and encodes one batch of the training resolution, or one caption."""
     family, cfg = run.family, run.cfg
     vae = family.vae
-    side = cfg.data.resolution
+    side = cfg.data.largest_resolution
     pixels = torch.zeros(cfg.train.batch_size, 3, side, side, dtype=vae.dtype)
     with torch.no_grad():
         encoders = list(family.text_encoders().values())

@@ -52,7 +52,8 @@ _CAPTION_EXTENSION = re.compile(r"(\.[\w-]+)+")
 class DataConfig(Section):
     dir: Path = Field(description="Folder of images with caption files beside them.")
     caption_extension: str = ".txt"
-    resolution: PositiveInt = 512
+    # one side, or several: each image then also trains at every larger one it has the pixels for
+    resolution: PositiveInt | list[PositiveInt] = 512
     center_crop: bool = True
     flip: bool = False
     repeats: PositiveInt = 1
@@ -93,12 +94,43 @@ class DataConfig(Section):
             self.shuffle_caption or self.caption_dropout_rate or self.caption_tag_dropout_rate
         )
 
-    def bucket_sides(self) -> tuple[int, int]:
-        """(min, max) bucket side; unset, kohya's 256 and 1024 at 512 px, scaled below that."""
+    @property
+    def resolutions(self) -> list[int]:
+        """Every training resolution, smallest first (one for a plain number)."""
+        value = self.resolution
+        return sorted(value) if isinstance(value, list) else [value]
+
+    @property
+    def largest_resolution(self) -> int:
+        """The model's target size: previews, validation and the file's resolution use it."""
+        return self.resolutions[-1]
+
+    def bucket_sides(self, resolution: int | None = None) -> tuple[int, int]:
+        """(min, max) bucket side at `resolution`; unset, kohya's 256 and 1024 at 512 px, scaled
+        below that. Without `resolution`: the span over every training resolution."""
+        if resolution is None:
+            sides = [self.bucket_sides(r) for r in self.resolutions]
+            return min(low for low, _ in sides), max(high for _, high in sides)
         step = self.bucket_step
-        low = self.min_bucket_side or max(step, min(256, self.resolution // 2 // step * step))
-        high = self.max_bucket_side or max(self.resolution, min(1024, 2 * self.resolution))
+        low = self.min_bucket_side or max(step, min(256, resolution // 2 // step * step))
+        high = self.max_bucket_side or max(resolution, min(1024, 2 * resolution))
         return low, high
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _sides_once_each(cls, value: Any) -> Any:
+        """One message for any wrong value (pydantic's would name each branch of the union)."""
+        sides = value if isinstance(value, list) else [value]
+        if not all(isinstance(side, int) and not isinstance(side, bool) and side > 0
+                   for side in sides) or not sides:  # fmt: skip
+            raise ValueError(
+                "expected a side such as 512, or a list of them such as [512, 768, 1024] "
+                f"(got {value!r})"
+            )
+        twice = sorted({side for side in sides if sides.count(side) > 1})
+        if twice:
+            raise ValueError(f"lists {', '.join(map(str, twice))} twice; give each side once")
+        return value
 
     @field_validator("caption_extension")
     @classmethod
@@ -115,18 +147,22 @@ class DataConfig(Section):
             raise ValueError(f"data.bucket_step: must be a multiple of 8 (got {self.bucket_step})")
         if not self.enable_buckets:
             return self
-        low, high = self.bucket_sides()
-        if self.resolution % self.bucket_step:
+        for resolution in self.resolutions:
+            self._bucket_fits(resolution)
+        return self
+
+    def _bucket_fits(self, resolution: int) -> None:
+        low, high = self.bucket_sides(resolution)
+        if resolution % self.bucket_step:
             raise ValueError(
-                f"data.resolution {self.resolution} must be a multiple of data.bucket_step "
+                f"data.resolution {resolution} must be a multiple of data.bucket_step "
                 f"{self.bucket_step} (or set data.enable_buckets = false)"
             )
-        if not low <= self.resolution <= high:
+        if not low <= resolution <= high:
             raise ValueError(
-                f"data.min_bucket_side {low} <= data.resolution {self.resolution} <= "
+                f"data.min_bucket_side {low} <= data.resolution {resolution} <= "
                 f"data.max_bucket_side {high} must hold"
             )
-        return self
 
     @model_validator(mode="after")
     def _cache_is_deterministic(self) -> DataConfig:

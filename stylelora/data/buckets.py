@@ -42,6 +42,12 @@ def no_upscale_bucket(size: Size, resolution: int, step: int) -> Size:
     return (max(step, int(width) // step * step), max(step, int(height) // step * step))
 
 
+def fills_resolution(size: Size, resolution: int) -> bool:
+    """Whether an image has the pixels of `resolution`² (SimpleTuner's pixel-area minimum): with
+    several resolutions, an image trains at a larger one only then, never upscaled into it."""
+    return size[0] * size[1] >= resolution * resolution
+
+
 def cover_scale(size: Size, bucket: Size) -> float:
     """The factor that scales an image of `size` to cover `bucket`; above 1 it is upscaled."""
     return max(bucket[0] / size[0], bucket[1] / size[1])

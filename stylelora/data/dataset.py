@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from stylelora.data.buckets import Size, closest_bucket, no_upscale_bucket
+from stylelora.data.buckets import Size, closest_bucket, fills_resolution, no_upscale_bucket
 from stylelora.data.captions import CaptionOptions, process_caption, with_trigger
 from stylelora.data.images import covering_size, crop, load_rgb_alpha, scale_to_cover, to_tensor
 from stylelora.data.masks import find_masks, load_mask
@@ -51,6 +51,13 @@ class DataOptions:
     masks: Literal["none", "alpha", "folder"] = "none"  # see stylelora.data.masks
     data_dir: Path | None = None  # the images' root and the masks' folder, for "folder"
     mask_dir: Path | None = None
+    # several resolutions (data.resolution as a list): each with its buckets, smallest first;
+    # empty: `resolution` with `buckets` alone
+    bucket_sets: tuple[tuple[int, tuple[Size, ...]], ...] = ()
+
+    def resolution_sets(self) -> tuple[tuple[int, tuple[Size, ...]], ...]:
+        """Each training resolution with its buckets, smallest first."""
+        return self.bucket_sets or ((self.resolution, self.buckets),)
 
 
 # (index, flipped) -> precomputed tensors of that image (e.g. latents) that replace its pixels
@@ -74,7 +81,11 @@ def mask_tensor(mask: Image.Image) -> torch.Tensor:
 
 class ImageCaptionDataset(Dataset):
     """The training images, then any regularisation images (`priors`): an item says which it
-    is, and a prior's caption never takes the trigger word."""
+    is, and a prior's caption never takes the trigger word.
+
+    An item is an image at one resolution: with several, an image is an item at each one it
+    fills (see `fills_resolution`) and at the smallest, resolution by resolution, so `records`
+    holds an image once per resolution it trains at and `resolutions` says which."""
 
     def __init__(
         self,
@@ -82,17 +93,21 @@ class ImageCaptionDataset(Dataset):
         options: DataOptions,
         priors: list[ImageRecord] | tuple[ImageRecord, ...] = (),
     ):
-        self.records = [*records, *priors]
-        self.first_prior = len(records)
+        training, prior_items = self._items(records, options), self._items(priors, options)
+        self.records = [record for record, _ in training + prior_items]
+        self.resolutions = [resolution for _, resolution in training + prior_items]
+        self.first_prior = len(training)
         self.options = options
         self.captions = options.captions or CaptionOptions(trigger_word=options.trigger_word)
         self.prior_captions = replace(self.captions, trigger_word="")
-        # draws of each image an epoch: its repeats; priors as many in all as the training images
-        training_draws = [record.repeats for record in records]
-        self.draws = training_draws + regularisation_draws(
-            [record.repeats for record in priors], sum(training_draws)
-        )
-        self.buckets = [self._assign_bucket(record) for record in self.records]
+        # draws of each item an epoch: its repeats; priors as many in all as the training
+        # images, at each resolution
+        self.draws = [record.repeats for record, _ in training] + prior_draws(training, prior_items)
+        bucket_sets = dict(options.resolution_sets())
+        self.buckets = [
+            self._assign_bucket(record, resolution, bucket_sets[resolution])
+            for record, resolution in zip(self.records, self.resolutions, strict=True)
+        ]
         self.mask_paths = (
             find_masks(self.records, options.data_dir, options.mask_dir)
             if options.masks == "folder"
@@ -103,16 +118,29 @@ class ImageCaptionDataset(Dataset):
         # (height, width): filled as images are first drawn once `keep_images_in_memory` is on
         self.memory: dict[int, Scaled] | None = None
 
+    @staticmethod
+    def _items(
+        records: list[ImageRecord] | tuple[ImageRecord, ...], options: DataOptions
+    ) -> list[tuple[ImageRecord, int]]:
+        """(image, resolution) for each resolution an image trains at, resolution by resolution:
+        every image at the smallest, at the others only the images that fill them."""
+        smallest, *larger = [resolution for resolution, _ in options.resolution_sets()]
+        items = [(record, smallest) for record in records]
+        for resolution in larger:
+            items += [(r, resolution) for r in records if fills_resolution(r.size, resolution)]
+        return items
+
     def __len__(self) -> int:
         return len(self.records)
 
-    def _assign_bucket(self, record: ImageRecord) -> Size:
-        options = self.options
-        if not options.buckets or 0 in record.size:
-            return (options.resolution, options.resolution)
-        if options.bucket_no_upscale:
-            return no_upscale_bucket(record.size, options.resolution, options.bucket_step)
-        return closest_bucket(record.size, list(options.buckets))
+    def _assign_bucket(
+        self, record: ImageRecord, resolution: int, buckets: tuple[Size, ...]
+    ) -> Size:
+        if not buckets or 0 in record.size:
+            return (resolution, resolution)
+        if self.options.bucket_no_upscale:
+            return no_upscale_bucket(record.size, resolution, self.options.bucket_step)
+        return closest_bucket(record.size, list(buckets))
 
     def is_prior(self, index: int) -> bool:
         return index >= self.first_prior
@@ -123,6 +151,10 @@ class ImageCaptionDataset(Dataset):
     def fixed_caption(self, index: int) -> str:
         """The caption every draw reads when no caption option varies it."""
         return with_trigger(self.records[index].caption, self.caption_options(index).trigger_word)
+
+    def at_resolution(self, resolution: int) -> list[int]:
+        """The items that train at `resolution`."""
+        return [index for index, r in enumerate(self.resolutions) if r == resolution]
 
     def bucket(self, index: int) -> Size:
         """The (width, height) this image trains at."""
@@ -203,6 +235,21 @@ class ImageCaptionDataset(Dataset):
         )
         item["prior"] = self.is_prior(index)
         return item
+
+
+def prior_draws(
+    training: list[tuple[ImageRecord, int]], priors: list[tuple[ImageRecord, int]]
+) -> list[int]:
+    """Each prior item's draws an epoch: kohya's fill (`regularisation_draws`) done at each
+    resolution, up to the training draws at that resolution."""
+    draws = [0] * len(priors)
+    for resolution in dict.fromkeys(resolution for _, resolution in priors):
+        at = [index for index, (_, r) in enumerate(priors) if r == resolution]
+        wanted = sum(record.repeats for record, r in training if r == resolution)
+        fill = regularisation_draws([priors[index][0].repeats for index in at], wanted)
+        for index, count in zip(at, fill, strict=True):
+            draws[index] = count
+    return draws
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -7,9 +7,10 @@ loads any model.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 from stylelora.config import DataConfig
-from stylelora.data.buckets import cover_scale, format_histogram, histogram, make_buckets
+from stylelora.data.buckets import Size, cover_scale, format_histogram, histogram, make_buckets
 from stylelora.data.captions import CaptionOptions
 from stylelora.data.dataset import DataOptions, ImageCaptionDataset
 from stylelora.data.scan import ScanResult, check_hint, collect_images, require_usable
@@ -34,10 +35,24 @@ def scan_dataset(data: DataConfig) -> ScanResult:
     return scan
 
 
+def bucket_sets(data: DataConfig) -> tuple[tuple[int, tuple[Size, ...]], ...]:
+    """Each training resolution with its buckets (none with bucketing off), smallest first."""
+    return tuple(
+        (
+            resolution,
+            tuple(make_buckets(resolution, data.bucket_step, *data.bucket_sides(resolution)))
+            if data.enable_buckets
+            else (),
+        )
+        for resolution in data.resolutions
+    )
+
+
 def data_options(data: DataConfig, seed: int) -> DataOptions:
-    buckets = make_buckets(data.resolution, data.bucket_step, *data.bucket_sides())
+    sets = bucket_sets(data)
+    resolution, buckets = sets[-1]
     return DataOptions(
-        resolution=data.resolution,
+        resolution=resolution,
         center_crop=data.center_crop,
         flip=data.flip,
         trigger_word=data.trigger_word,
@@ -49,7 +64,8 @@ def data_options(data: DataConfig, seed: int) -> DataOptions:
             dropout_rate=data.caption_dropout_rate,
             tag_dropout_rate=data.caption_tag_dropout_rate,
         ),
-        buckets=tuple(buckets) if data.enable_buckets else (),
+        buckets=buckets,
+        bucket_sets=sets if len(sets) > 1 else (),
         bucket_no_upscale=data.bucket_no_upscale,
         bucket_step=data.bucket_step,
         alpha_background=data.alpha_background,
@@ -62,7 +78,7 @@ def data_options(data: DataConfig, seed: int) -> DataOptions:
 def describe(scan: ScanResult, dataset: ImageCaptionDataset, data: DataConfig) -> list[str]:
     """Image and draw counts, repeats per concept, caption coverage, buckets, skipped files."""
     records = scan.records
-    draws = sum(record.repeats for record in records)
+    draws = sum(dataset.draws[: dataset.first_prior])  # at every resolution
     lines = [f"dataset: {len(records)} images, {draws} draws per epoch, from {data.dir}"]
     concepts = Counter((record.concept, record.repeats) for record in records)
     for (concept, repeats), count in sorted(concepts.items()):
@@ -76,7 +92,7 @@ def describe(scan: ScanResult, dataset: ImageCaptionDataset, data: DataConfig) -
         )
     kind = "aspect buckets" if data.enable_buckets else "buckets (bucketing off)"
     lines.append(f"{kind} (width x height: images):")
-    lines += format_histogram(histogram(dataset.buckets))
+    lines += bucket_lines(dataset, data)
     lines += upscale_lines(dataset) + cp1252_lines(scan, data) + problem_lines(scan)
     return lines
 
@@ -87,14 +103,57 @@ def prior_lines(dataset: ImageCaptionDataset, cfg) -> list[str]:
     if not priors:
         return []
     draws = sum(dataset.draws[index] for index in priors)
-    unused = sum(1 for index in priors if dataset.draws[index] == 0)
+    drawn: dict[Path, int] = {}  # an image's draws at every resolution
+    for index in priors:
+        path = dataset.records[index].path
+        drawn[path] = drawn.get(path, 0) + dataset.draws[index]
+    unused = sum(1 for count in drawn.values() if count == 0)
     line = (
-        f"regularisation: {len(priors)} images, {draws} draws per epoch (as many as the "
+        f"regularisation: {len(drawn)} images, {draws} draws per epoch (as many as the "
         f"training images), loss weight {cfg.train.prior_loss_weight:g}, from {cfg.data.reg_dir}"
     )
     return [line] + (
         [f"  {unused} of them are not drawn: more than the training draws"] if unused else []
     )
+
+
+def bucket_lines(dataset: ImageCaptionDataset, data: DataConfig) -> list[str]:
+    """The bucket histogram; with several resolutions, one per resolution, then the images
+    that skip a resolution."""
+    if len(data.resolutions) == 1:
+        return format_histogram(histogram(dataset.buckets))
+    lines = []
+    for resolution in data.resolutions:
+        buckets = [dataset.bucket(index) for index in dataset.at_resolution(resolution)]
+        lines.append(f"  at {resolution} px: {len(buckets)} images")
+        lines += ["  " + line for line in format_histogram(histogram(buckets))]
+    return lines + skipped_resolution_lines(dataset, data)
+
+
+def skipped_resolution_lines(dataset: ImageCaptionDataset, data: DataConfig) -> list[str]:
+    """'at 1024 px, 2 images have fewer pixels than 1024x1024 and train only below it: ...'."""
+    smallest, *larger = data.resolutions
+    every = [dataset.records[index].path for index in dataset.at_resolution(smallest)]
+    lines = []
+    for resolution in larger:
+        taking_part = {dataset.records[i].path for i in dataset.at_resolution(resolution)}
+        skipped = [path for path in every if path not in taking_part]
+        if skipped:
+            names = ", ".join(shown_path(path, data) for path in skipped[:5])
+            more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+            lines.append(
+                f"at {resolution} px, {len(skipped)} images have fewer pixels than "
+                f"{resolution}x{resolution} and train only below it: {names}{more}"
+            )
+    return lines
+
+
+def shown_path(path: Path, data: DataConfig) -> str:
+    """A path relative to the folder it was found in (data.dir or data.reg_dir)."""
+    for folder in (data.dir, data.reg_dir):
+        if folder is not None and path.is_relative_to(folder):
+            return str(path.relative_to(folder))
+    return str(path)
 
 
 def upscale_lines(dataset: ImageCaptionDataset) -> list[str]:

@@ -68,6 +68,15 @@ def number_or_none(value: float | None) -> str:
     return format_number(value) if value else "None"
 
 
+def resolutions_metadata(cfg: Config) -> dict[str, str]:
+    """With several resolutions, all of them (ss_resolution, which tools read as one size,
+    holds the largest); nothing with one, so its header stays kohya's."""
+    resolutions = cfg.data.resolutions
+    if len(resolutions) == 1:
+        return {}
+    return {"ss_resolutions": ", ".join(f"({side}, {side})" for side in resolutions)}
+
+
 def bucket_metadata(cfg: Config) -> dict[str, str]:
     data = cfg.data
     low, high = data.bucket_sides()
@@ -125,7 +134,7 @@ def training_metadata(
     network_args.update(block_args(cfg))
     # DoRA files carry alpha = rank (the scale is folded into lora_up; see adapters/kohya.py).
     alpha = adapter.rank if adapter.use_dora else adapter.alpha
-    resolution = cfg.data.resolution
+    resolution = cfg.data.largest_resolution
     return {
         **network_metadata(adapter.rank, alpha, network_args, adapter.type),
         "ss_output_name": cfg.name,
@@ -148,6 +157,7 @@ def training_metadata(
         "ss_batch_size_per_device": str(train.batch_size),
         "ss_max_grad_norm": format_number(train.max_grad_norm),
         "ss_resolution": f"({resolution}, {resolution})",
+        **resolutions_metadata(cfg),
         "ss_num_train_images": str(sum(record.repeats for record in scan.records)),
         "ss_caption_extension": cfg.data.caption_extension,
         "ss_flip_aug": str(cfg.data.flip),

@@ -345,7 +345,7 @@ def sample_prompts(cfg: Config) -> tuple[list[SamplePrompt], list[str]]:
 
 
 def read_sample_prompts(cfg: Config) -> list[SamplePrompt]:
-    side = cfg.data.resolution
+    side = cfg.data.largest_resolution
     defaults = SamplePrompt(
         prompt="",
         negative_prompt=cfg.sample.negative_prompt,

@@ -97,9 +97,10 @@ def split_records(
 
 
 def held_out_items(records: list[ImageRecord], cfg: Config) -> list[dict[str, Any]]:
-    """The held-out images at the training resolution, centre-cropped square, unflipped."""
+    """The held-out images at the (largest) training resolution, centre-cropped square,
+    unflipped."""
     options = DataOptions(
-        resolution=cfg.data.resolution,
+        resolution=cfg.data.largest_resolution,
         trigger_word=cfg.data.trigger_word,
         alpha_background=cfg.data.alpha_background,
     )

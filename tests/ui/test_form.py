@@ -89,3 +89,16 @@ def test_settings_and_their_toml_are_one_state(tmp_path):
     assert checked.config.data.dir == tmp_path / "data"
     with pytest.raises(UserError, match="not valid TOML"):
         form.settings_from_toml("name = ")
+
+
+def test_a_resolution_or_a_list_of_them_round_trips_through_form_and_toml(tmp_path):
+    (tmp_path / "data").mkdir()
+    base = {"name": "x", "model": "tiny:sd15", "data.dir": "data"}
+    assert form.FIELDS["data.resolution"].default == "512"
+    for text, sides in (("64", [64]), ("[128, 64]", [64, 128])):
+        settings = {**base, "data.resolution": text}
+        assert form.settings_from_toml(form.toml_of(form.settings_to_raw(settings))) == settings
+        checked = form.check_settings(settings, Roots([tmp_path]))
+        assert checked.problems == {} and checked.config.data.resolutions == sides
+    checked = form.check_settings({**base, "data.resolution": "[64, 64]"}, Roots([tmp_path]))
+    assert checked.problems == {"data.resolution": "lists 64 twice; give each side once"}
