@@ -14,7 +14,7 @@ The class images are the demo base's own pictures of the style set's captions wi
 word dropped (`a fish, burnt orange fish, cream background`), one per caption, as kohya users
 render class images with the model they train on.
 
-    python benchmarks/prior_preservation.py [--seeds 0,1,2] [--subjects bone,ghost]
+    python benchmarks/prior_preservation.py [--seeds 0,1,2] [--subjects bone,ghost] [--only ROW ...]
 """
 
 from __future__ import annotations
@@ -77,6 +77,15 @@ def variants(reg_dir: Path) -> dict[str, list[str]]:
             f"data.trigger_word={TRIGGER!r}",
             "train.prior_preservation=true",
         ],
+        "class images, prior_loss_weight 0.3": [
+            f"data.reg_dir={str(reg_dir)!r}",
+            "train.prior_loss_weight=0.3",
+        ],
+        "prior preservation, weight 0.3": [
+            f"data.trigger_word={TRIGGER!r}",
+            "train.prior_preservation=true",
+            "train.prior_preservation_weight=0.3",
+        ],
     }
 
 
@@ -89,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)))
     parser.add_argument("--subjects", help="comma-separated; default: every 4th of each group")
+    parser.add_argument("--only", nargs="+", metavar="ROW", help="these rows (default: all)")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     names = [name for group in subject_groups(args.subjects).values() for name in group]
@@ -107,8 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         reg = Path(tmp) / "reg" / "1_style"
         write_class_images(reg)
-        for index, (name, overrides) in enumerate(variants(reg.parent).items()):
-            adapter, seconds = train_adapter(Path(tmp) / f"run-{index}", overrides)
+        rows = variants(reg.parent)
+        for index, name in enumerate(args.only or rows):
+            adapter, seconds = train_adapter(Path(tmp) / f"run-{index}", rows[name])
             pipe = fresh(MODEL, adapter)
             changed = pixel_change(
                 render_all(pipe, class_prompts, seeds, STEPS, GUIDANCE), base_class

@@ -113,13 +113,14 @@ def prompts(subjects: list[str]) -> list[str]:
     return [f"{article(name)} {name}, {TRIGGER}" for name in subjects]
 
 
-def render_all(pipe, texts: list[str], seeds: list[int], steps: int, guidance: float):
+def render_all(pipe, texts: list[str], seeds: list[int], steps: int, guidance: float,
+               size: int = SIZE):  # fmt: skip
     images = []
     guided = guidance_kwargs(pipe, guidance)
     for text in texts:
         for seed in seeds:
             generator = torch.Generator().manual_seed(seed)
-            result = pipe(text, height=SIZE, width=SIZE, num_inference_steps=steps,
+            result = pipe(text, height=size, width=size, num_inference_steps=steps,
                           generator=generator, **guided)  # fmt: skip
             images.append(result.images[0])
     return images
@@ -127,14 +128,15 @@ def render_all(pipe, texts: list[str], seeds: list[int], steps: int, guidance: f
 
 def measure(adapter: Path | None, groups: dict[str, list[str]], seeds: list[int],
             scales: list[float], steps: int, guidance: float, model: str,
-            merged: str | None = None) -> tuple[list[Row], dict]:  # fmt: skip
+            merged: str | None = None, size: int = SIZE) -> tuple[list[Row], dict]:  # fmt: skip
     """Render every group without the adapter and at each scale (each on a freshly loaded base,
-    through `stylelora sample`'s own loading: diffusers' loader, or DoRA added into the weights).
-    With `merged` (a merged model), render that model in place of the adapter at scale 1."""
+    through `stylelora sample`'s own loading: diffusers' loader, or DoRA added into the weights),
+    `size` pixels square. With `merged` (a merged model), render that model in place of the
+    adapter at scale 1."""
     palette = style_palette(style_images())
     texts = {group: prompts(subjects) for group, subjects in groups.items()}
     pipe = fresh(model)
-    base = {group: render_all(pipe, t, seeds, steps, guidance) for group, t in texts.items()}
+    base = {g: render_all(pipe, t, seeds, steps, guidance, size) for g, t in texts.items()}
     rows, images = [], {}
     for group in groups:
         rows.append(summarise(group, 0.0, base[group], base[group], palette))
@@ -142,7 +144,7 @@ def measure(adapter: Path | None, groups: dict[str, list[str]], seeds: list[int]
     for scale in [1.0] if merged else scales:
         pipe = fresh(merged) if merged else fresh(model, adapter, scale)
         for group, t in texts.items():
-            adapted = render_all(pipe, t, seeds, steps, guidance)
+            adapted = render_all(pipe, t, seeds, steps, guidance, size)
             rows.append(summarise(group, scale, adapted, base[group], palette))
             images[(group, scale)] = adapted
     return rows, images
@@ -264,6 +266,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--scales", default="0.5,1.0")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--size", type=int, default=SIZE, help="render at this many pixels")
     parser.add_argument("--grid", type=Path, help="save the renders here, one row per scale")
     args = parser.parse_args(argv)
     args.model = args.model or tomllib.loads(args.config.read_text())["model"]
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             train_adapter(Path(tmp), args.overrides, args.config)[0] if args.train else args.adapter
         )
         rows, images = measure(adapter, groups, seeds, scales, args.steps, args.guidance,
-                               args.model)  # fmt: skip
+                               args.model, size=args.size)  # fmt: skip
     style = style_images()
     palette = style_palette(style)
     measures = (partial(palette_distance, palette=palette), texture)

@@ -66,15 +66,12 @@ def lycoris_config(
     )
 
 
-def full_matrix_scale(module: torch.nn.Module, adapter_name: str) -> int:
+def full_matrix_scale(module: torch.nn.Module, adapter_name: str) -> None:
     """Scale 1 for each LoKr layer in `module` whose w1 and w2 are both full matrices (LyCORIS
-    ignores alpha there; PEFT would shrink such a module by alpha / r); return how many."""
-    count = 0
+    ignores alpha there; PEFT would shrink such a module by alpha / r)."""
     for layer in module.modules():
         if adapter_name in getattr(layer, "lokr_w1", {}) and adapter_name in layer.lokr_w2:
             layer.scaling[adapter_name] = 1.0
-            count += 1
-    return count
 
 
 def is_lycoris(module: torch.nn.Module, adapter_name: str) -> bool:

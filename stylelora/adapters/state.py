@@ -38,11 +38,11 @@ class LoraModule:
     alpha: float
     dora_scale: torch.Tensor | None = None
 
+    algo: ClassVar[str] = "lora"
+
     @property
     def rank(self) -> int:
         return self.down.shape[0]
-
-    algo: ClassVar[str] = "lora"
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -56,7 +56,8 @@ class LoraModule:
         return tuple(shape) == self.weight_shape
 
     def delta(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """(alpha / rank) * up @ down, in the adapted weight's shape, in fp32."""
+        """(alpha / rank) * up @ down, in the adapted weight's shape, in fp32 (the pair's own
+        shape; `shape` is for LoHa and LoKr modules, whose convolutions may be flattened)."""
         product = self.up.float().flatten(1) @ self.down.float().flatten(1)
         return (self.alpha / self.rank * product).reshape(self.weight_shape)
 

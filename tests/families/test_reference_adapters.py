@@ -1,16 +1,18 @@
-"""SD1.x, SD2.x and SDXL train exactly as they did: the same seed gives the same adapter tensors,
-bitwise, as the reference hashes recorded in `data/reference_adapters.json`.
+"""SD1.x, SD2.x and SDXL train as they did: the same seed gives the adapter tensors recorded in
+`data/reference_adapters.safetensors`, up to the rounding of the machine's CPU.
 
 The runs cover each family's objective (epsilon, v-prediction, SDXL's extra conditioning) and the
-options that change noising, timesteps and loss weighting. A change that moves any of them shows
-here as the names of the tensors that differ. To record new references after a deliberate change
-of training (say why in the commit):  python tests/families/test_reference_adapters.py
+options that change noising, timesteps and loss weighting. On the machine that recorded them the
+tensors come out bitwise equal; another CPU's kernels (AVX-512 or AVX2 matrix products) round
+differently, so the check is the relative distance of all tensors together. Measured on the
+first case: summing in another order (two threads) moves it by 4e-9; min-SNR's gamma 4.9 for 5
+by 9e-6, a noise offset of 0.0501 for 0.05 by 1e-6, and a different noise draw, loss or
+timestep far more. To record new references after a deliberate change of training (say why in
+the commit):  python tests/families/test_reference_adapters.py
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -21,7 +23,8 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-REFERENCE = HERE / "data" / "reference_adapters.json"
+REFERENCE = HERE / "data" / "reference_adapters.safetensors"
+TOLERANCE = 1e-6  # relative; see the module's docstring
 SHORT = ("train.max_steps=3", "train.batch_size=2", "train.checkpoint_every_n_steps=0",
          "train.log_with='none'", "sample.every_n_steps=0")  # fmt: skip
 
@@ -70,19 +73,14 @@ CASES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def tensor_hashes(path: Path) -> dict[str, str]:
-    """Each tensor of a safetensors file: sha256 of its dtype, shape and bytes (16 hex digits)."""
-    from safetensors.torch import load_file
-
-    out = {}
-    for name, tensor in sorted(load_file(path).items()):
-        digest = hashlib.sha256(f"{tensor.dtype} {tuple(tensor.shape)} ".encode())
-        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        out[name] = digest.hexdigest()[:16]
-    return out
+def relative_distance(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
+    """||got - expected|| / ||expected|| over every tensor together."""
+    change = sum(float((got[k].double() - v.double()).square().sum()) for k, v in expected.items())
+    size = sum(float(v.double().square().sum()) for v in expected.values())
+    return (change / size) ** 0.5
 
 
-def train_case(name: str, workdir: Path, data: Path) -> dict[str, str]:
+def train_case(name: str, workdir: Path, data: Path) -> dict[str, torch.Tensor]:
     """Train one case in this process (one torch thread: the same sums on any machine)."""
     from conftest import training_config
 
@@ -98,7 +96,9 @@ def train_case(name: str, workdir: Path, data: Path) -> dict[str, str]:
         result = train(cfg)
     finally:
         torch.set_num_threads(threads)
-    return tensor_hashes(result.adapter_path)
+    from safetensors.torch import load_file
+
+    return load_file(result.adapter_path)
 
 
 def demo_images(folder: Path, count: int = 4) -> Path:
@@ -111,25 +111,36 @@ def demo_images(folder: Path, count: int = 4) -> Path:
     return folder
 
 
+def references(name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    prefix = f"{name}/"
+    stored = load_file(REFERENCE)
+    return {k.removeprefix(prefix): v for k, v in stored.items() if k.startswith(prefix)}
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_same_seed_gives_the_reference_adapter_bitwise(name, tmp_path):
-    expected = json.loads(REFERENCE.read_text())[name]
+def test_same_seed_gives_the_reference_adapter(name, tmp_path):
+    expected = references(name)
     got = train_case(name, tmp_path, demo_images(tmp_path / "data"))
     assert sorted(got) == sorted(expected), "the adapter's tensor names changed"
-    moved = [key for key in expected if got[key] != expected[key]]
-    assert not moved, f"{len(moved)} of {len(expected)} tensors differ, e.g. {moved[:3]}"
+    distance = relative_distance(got, expected)
+    assert distance < TOLERANCE, f"the adapter moved from the reference by {distance:.2e}"
 
 
 def write_references() -> None:
-    """Train every case and record its hashes (run as a script, deliberately)."""
+    """Train every case and record its tensors (run as a script, deliberately)."""
     os.environ.setdefault("STYLELORA_CACHE", tempfile.mkdtemp(prefix="stylelora-ref-cache-"))
-    references = {}
+    from safetensors.torch import save_file
+
+    tensors = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = demo_images(Path(tmp) / "data")
         for index, name in enumerate(CASES):
-            references[name] = train_case(name, Path(tmp) / f"run-{index}", data)
-    REFERENCE.write_text(json.dumps(references, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {REFERENCE} ({sum(map(len, references.values()))} tensors)")
+            got = train_case(name, Path(tmp) / f"run-{index}", data)
+            tensors.update({f"{name}/{key}": value for key, value in got.items()})
+    save_file(tensors, REFERENCE)
+    print(f"wrote {REFERENCE} ({len(tensors)} tensors)")
 
 
 if __name__ == "__main__":
