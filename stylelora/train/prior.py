@@ -9,7 +9,6 @@ loss is added to the step's, times `train.prior_preservation_weight`.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 
 from stylelora.adapters.inject import adapters_disabled
 from stylelora.config import TrainConfig
+from stylelora.data.captions import word_pattern
 from stylelora.families.objective import NoisedBatch
 from stylelora.train.profile import phase
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 def class_caption(caption: str, trigger: str, replacement: str) -> str:
     """`caption` with the whole word `trigger` replaced (an empty replacement drops it, and
     the comma that went with it)."""
-    text = re.sub(rf"(?<![\w-]){re.escape(trigger)}(?![\w-])", replacement, caption)
+    text = word_pattern(trigger).sub(replacement, caption)
     tags = [tag.strip() for tag in text.split(",")]
     return ", ".join(tag for tag in tags if tag)
 

@@ -47,8 +47,8 @@ def test_a_broken_metadata_line_names_the_file_and_line(tmp_path):
 CAPTION = "the style, a, b, c, d, e, f, g"
 
 
-def draws(options: CaptionOptions, count: int = 200) -> list[str]:
-    return [process_caption(CAPTION, options, derived_generator(7, i)) for i in range(count)]
+def draws(options: CaptionOptions, count: int = 200, caption: str = CAPTION) -> list[str]:
+    return [process_caption(caption, options, derived_generator(7, i)) for i in range(count)]
 
 
 def test_shuffle_keeps_the_trigger_and_the_first_keep_tokens_in_place():
@@ -121,3 +121,15 @@ def test_exif_orientation_is_honoured_in_scan_and_load(tmp_path):
     assert upright.size == (20, 60)
     r, g, b = upright.getpixel((10, 2))  # the left edge is now the top
     assert b > 200 and r < 60
+
+
+def test_a_caption_that_has_the_trigger_word_anywhere_keeps_it_once():
+    rng = derived_generator(1)
+    at_end = "a circle, mustard circle, zqxstyle"
+    assert process_caption(at_end, CaptionOptions(trigger_word="zqxstyle"), rng) == at_end
+    # a word that merely contains it does not count
+    assert process_caption("zqxstyles, a", CaptionOptions(trigger_word="zqxstyle"), rng) == (
+        "zqxstyle, zqxstyles, a"
+    )
+    dropped = draws(CaptionOptions(trigger_word="zqxstyle", tag_dropout_rate=0.9), 50, at_end)
+    assert all("zqxstyle" in caption for caption in dropped)
