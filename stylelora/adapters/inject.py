@@ -31,29 +31,6 @@ ADAPTER_NAME = "default"
 PEFT_INIT = {"kaiming": True, "gaussian": "gaussian"}  # True: kohya's Kaiming-uniform down, zero up
 
 
-def lora_config(
-    rank: int,
-    alpha: float,
-    targets: Targets,
-    cfg: AdapterConfig,
-    conv: tuple[int, float],
-    ranks: dict[str, tuple[int, float]] | None = None,
-) -> LoraConfig:
-    """PEFT's config; the 3x3 convolutions of `targets.conv` get rank and alpha `conv`, and the
-    modules in `ranks` (full paths) their own (block-wise dims)."""
-    patterns = {path: conv for path in targets.conv} | (ranks or {})
-    return LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=targets.main + targets.conv,
-        rank_pattern={path: value[0] for path, value in patterns.items()},
-        alpha_pattern={path: value[1] for path, value in patterns.items()},
-        init_lora_weights=PEFT_INIT[cfg.init],
-        lora_dropout=cfg.dropout,
-        use_dora=cfg.use_dora,
-    )
-
-
 def adapter_config(
     cfg: AdapterConfig,
     rank: int,
@@ -62,10 +39,19 @@ def adapter_config(
     conv: tuple[int, float],
     ranks: dict[str, tuple[int, float]] | None = None,
 ):
-    """PEFT's config for `adapter.type`: LoRA's, or LoHa's or LoKr's."""
-    if cfg.type == "lora":
-        return lora_config(rank, alpha, targets, cfg, conv, ranks)
-    return lycoris_config(cfg, rank, alpha, targets, conv, ranks)
+    """PEFT's config for `adapter.type`, LoRA's or LoHa's or LoKr's, with ranks and alphas per
+    module (`Targets.peft_keywords`)."""
+    keywords = targets.peft_keywords(conv, ranks)
+    if cfg.type != "lora":
+        return lycoris_config(cfg, rank, alpha, keywords)
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        **keywords,
+        init_lora_weights=PEFT_INIT[cfg.init],
+        lora_dropout=cfg.dropout,
+        use_dora=cfg.use_dora,
+    )
 
 
 def add_adapter(module: torch.nn.Module, config, cfg: AdapterConfig) -> None:

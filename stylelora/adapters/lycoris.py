@@ -28,7 +28,6 @@ import torch
 from peft import LoHaConfig, LoKrConfig, get_peft_model_state_dict
 from peft.tuners.lycoris_utils import LycorisConfig
 
-from stylelora.adapters.targets import Targets
 from stylelora.config import AdapterConfig
 from stylelora.errors import UserError
 
@@ -37,24 +36,9 @@ LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr
 ALGOS = {"loha": LOHA_PARTS, "lokr": LOKR_PARTS}
 
 
-def lycoris_config(
-    cfg: AdapterConfig,
-    rank: int,
-    alpha: float,
-    targets: Targets,
-    conv: tuple[int, float],
-    ranks: dict[str, tuple[int, float]] | None = None,
-) -> LycorisConfig:
-    """PEFT's LoHa or LoKr config; ranks and alphas per module as `lora_config` gives them."""
-    patterns = {path: conv for path in targets.conv} | (ranks or {})
-    common = {
-        "r": rank,
-        "alpha": alpha,
-        "target_modules": targets.main + targets.conv,
-        "rank_pattern": {path: value[0] for path, value in patterns.items()},
-        "alpha_pattern": {path: value[1] for path, value in patterns.items()},
-        "module_dropout": cfg.module_dropout,
-    }
+def lycoris_config(cfg: AdapterConfig, rank: int, alpha: float, keywords: dict) -> LycorisConfig:
+    """PEFT's LoHa or LoKr config; `keywords`: the targets and per-module ranks and alphas."""
+    common = {"r": rank, "alpha": alpha, **keywords, "module_dropout": cfg.module_dropout}
     if cfg.type == "loha":
         return LoHaConfig(**common)
     # LyCORIS's initialisation (w2 zero, w1 random), as LyCORIS users train LoKr.

@@ -39,6 +39,19 @@ class Targets:
     main: list[str]
     conv: list[str] = field(default_factory=list)
 
+    def peft_keywords(
+        self, conv: tuple[int, float], ranks: dict[str, tuple[int, float]] | None = None
+    ) -> dict:
+        """PEFT's target_modules and rank/alpha patterns, the same for LoRA, LoHa and LoKr: the
+        3x3 convolutions get rank and alpha `conv`, the modules in `ranks` (full paths) their
+        own (block-wise dims)."""
+        patterns = {path: conv for path in self.conv} | (ranks or {})
+        return {
+            "target_modules": self.main + self.conv,
+            "rank_pattern": {path: value[0] for path, value in patterns.items()},
+            "alpha_pattern": {path: value[1] for path, value in patterns.items()},
+        }
+
 
 def is_pointwise(module: torch.nn.Module) -> bool:
     """A Linear, or a Conv2d with a 1x1 kernel: kohya gives these the main rank."""
