@@ -14,7 +14,7 @@ AUTOMATIC1111 (`network_hada.py`, `network_lokr.py`) and ComfyUI (`weight_adapte
 
 PEFT scales every module by alpha / r, also a LoKr of two full matrices, where LyCORIS and the
 UIs take 1: such a module is trained at scale 1 (`full_matrix_scale`), as LyCORIS trains it, and
-written with its scale folded into `lokr_w1`. Tucker factors (`hada_t1`,
+the writer folds whatever scale the layer has into `lokr_w1`. Tucker factors (`hada_t1`,
 `hada_t2`, `lokr_t2`) are read from other trainers' files; stylelora does not train them.
 """
 
