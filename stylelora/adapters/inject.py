@@ -8,6 +8,7 @@ every PEFT before 0.22), which must not stop a training run.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import torch
@@ -27,6 +28,9 @@ from stylelora.families.base import ModelFamily
 __all__ = ["ADAPTER_NAME", "TEXT_ENCODER_TARGETS", "UNET_TARGETS", "inject_adapters"]
 
 ADAPTER_NAME = "default"
+
+# Where an adapter parameter's name leaves its module's path: PEFT's LoRA (and DoRA), LoHa, LoKr.
+ADAPTER_PART = re.compile(r"\.(?:lora|hada|lokr)_")
 
 PEFT_INIT = {"kaiming": True, "gaussian": "gaussian"}  # True: kohya's Kaiming-uniform down, zero up
 
@@ -102,6 +106,12 @@ def inject_adapters(
             if param.requires_grad:
                 param.data = param.data.float()
     return adapted
+
+
+def adapted_module(parameter_name: str) -> str:
+    """The path of the module an adapter parameter belongs to: `x.lora_A.default.weight`,
+    `x.hada_w1_a.default` and `x.lokr_w1.default` all give `x`."""
+    return ADAPTER_PART.split(parameter_name, maxsplit=1)[0]
 
 
 def adapter_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:

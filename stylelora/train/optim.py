@@ -14,7 +14,7 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch.optim.lr_scheduler import LRScheduler
 
-from stylelora.adapters.inject import adapter_parameters
+from stylelora.adapters.inject import adapted_module, adapter_parameters
 from stylelora.config import TrainConfig
 from stylelora.errors import UserError
 
@@ -102,7 +102,7 @@ def parameter_groups(
         for name, param in module.named_parameters():
             if not param.requires_grad:
                 continue
-            weight = weights.get(name.split(".lora_")[0], 1.0)
+            weight = weights.get(adapted_module(name), 1.0)
             up = bool(cfg.loraplus_lr_ratio) and "lora_B" in name
             split.setdefault((weight, up), []).append(param)
         for (weight, up), params in sorted(split.items(), key=lambda item: item[0][1]):

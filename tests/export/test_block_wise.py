@@ -8,7 +8,7 @@ from lora_helpers import fresh_pipe, max_diff, randomise, rendered
 from safetensors import safe_open
 
 from stylelora.adapters.blocks import full_paths, plan_blocks, preset_weights
-from stylelora.adapters.inject import inject_adapters
+from stylelora.adapters.inject import adapted_module, inject_adapters
 from stylelora.adapters.targets import unet_targets
 from stylelora.config import AdapterConfig, TrainConfig
 from stylelora.errors import UserError
@@ -50,9 +50,10 @@ def test_kohyas_named_curves():
         preset_weights("wavy", 12)
 
 
-def test_block_rates_scale_each_modules_learning_rate_and_zero_leaves_it_out():
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_block_rates_scale_each_modules_learning_rate_and_zero_leaves_it_out(kind):
     family = load_family(str(tiny_model_path("sd15")))
-    adapter = AdapterConfig(rank=4, unet_targets="attn-mlp")
+    adapter = AdapterConfig(type=kind, rank=4, unet_targets="attn-mlp")
     # the tiny UNet's attention blocks are 1, 12, 16 and 17; 16 falls under the threshold
     train = TrainConfig(
         learning_rate=1e-3,
@@ -68,8 +69,8 @@ def test_block_rates_scale_each_modules_learning_rate_and_zero_leaves_it_out():
     lr_of = {id(p): group["lr"] for group in groups for p in group["params"]}
     seen = set()
     for name, param in family.unet.named_parameters():
-        if "lora_" in name:
-            block = block_of(family, name.split(".lora_")[0])
+        if param.requires_grad:
+            block = block_of(family, adapted_module(name))
             assert lr_of[id(param)] == pytest.approx(1e-3 * expected[block]), name
             seen.add(block)
     assert seen == {1, 12, 17}  # block 16's weight is under the threshold: no adapter there
