@@ -34,18 +34,13 @@ def regularisation_draws(repeats: list[int], training_draws: int) -> list[int]:
     images in order with their folder's repeats until the training draws are reached (images
     after that point are not drawn), then adds one draw to each in turn up to that count."""
     draws = [0] * len(repeats)
-    if not repeats:
-        return draws
     total = 0
     for index, count in enumerate(repeats):
         if total >= training_draws:
             return draws
         draws[index] = count
         total += count
-    while total < training_draws:
-        for index in range(len(draws)):
-            if total >= training_draws:
-                break
-            draws[index] += 1
-            total += 1
-    return draws
+    # every image registered and draws still short: the rounds of one more each, the last
+    # round stopping part-way
+    rounds, first = divmod(max(0, training_draws - total), len(draws) or 1)
+    return [count + rounds + (index < first) for index, count in enumerate(draws)]
