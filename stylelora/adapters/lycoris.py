@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -92,16 +93,16 @@ class LycorisModule:
 
     def factor(self, side: str) -> torch.Tensor:
         """LoHa's `w1`/`w2` product or LoKr's `w1`/`w2` matrix, unscaled, in fp32."""
-        p = {k: v.float() for k, v in self.parts.items()}
-        prefix = "hada_" if self.algo == "loha" else "lokr_"
-        full = p.get(f"{prefix}{side}")
-        if full is not None:
-            return full
-        a, b = p[f"{prefix}{side}_a"], p[f"{prefix}{side}_b"]
-        core = p.get(f"{prefix}t{side[-1]}")
-        return cp_weight(core, a, b) if core is not None else a @ b
+        name = ("hada_" if self.algo == "loha" else "lokr_") + side
+        if name in self.parts:
+            return self.parts[name].float()
+        a, b = self.parts[f"{name}_a"].float(), self.parts[f"{name}_b"].float()
+        core = self.parts.get(name.replace("_w", "_t"))  # hada_t1, hada_t2, lokr_t2
+        return cp_weight(core.float(), a, b) if core is not None else a @ b
 
+    @cached_property
     def product(self) -> torch.Tensor:
+        """The unscaled ΔW, computed once (a module's parts do not change once it is made)."""
         w1, w2 = self.factor("w1"), self.factor("w2")
         if self.algo == "loha":
             return w1 * w2
@@ -112,20 +113,19 @@ class LycorisModule:
     @property
     def weight_shape(self) -> tuple[int, ...]:
         """The product's shape; a convolution's may be flattened to (out, in * k * k)."""
-        return tuple(self.product().shape)
+        return tuple(self.product.shape)
 
     def fits(self, shape: tuple[int, ...]) -> bool:
-        rows, *_ = self.weight_shape
-        return rows == shape[0] and math.prod(self.weight_shape) == math.prod(shape)
+        return self.product.shape[0] == shape[0] and self.product.numel() == math.prod(shape)
 
     def delta(self, shape: tuple[int, ...]) -> torch.Tensor:
         """What the module adds to a weight of `shape` at strength 1, in fp32."""
-        return (self.scale() * self.product()).reshape(shape)
+        return (self.scale() * self.product).reshape(shape)
 
     @property
     def in_width(self) -> int:
         """The adapted layer's inputs (times its kernel, for a convolution)."""
-        return self.product()[0].numel()
+        return self.product[0].numel()
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         out = {f"{name}.{key}": value.contiguous() for key, value in self.parts.items()}
@@ -149,7 +149,7 @@ def lycoris_problems(name: str, module: LycorisModule) -> list[str]:
     if missing:
         return [f"{name}: {', '.join(missing)} missing"]
     try:
-        module.product()
+        module.product  # noqa: B018 (computing it is the check)
     except (RuntimeError, KeyError):
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(parts.items()))
         return [f"{name}: its {module.algo} tensors do not multiply ({shapes})"]
@@ -178,8 +178,8 @@ def peft_to_lycoris(
                 f"{name}: {algo} on a fused module cannot be written in LyCORIS's layout"
             )
         layer = module.get_submodule(path)
-        written = LycorisModule(algo, parts, float(layer.alpha[adapter_name]))
-        if written.rank is None:  # two full matrices: the UIs scale by 1
+        alpha = float(layer.alpha[adapter_name])
+        if LycorisModule(algo, parts, alpha).rank is None:  # two full matrices: the UIs scale by 1
             parts["lokr_w1"] = parts["lokr_w1"] * layer.scaling[adapter_name]
-        tensors.update(written.tensors(name))
+        tensors.update(LycorisModule(algo, parts, alpha).tensors(name))
     return tensors
