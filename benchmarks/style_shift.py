@@ -19,6 +19,7 @@ the base's, silhouette IoU at least 0.5, and at scale 0.5 a palette distance bet
     python benchmarks/style_shift.py --adapter runs/demo-style/demo-style.safetensors
     python benchmarks/style_shift.py --train [--set train.min_snr_gamma=5 ...]
     python benchmarks/style_shift.py --adapter A --seeds 7,8,9 --subjects bone,ghost,car
+    python benchmarks/style_shift.py --train --held-out    # prompts the default run does not use
     python benchmarks/style_shift.py --train --config configs/demo-flux.toml   # the Flux twin
 
 The Flux twin (`demo:flux`, trained with caption dropout and its guidance embedding at 1.0) is
@@ -56,8 +57,11 @@ SIZE = 64
 PALETTE_SIZE = 6  # clusters asked of k-means; the style set has four fills and charcoal
 FOREGROUND_DISTANCE = 60.0
 # By default every fourth subject of each group, with these seeds: the other subjects and
-# seeds are left for checks with prompts the benchmark does not use.
+# seeds are left for checks with prompts the benchmark does not use. `--held-out` is one such
+# check: every fourth subject from the third, with other seeds.
 DEFAULT_SEEDS = (0, 1, 2)
+HELD_OUT_SEEDS = (7, 8, 9)
+HELD_OUT_FIRST = 2
 
 
 def style_images(folder: Path = STYLE_DIR, size: int = SIZE) -> list[Image.Image]:
@@ -261,19 +265,25 @@ def main(argv: list[str] | None = None) -> list[Row]:
                         help="with --train: a config override, as train --set")  # fmt: skip
     parser.add_argument("--config", type=Path, default=CONFIG, help="the demo config to train")
     parser.add_argument("--model", help="the base to render (default: the config's model)")
-    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)))
+    parser.add_argument("--seeds", help=f"comma-separated; default: {DEFAULT_SEEDS}")
     parser.add_argument("--subjects", help="comma-separated; default: every 4th of each group")
+    parser.add_argument("--held-out", action="store_true",
+                        help="the other prompts: every 4th subject from the third, seeds "
+                             f"{HELD_OUT_SEEDS}")  # fmt: skip
     parser.add_argument("--scales", default="0.5,1.0")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--size", type=int, default=SIZE, help="render at this many pixels")
     parser.add_argument("--grid", type=Path, help="save the renders here, one row per scale")
     args = parser.parse_args(argv)
+    if args.held_out and (args.seeds or args.subjects):
+        parser.error("--held-out chooses the subjects and seeds: leave out --seeds and --subjects")
     args.model = args.model or tomllib.loads(args.config.read_text())["model"]
 
-    seeds = [int(s) for s in args.seeds.split(",")]
+    default_seeds = HELD_OUT_SEEDS if args.held_out else DEFAULT_SEEDS
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(default_seeds)
     scales = [float(s) for s in args.scales.split(",")]
-    groups = subject_groups(args.subjects)
+    groups = subject_groups(args.subjects, HELD_OUT_FIRST if args.held_out else 0)
     if args.table is not None:
         unknown = [name for name in args.table if name not in OPTIONS]
         if unknown:
@@ -303,15 +313,16 @@ def main(argv: list[str] | None = None) -> list[Row]:
     return rows
 
 
-def subject_groups(chosen: str | None) -> dict[str, list[str]]:
+def subject_groups(chosen: str | None, first: int = 0) -> dict[str, list[str]]:
+    """The subjects in `chosen`, by group; else every fourth of each group from `first`."""
     style_names = [name for name, _ in STYLE_SUBJECTS]
     if chosen:
         names = chosen.split(",")
         groups = {"in style set": [s for s in names if s in style_names],
                   "not in style set": [s for s in names if s not in style_names]}  # fmt: skip
     else:
-        groups = {"in style set": style_names[::4],
-                  "not in style set": [name for name, _ in OTHER_SUBJECTS][::4]}  # fmt: skip
+        groups = {"in style set": style_names[first::4],
+                  "not in style set": [name for name, _ in OTHER_SUBJECTS][first::4]}  # fmt: skip
     return {k: v for k, v in groups.items() if v}
 
 

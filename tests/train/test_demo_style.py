@@ -39,3 +39,16 @@ def test_a_short_lora_moves_an_unseen_subject_toward_the_style_palette(tmp_path:
     assert adapted.distance <= DISTANCE_FRACTION * base.distance, (base, adapted)
     assert adapted.texture > base.texture  # dots, hatching and outlines
     assert adapted.iou >= 0.4  # the ghost is still there
+
+
+def test_held_out_prompts_are_none_of_the_benchmarks_own() -> None:
+    """`style_shift.py --held-out` checks a result on subjects and seeds the default run never
+    renders, so a demo tuned to the benchmark's own prompts shows there."""
+    own, held_out = (
+        style_shift.subject_groups(None),
+        style_shift.subject_groups(None, style_shift.HELD_OUT_FIRST),
+    )
+    assert own.keys() == held_out.keys() == {"in style set", "not in style set"}
+    for group in own:
+        assert held_out[group] and not set(own[group]) & set(held_out[group]), group
+    assert not set(style_shift.DEFAULT_SEEDS) & set(style_shift.HELD_OUT_SEEDS)
