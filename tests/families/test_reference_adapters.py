@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = HERE / "data" / "reference_adapters.safetensors"
@@ -96,8 +97,6 @@ def train_case(name: str, workdir: Path, data: Path) -> dict[str, torch.Tensor]:
         result = train(cfg)
     finally:
         torch.set_num_threads(threads)
-    from safetensors.torch import load_file
-
     return load_file(result.adapter_path)
 
 
@@ -112,8 +111,6 @@ def demo_images(folder: Path, count: int = 4) -> Path:
 
 
 def references(name: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     prefix = f"{name}/"
     stored = load_file(REFERENCE)
     return {k.removeprefix(prefix): v for k, v in stored.items() if k.startswith(prefix)}
@@ -131,8 +128,6 @@ def test_same_seed_gives_the_reference_adapter(name, tmp_path):
 def write_references() -> None:
     """Train every case and record its tensors (run as a script, deliberately)."""
     os.environ.setdefault("STYLELORA_CACHE", tempfile.mkdtemp(prefix="stylelora-ref-cache-"))
-    from safetensors.torch import save_file
-
     tensors = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = demo_images(Path(tmp) / "data")
