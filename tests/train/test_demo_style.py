@@ -20,7 +20,7 @@ import style_shift  # noqa: E402
 
 # The palette distance of the adapted picture is at most this fraction of the base's; the run is
 # bitwise repeatable on the CPU, so the margin covers other CPUs and library versions only.
-DISTANCE_FRACTION = 0.85  # 300 steps measured 0.81 (72.4 to 58.6)
+DISTANCE_FRACTION = 0.75  # 300 steps measured 0.63 (80.5 to 50.9)
 STEPS = 300  # the demo's learning rate and batch, fewer steps
 
 
@@ -33,11 +33,11 @@ def test_a_short_lora_moves_an_unseen_subject_toward_the_style_palette(tmp_path:
     train(cfg)
     adapter = cfg.output_dir / f"{cfg.name}.safetensors"
     groups = {"not in style set": ["ghost"]}  # a subject the style set has not
-    rows, _ = style_shift.measure(adapter, groups, seeds=[0, 1], scales=[1.0], steps=12,
-                                  guidance=5.0, model=cfg.model)  # fmt: skip
+    rows, _ = style_shift.measure(adapter, groups, seeds=[0, 1], scales=[1.0], steps=20,
+                                  guidance=2.0, model=cfg.model)  # fmt: skip
     base, adapted = rows
     assert adapted.distance <= DISTANCE_FRACTION * base.distance, (base, adapted)
-    assert adapted.texture > base.texture  # dots, hatching and outlines
+    assert adapted.texture > base.texture  # dots, hatching and outlines (0.81 to 0.98)
     assert adapted.iou >= 0.4  # the ghost is still there
 
 
