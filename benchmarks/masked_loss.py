@@ -27,6 +27,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import make_demo  # noqa: E402
 from style_shift import (  # noqa: E402
     DEFAULT_SEEDS,
+    GUIDANCE,
+    STEPS,
     STYLE_DIR,
     fresh,
     prompts,
@@ -59,8 +61,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--unmasked-weight", type=float, default=0.0)
     parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)))
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps")
-    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--steps", type=int, default=STEPS, help="sampling steps")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE)
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     groups = subject_groups(None)

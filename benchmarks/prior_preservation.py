@@ -33,7 +33,9 @@ from flat_shapes import article  # noqa: E402
 from make_demo import TRIGGER  # noqa: E402
 from style_shift import (  # noqa: E402
     DEFAULT_SEEDS,
+    GUIDANCE,
     SIZE,
+    STEPS,
     STYLE_DIR,
     fresh,
     palette_distance,
@@ -45,7 +47,6 @@ from style_shift import (  # noqa: E402
 )
 
 MODEL = "demo:sd15"
-GUIDANCE, STEPS = 2.0, 20
 
 
 def class_caption(caption: str) -> str:

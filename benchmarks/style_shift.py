@@ -49,7 +49,7 @@ from make_demo import SUBJECTS as STYLE_SUBJECTS  # noqa: E402
 from make_demo import TRIGGER  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from base_quality import guidance_kwargs, reconstructions  # noqa: E402
+from base_quality import GUIDANCE, STEPS, guidance_kwargs, reconstructions  # noqa: E402
 
 STYLE_DIR = ROOT / "datasets" / "demo-style"
 CONFIG = ROOT / "configs" / "demo.toml"
@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                         help="the other prompts: every 4th subject from the third, seeds "
                              f"{HELD_OUT_SEEDS}")  # fmt: skip
     parser.add_argument("--scales", default="0.5,1.0")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--guidance", type=float, default=GUIDANCE)
     parser.add_argument("--size", type=int, default=SIZE, help="render at this many pixels")
     parser.add_argument("--grid", type=Path, help="save the renders here, one row per scale")
     args = parser.parse_args(argv)

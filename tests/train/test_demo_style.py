@@ -33,11 +33,12 @@ def test_a_short_lora_moves_an_unseen_subject_toward_the_style_palette(tmp_path:
     train(cfg)
     adapter = cfg.output_dir / f"{cfg.name}.safetensors"
     groups = {"not in style set": ["ghost"]}  # a subject the style set has not
-    rows, _ = style_shift.measure(adapter, groups, seeds=[0, 1], scales=[1.0], steps=20,
-                                  guidance=2.0, model=cfg.model)  # fmt: skip
+    rows, _ = style_shift.measure(adapter, groups, seeds=[0, 1], scales=[1.0],
+                                  steps=style_shift.STEPS, guidance=style_shift.GUIDANCE,
+                                  model=cfg.model)  # fmt: skip
     base, adapted = rows
     assert adapted.distance <= DISTANCE_FRACTION * base.distance, (base, adapted)
-    assert adapted.texture > base.texture  # dots, hatching and outlines (0.81 to 0.98)
+    assert adapted.texture > base.texture  # the style's edges on flat fills (0.81 to 0.98)
     assert adapted.iou >= 0.4  # the ghost is still there
 
 
