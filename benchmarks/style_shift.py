@@ -199,17 +199,20 @@ def merge(adapter: Path, out: Path, model: str) -> str:
 
 # What each option does to the style, for the README's table: `--set` overrides of the demo.
 OPTIONS: dict[str, list[str]] = {
-    "default (configs/demo.toml, `attn-mlp`)": [],
+    "default (configs/demo.toml: `full`, LoRA+ 4, timesteps below 700)": [],
     "text-encoder adapters": ["adapter.text_encoder=true"],
     "`attention` only": ["adapter.unet_targets='attention'"],
-    "`full` (LoCon)": ["adapter.unet_targets='full'"],
+    "`attn-mlp` (kohya's default)": ["adapter.unet_targets='attn-mlp'"],
+    "all timesteps": ["train.max_timestep=''"],
     "DoRA": ["adapter.use_dora=true"],
-    "LoHa (LyCORIS, rank 8)": ["adapter.type='loha'"],
-    "LoKr (LyCORIS, rank 8, factor -1)": ["adapter.type='lokr'"],
+    # LyCORIS has no up matrices for LoRA+ to speed up
+    "LoHa (LyCORIS, rank 8)": ["adapter.type='loha'", "train.loraplus_lr_ratio=''"],
+    "LoKr (LyCORIS, rank 8, factor -1)": ["adapter.type='lokr'", "train.loraplus_lr_ratio=''"],
     "min-SNR 5": ["train.min_snr_gamma=5.0"],
     "noise offset 0.05": ["train.noise_offset=0.05"],
     "EMA 0.99, exported instead": ["train.ema_decay=0.99", "train.ema_export='instead'"],
     "LoRA+ 16": ["train.loraplus_lr_ratio=16"],
+    "no LoRA+": ["train.loraplus_lr_ratio=''"],
     "Prodigy (lr 1)": ["train.optimizer='prodigy'", "train.learning_rate=1.0"],
     "AdamW8bit": ["train.optimizer='adamw8bit'"],
     "`quantize_base = nf4`": ["train.quantize_base='nf4'"],

@@ -299,6 +299,12 @@ class TrainConfig(Section):
     max_nonfinite_steps: PositiveInt = 10
     log_with: Literal["tensorboard", "none"] = "tensorboard"
 
+    @field_validator("max_timestep", "loraplus_lr_ratio", mode="before")
+    @classmethod
+    def empty_means_none(cls, value):
+        """`--set train.loraplus_lr_ratio=''` takes a config's setting away (the default)."""
+        return None if value == "" else value
+
     @model_validator(mode="after")
     def _timestep_range(self) -> TrainConfig:
         if self.max_timestep is not None and self.max_timestep <= self.min_timestep:
