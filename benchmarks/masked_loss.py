@@ -1,5 +1,5 @@
-"""What masked loss does on the demo base: trained with the background masked out, the style
-adapter should change the background of its pictures less, and the subject as before.
+"""What masked loss does on the demo base: whether, trained with the background masked out, the
+style adapter changes the background of its pictures less, and the subject as before.
 
 Writes each demo image's subject mask (`datasets/make_demo.py --masks`: the subject and its
 outlines white, the halftone background black), trains the README's demo twice, with

@@ -112,8 +112,32 @@ def parameter_groups(
     return groups
 
 
+# The settings that give parameter groups learning rates of their own.
+PER_GROUP_RATES = (
+    "loraplus_lr_ratio",
+    "text_encoder_lr",
+    "down_lr_weight",
+    "mid_lr_weight",
+    "up_lr_weight",
+)
+
+
+def check_one_rate(groups: list[dict], cfg: TrainConfig) -> None:
+    """Prodigy estimates one step size for all parameters and stops at its first step when a
+    group has another learning rate (other than 0): refuse that before the model trains."""
+    rates = {group.get("lr", cfg.learning_rate) for group in groups} - {0.0}
+    if cfg.optimizer == "prodigy" and len(rates) > 1:
+        causes = [f"train.{key}" for key in PER_GROUP_RATES if getattr(cfg, key) is not None]
+        raise UserError(
+            f"train.optimizer = 'prodigy' takes one learning rate for every parameter, and "
+            f"{' and '.join(causes)} gives groups their own: remove it, or choose another "
+            "optimizer"
+        )
+
+
 def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     cls = check_optimizer(cfg)
+    check_one_rate(groups, cfg)
     try:
         return cls(groups, lr=cfg.learning_rate, **{**default_args(cfg), **cfg.optimizer_args})
     except (TypeError, ValueError) as exc:

@@ -20,7 +20,7 @@ import style_shift  # noqa: E402
 
 # The palette distance of the adapted picture is at most this fraction of the base's; the run is
 # bitwise repeatable on the CPU, so the margin covers other CPUs and library versions only.
-DISTANCE_FRACTION = 0.75  # 300 steps measured 0.63 (80.5 to 50.9)
+DISTANCE_FRACTION = 0.6  # 300 steps measured 0.45 (80.5 to 35.9)
 STEPS = 300  # the demo's learning rate and batch, fewer steps
 
 
@@ -38,8 +38,8 @@ def test_a_short_lora_moves_an_unseen_subject_toward_the_style_palette(tmp_path:
                                   model=cfg.model)  # fmt: skip
     base, adapted = rows
     assert adapted.distance <= DISTANCE_FRACTION * base.distance, (base, adapted)
-    assert adapted.texture > base.texture  # the style's edges on flat fills (0.81 to 0.98)
-    assert adapted.iou >= 0.4  # the ghost is still there
+    assert adapted.texture > base.texture  # the style's edges on flat fills (0.81 to 1.16)
+    assert adapted.iou >= 0.5  # the ghost is still there (measured 0.71)
 
 
 def test_held_out_prompts_are_none_of_the_benchmarks_own() -> None:

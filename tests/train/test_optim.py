@@ -9,7 +9,12 @@ from tiny_runs import adapter_tensors, overfit, tiny_run
 
 from stylelora.config import TrainConfig, load_config
 from stylelora.errors import UserError
-from stylelora.train.optim import build_lr_scheduler, build_optimizer, check_optimizer
+from stylelora.train.optim import (
+    build_lr_scheduler,
+    build_optimizer,
+    check_optimizer,
+    parameter_groups,
+)
 
 # 8-bit state for every tensor: the tiny adapters are below bitsandbytes' 4096-value default.
 OPTIMIZERS = [
@@ -53,6 +58,29 @@ def test_bad_optimizer_argument_value_is_one_line():
     with pytest.raises(UserError, match=r"^train.optimizer_args: adamw refused them") as err:
         build_optimizer([{"params": [param]}], cfg)
     assert "\n" not in str(err.value)
+
+
+def test_prodigy_refuses_loraplus_before_training_in_one_line():
+    """Prodigy itself would stop at the first step with a traceback from inside its package."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = inject_adapter_in_model(
+        LoraConfig(r=2, target_modules=["proj"]),
+        torch.nn.ModuleDict({"proj": torch.nn.Linear(4, 4)}),
+    )
+    loraplus = TrainConfig(optimizer="prodigy", learning_rate=1.0, loraplus_lr_ratio=4.0)
+    groups = parameter_groups({"lora_unet": model}, loraplus)
+    assert sorted(g["lr"] for g in groups) == [1.0, 4.0]
+    with pytest.raises(UserError, match=r"^train.optimizer = 'prodigy' .* train.loraplus_lr_ratio "
+                                        r"gives groups their own: remove it") as err:  # fmt: skip
+        build_optimizer(groups, loraplus)
+    assert "\n" not in str(err.value)
+
+    plain = TrainConfig(optimizer="prodigy", learning_rate=1.0)
+    optimizer = build_optimizer(parameter_groups({"lora_unet": model}, plain), plain)
+    for param in model.parameters():
+        param.grad = torch.ones_like(param) if param.requires_grad else None
+    optimizer.step()  # one rate: Prodigy steps
 
 
 def test_missing_prodigy_names_the_extra(monkeypatch):
