@@ -59,6 +59,8 @@ def profile_config(args: argparse.Namespace, root: Path, steps: int) -> Config:
             f"adapter.rank={args.rank}",
             f"adapter.alpha={args.rank}",
             "adapter.unet_targets='attention'",
+            "train.max_timestep=''",
+            "train.loraplus_lr_ratio=''",
             "train.log_with='none'",
             "train.checkpoint_every_n_steps=0",
             "sample.prompts=[]",

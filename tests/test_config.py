@@ -104,6 +104,13 @@ def test_an_empty_prompts_file_takes_the_configs_prompts_away():
     assert cfg.sample.prompts_file is None and cfg.sample.prompts == ["a"]
 
 
+def test_empty_values_take_the_configs_timestep_range_and_loraplus_away():
+    demo = load_config(DEMO_CONFIG).train
+    assert (demo.max_timestep, demo.loraplus_lr_ratio) == (700, 4.0)
+    plain = load_config(DEMO_CONFIG, ["train.max_timestep=''", "train.loraplus_lr_ratio=''"]).train
+    assert (plain.max_timestep, plain.loraplus_lr_ratio) == (None, None)
+
+
 def test_validation_dir_and_split_together_are_refused():
     with pytest.raises(UserError, match="validation.dir or validation.split, not both"):
         load_config(DEMO_CONFIG, ["validation.split=0.2", "validation.dir='held-out'"])
