@@ -129,9 +129,8 @@ def check_one_rate(groups: list[dict], cfg: TrainConfig) -> None:
     if cfg.optimizer == "prodigy" and len(rates) > 1:
         causes = [f"train.{key}" for key in PER_GROUP_RATES if getattr(cfg, key) is not None]
         raise UserError(
-            f"train.optimizer = 'prodigy' takes one learning rate for every parameter, and "
-            f"{' and '.join(causes)} gives groups their own: remove it, or choose another "
-            "optimizer"
+            f"train.optimizer = 'prodigy' takes one learning rate for every parameter: remove "
+            f"{' and '.join(causes)} (a learning rate per group), or choose another optimizer"
         )
 
 
