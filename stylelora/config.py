@@ -11,7 +11,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stylelora.errors import UserError
 
@@ -38,6 +46,8 @@ NonNegFloat = Annotated[float, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 ColorByte = Annotated[int, Field(ge=0, le=255)]
+# An optional setting that `--set section.key=''` takes away again (back to unset)
+Unsettable = BeforeValidator(lambda value: None if value == "" else value)
 
 
 class Section(BaseModel):
@@ -261,7 +271,7 @@ class TrainConfig(Section):
     multires_noise_iterations: NonNegInt = 0
     multires_noise_discount: Probability = 0.3
     min_timestep: NonNegInt = 0
-    max_timestep: PositiveInt | None = None
+    max_timestep: Annotated[PositiveInt | None, Unsettable] = None
     loss_type: Literal["l2", "huber", "smooth_l1"] = "l2"
     huber_c: PositiveFloat = 0.1
     # kohya's masked_loss: each pixel's loss weighted by the image's mask; where the mask is
@@ -293,17 +303,11 @@ class TrainConfig(Section):
     prior_preservation_class: str = ""
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     ema_export: Literal["beside", "instead"] = "beside"
-    loraplus_lr_ratio: PositiveFloat | None = None
+    loraplus_lr_ratio: Annotated[PositiveFloat | None, Unsettable] = None
     checkpoint_every_n_steps: NonNegInt = 500
     checkpoints_keep: PositiveInt = 2
     max_nonfinite_steps: PositiveInt = 10
     log_with: Literal["tensorboard", "none"] = "tensorboard"
-
-    @field_validator("max_timestep", "loraplus_lr_ratio", mode="before")
-    @classmethod
-    def empty_means_none(cls, value):
-        """`--set train.loraplus_lr_ratio=''` takes a config's setting away (the default)."""
-        return None if value == "" else value
 
     @model_validator(mode="after")
     def _timestep_range(self) -> TrainConfig:
@@ -317,7 +321,7 @@ class TrainConfig(Section):
 
 class SampleConfig(Section):
     prompts: list[str] = Field(default_factory=list)
-    prompts_file: Path | None = None
+    prompts_file: Annotated[Path | None, Unsettable] = None
     every_n_steps: NonNegInt = 0
     num_inference_steps: PositiveInt = 20
     guidance_scale: Annotated[float, Field(ge=0)] = 7.5
@@ -327,12 +331,6 @@ class SampleConfig(Section):
     height: PositiveInt | None = None
     scheduler: Literal["default", "euler", "euler_a", "ddim", "dpmpp_2m"] = "default"
     every_n_epochs: NonNegInt = 0
-
-    @field_validator("prompts_file", mode="before")
-    @classmethod
-    def empty_means_none(cls, value):
-        """`--set sample.prompts_file=''` takes a config's prompt file away (no previews)."""
-        return None if value == "" else value
 
 
 class ValidationConfig(Section):
