@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ from memory_speed import TensorBytes, gib
 
 from stylelora.adapters.inject import inject_adapters
 from stylelora.cli import quiet_libraries
-from stylelora.config import PRESETS_DIR, Config, load_config
+from stylelora.config import Config, load_config, preset_path
 from stylelora.families.flux import Flux
 from stylelora.train.placement import WEIGHT_DTYPES, enable_gradient_checkpointing
 from stylelora.train.quantize import quantizable_linears
@@ -189,7 +190,7 @@ def flux_on_meta(cfg: Config) -> Flux:
     """Flux.1 dev on the meta device in the preset's dtype, quantized and adapted as it says."""
     dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
     family = Flux.on_meta_device()
-    family.set_t5_options(cfg.t5_max_length, cfg.apply_t5_attn_mask)
+    family.configure(cfg.family_settings())
     for module in family.modules():
         module.to(dtype)
     check_block_swapping(cfg.train, len(family.swappable_blocks()))
@@ -205,7 +206,7 @@ def flux_on_meta(cfg: Config) -> Flux:
 
 
 def preset_config(name: str, overrides: list[str]) -> Config:
-    cfg = load_config(PRESETS_DIR / f"{name}.toml", ["data.dir='.'", *overrides])
+    cfg = load_config(preset_path(name, Path.cwd()), ["data.dir='.'", *overrides])
     if cfg.train.mixed_precision == "fp16":
         cfg.train.mixed_precision = "bf16"  # the same bytes; meta runs either
     return cfg

@@ -44,7 +44,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from stylelora.adapters.inject import adapters_disabled
 from stylelora.cli import quiet_libraries
-from stylelora.config import PRESETS_DIR, Config, load_config
+from stylelora.config import Config, load_config, preset_path
 from stylelora.data.dataset import derived_generator
 from stylelora.errors import UserError
 from stylelora.families import detect_family, load_family
@@ -267,7 +267,8 @@ def benchmark_config(args: argparse.Namespace, data_root: Path) -> tuple[Config,
     """The preset (or the demo config) with the benchmark's data, resolution and overrides, and
     whether its fp16 is counted as bf16: on the CPU, where accelerate runs no fp16, bf16 has
     the same bytes."""
-    base = PRESETS_DIR / (f"{args.preset}.toml" if args.preset else "demo.toml")
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
+    base = preset_path(args.preset, Path.cwd()) if args.preset else demo
     cfg = load_config(base, [*args.overrides])
     batch = args.batch_size or cfg.train.batch_size
     data = write_images(data_root / "data", 2 * batch, args.resolution)

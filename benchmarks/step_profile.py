@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_speed import random_family, write_images  # noqa: E402
 
 from stylelora.cli import quiet_libraries  # noqa: E402
-from stylelora.config import PRESETS_DIR, Config, load_config  # noqa: E402
+from stylelora.config import Config, load_config  # noqa: E402
 from stylelora.families import load_family  # noqa: E402
 from stylelora.families.base import ModelFamily  # noqa: E402
 from stylelora.train.profile import StepProfile  # noqa: E402
@@ -48,7 +48,7 @@ def profile_config(args: argparse.Namespace, root: Path, steps: int) -> Config:
     if not data.exists():
         write_images(data, args.images, args.resolution)
     cfg = load_config(
-        PRESETS_DIR / "demo.toml",
+        Path(__file__).resolve().parents[1] / "configs" / "demo.toml",
         [
             f"data.dir={str(data)!r}",
             f"data.resolution={args.resolution}",

@@ -20,7 +20,7 @@ The result is a complete diffusers folder (fp16 safetensors, the SD1.5 scheduler
 `DiffusionPipeline.from_pretrained` loads; its tokenizer folder holds the configs only, the
 package adds the BPE files it already ships (see `stylelora/families/demo.py`).
 
-    python datasets/pretrain_demo_base.py                  # stylelora/families/demo_base/
+    python datasets/pretrain_demo_base.py                  # stylelora/families/sd15/demo/
     python datasets/pretrain_demo_base.py --resume         # continue an interrupted run
     python datasets/pretrain_demo_base.py --tiny --processes 1 --out /tmp/base --steps 2
 
@@ -67,7 +67,7 @@ from stylelora.export.atomic import give_umask_modes  # noqa: E402
 from stylelora.families.skeletons import skeleton_dir, source_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "stylelora" / "families" / "demo_base"
+DEFAULT_OUT = ROOT / "stylelora" / "families" / "sd15" / "demo"
 SIZE = 64
 # SD1.5's training schedule; sampling uses PNDM with the same betas, as SD1.5's model_index.
 SCHEDULE = dict(

@@ -20,7 +20,7 @@ run is the run that was not interrupted, and two runs on one machine write bitwi
 weights. The folder written holds the transformer, T5 and its tokenizer and the scheduler;
 `stylelora/families/demo.py` adds the VAE and CLIP of `demo:sd15` when it assembles the model.
 
-    python datasets/pretrain_demo_flux.py                  # stylelora/families/demo_flux/
+    python datasets/pretrain_demo_flux.py                  # stylelora/families/flux/demo/
     python datasets/pretrain_demo_flux.py --resume         # continue an interrupted run
     python datasets/pretrain_demo_flux.py --tiny --processes 1 --out /tmp/flux --steps 2
 """
@@ -63,7 +63,7 @@ from stylelora.families.objective import FlowMatchObjective, NoisedBatch  # noqa
 from stylelora.families.skeletons import source_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "stylelora" / "families" / "demo_flux"
+DEFAULT_OUT = ROOT / "stylelora" / "families" / "flux" / "demo"
 # T5 tokens per caption: a word each (the captions have at most 15), with room for unknown
 # words spelled out.
 T5_LENGTH = 32
@@ -212,7 +212,7 @@ def twin(args: argparse.Namespace, folder: Path, captions: list[str]) -> Flux:
     for frozen in (pipe.vae, pipe.text_encoder):
         frozen.requires_grad_(False)
     family = Flux(pipe)
-    family.set_t5_options(T5_LENGTH, False)
+    family.configure({"t5_max_length": T5_LENGTH})
     return family
 
 

@@ -14,6 +14,8 @@ from stylelora.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from stylelora.families.registry import family_names
+
     parser = argparse.ArgumentParser(
         prog="stylelora", description="Train and use LoRA adapters for Stable Diffusion."
     )
@@ -44,23 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="render an image with an adapter")
     add_model_arguments(sample)
-    sample.add_argument(
-        "--prediction-type",
-        choices=["auto", "epsilon", "v_prediction"],
-        default="auto",
-        help="override the model's prediction type (auto: its scheduler config)",
-    )
-    sample.add_argument(
-        "--clip-skip", type=int, help="as kohya and AUTOMATIC1111 count it: 2 = penultimate layer"
-    )
-    sample.add_argument(
-        "--t5-max-length",
-        type=int,
-        help="Flux: T5 tokens per prompt (default 512 dev, 256 schnell)",
-    )
-    sample.add_argument(
-        "--apply-t5-attn-mask", action="store_true", help="Flux: mask T5's padding, as trained"
-    )
+    add_option_arguments(sample)
     sample.add_argument(
         "--adapter",
         type=Path,
@@ -92,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser(
         "make-tiny-model", help="write a tiny random diffusers pipeline (for demos and tests)"
     )
-    tiny.add_argument("--family", default="sd15", help="model family: sd15, sd2, sdxl or flux")
+    tiny.add_argument(
+        "--family", default=family_names()[0], help=f"model family: {', '.join(family_names())}"
+    )
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("folder", type=Path)
     tiny.set_defaults(run=run_make_tiny_model)
@@ -124,11 +112,20 @@ def add_ui_command(commands) -> None:
 
 def add_tool_commands(commands) -> None:
     """export, merge, resize, combine, inspect: see stylelora/export/tools.py."""
+    from stylelora.families.registry import ui_formats
+
     export = commands.add_parser("export", help="convert an adapter between formats")
     export.add_argument(
         "adapter", type=Path, help="kohya or diffusers .safetensors, or a PEFT folder or file"
     )
-    export.add_argument("--format", choices=["kohya", "diffusers", "peft"], required=True)
+    export.add_argument(
+        "--format",
+        choices=["kohya", "comfyui", "diffusers", "peft"],
+        required=True,
+        help="kohya, comfyui: the layout the UIs read for the adapter's family ("
+        + "; ".join(f"{fmt}: {titles}" for fmt, titles in ui_formats().items())
+        + ")",
+    )
     export.add_argument("--out", type=Path, required=True, help="file (peft: a folder)")
     export.add_argument(
         "--model", help="base model whose module names to use (default: the family's)"
@@ -195,11 +192,13 @@ def shell_word(text: str) -> str:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, and where a single file's configs and (for a Flux transformer) parts are."""
+    """--model, and where a single file's configs and the files its family keeps apart are."""
+    from stylelora.families.registry import declared_parts, model_names, owner_titles
+
     parser.add_argument(
         "--model",
         required=True,
-        help='base model: hub id, folder, single file, "demo:sd15" or "tiny:sdxl"',
+        help=f"base model: hub id, folder, single file, or one of {', '.join(model_names())}",
     )
     parser.add_argument(
         "--model-config",
@@ -207,18 +206,50 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="diffusers folder of component configs for a single-file model "
         "(default: the family's bundled configs)",
     )
-    for flag, usual in (("ae", "ae"), ("clip-l", "clip_l"), ("t5xxl", "t5xxl_fp16")):
+    for key, part in declared_parts().items():
         parser.add_argument(
-            f"--{flag}",
+            f"--{key.replace('_', '-')}",
+            dest=f"part_{key}",
             type=Path,
-            help=f"Flux transformer file: its {usual}.safetensors (or a diffusers folder)",
+            help=f"{owner_titles(key)} transformer file: its {part.usual} (or a diffusers folder)",
         )
+
+
+def add_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """The family options that are flags too, named as their config keys with dashes."""
+    from stylelora.families.registry import declared_options
+
+    for key, option in declared_options().items():
+        if option.flag is not None:
+            parser.add_argument(f"--{option.field.replace('_', '-')}", dest=f"option_{key}",
+                                **option.flag)  # fmt: skip
 
 
 def model_source(args: argparse.Namespace) -> dict:
     """load_family's arguments for where the model's files are."""
-    parts = {"ae": args.ae, "clip_l": args.clip_l, "t5xxl": args.t5xxl}
+    from stylelora.families.registry import declared_parts
+
+    parts = {key: getattr(args, f"part_{key}") for key in declared_parts()}
     return {"config": str(args.model_config) if args.model_config else None, "parts": parts}
+
+
+def option_settings(args: argparse.Namespace) -> dict:
+    """The family options given as flags, checked as the config checks them."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from stylelora.families.registry import declared_options
+
+    settings = {}
+    for key, option in declared_options().items():
+        value = getattr(args, f"option_{key}", None)
+        if option.flag is None or value is None:
+            continue
+        try:
+            settings[key] = TypeAdapter(option.annotation).validate_python(value)
+        except ValidationError as exc:
+            message = exc.errors()[0]["msg"]
+            raise UserError(f"--{option.field.replace('_', '-')} {value}: {message}") from None
+    return settings
 
 
 def run_sample(args: argparse.Namespace) -> None:
@@ -226,18 +257,10 @@ def run_sample(args: argparse.Namespace) -> None:
     from stylelora.sample.adapter import render_with_adapter
     from stylelora.sample.prompts import SamplePrompt, on_size_grid
 
-    if args.clip_skip is not None and args.clip_skip < 1:
-        raise UserError(f"--clip-skip {args.clip_skip}: must be 1 or more (2 = penultimate)")
     for flag in ("scale", "guidance"):
         if not math.isfinite(getattr(args, flag)):
             raise UserError(f"--{flag} {getattr(args, flag)}: must be a finite number")
-    family = load_family(
-        args.model,
-        clip_skip=args.clip_skip - 1 if args.clip_skip else None,
-        prediction_type=args.prediction_type,
-        **model_source(args),
-    )
-    family.set_t5_options(args.t5_max_length, args.apply_t5_attn_mask)
+    family = load_family(args.model, settings=option_settings(args), **model_source(args))
     for note in family.notes:
         print(note)
     side = family.default_resolution
@@ -340,10 +363,11 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     from stylelora.versions import check_installed, refusal
 
-    args = build_parser().parse_args(argv)
     try:
         check_installed()
         quiet_libraries()
+        # after both: the parser's flags come from the families, which import the libraries
+        args = build_parser().parse_args(argv)
         status = args.run(args)
     except UserError as exc:
         print(f"stylelora: error: {exc}", file=sys.stderr)

@@ -1,5 +1,8 @@
 """The training config: pydantic models of the TOML file, and the one place defaults live.
 
+The keys only some model families take (a Flux.1 transformer file's `ae`, `clip_skip`,
+`adapter.train_blocks`, ...) are declared by those families (families/base.py's `Part` and
+`Option`) and added here to their section; the loaded model's family refuses another's.
 Relative paths written in a config file resolve against the file's folder, so a config runs the
 same from any working directory; paths given on the command line resolve against the current one.
 """
@@ -17,28 +20,19 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
 from stylelora.errors import UserError
+from stylelora.families.registry import declared_options, declared_parts, preset_files
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10, which kohya's installers still use
     import tomli as tomllib
 
-
-def _presets_dir() -> Path:
-    """configs/ of a checkout (stylelora/presets links to it), or the copies a wheel holds."""
-    packaged = (Path(__file__).parent / "presets").resolve()
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parents[1] / "configs"  # a checkout without symlinks
-
-
-# The VRAM presets: complete configs, also layered under a user's file by `preset = "<name>"`.
-PRESETS_DIR = _presets_dir()
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -53,6 +47,22 @@ Unsettable = BeforeValidator(lambda value: None if value == "" else value)
 class Section(BaseModel):
     # inf and nan parse as TOML floats; no setting here means anything with them
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def with_family_keys(section: type[Section], key: str) -> type[Section]:
+    """`section` (the config's `[key]` table, "" the top level) with a field for each family
+    option declared there, and at the top level one for each family part (a path)."""
+    fields: dict[str, Any] = {
+        option.field: (option.annotation, Field(default=option.default, description=option.help))
+        for option in declared_options().values()
+        if option.section == key
+    }
+    if not key:
+        fields |= {
+            part.key: (Path | None, Field(default=None, description=part.help))
+            for part in declared_parts().values()
+        }
+    return create_model(section.__name__, __base__=section, __module__=__name__, **fields)
 
 
 # ".txt", ".caption", ".tags.txt": a dot, then name characters, no path separators or spaces
@@ -201,11 +211,6 @@ class AdapterConfig(Section):
     conv_alpha: PositiveFloat | None = None  # unset: alpha
     use_dora: bool = False
     module_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    # Which transformer blocks get adapters (Flux; kohya's train_blocks and
-    # train_double_block_indices / train_single_block_indices); unset indices: every block.
-    train_blocks: Literal["all", "double", "single"] = "all"
-    double_block_indices: list[NonNegInt] | None = None
-    single_block_indices: list[NonNegInt] | None = None
 
     # kohya's block-wise ranks for UNets, one value per block (adapters/blocks.py; 0: none)
     block_dims: list[NonNegInt] | None = None
@@ -239,6 +244,9 @@ class AdapterConfig(Section):
         return self
 
 
+AdapterConfig = with_family_keys(AdapterConfig, "adapter")
+
+
 class TrainConfig(Section):
     max_steps: PositiveInt = 1000
     batch_size: PositiveInt = 1
@@ -265,7 +273,6 @@ class TrainConfig(Section):
     # The denoiser's last N blocks wait on the CPU and visit the device for their forward and
     # its recomputation (kohya's blocks_to_swap; Flux: 19 double then 38 single blocks).
     blocks_to_swap: NonNegInt = 0
-    zero_terminal_snr: bool = False
     min_snr_gamma: PositiveFloat | None = None
     noise_offset: Annotated[float, Field(ge=0)] = 0.0
     multires_noise_iterations: NonNegInt = 0
@@ -319,6 +326,9 @@ class TrainConfig(Section):
         return self
 
 
+TrainConfig = with_family_keys(TrainConfig, "train")
+
+
 class SampleConfig(Section):
     prompts: list[str] = Field(default_factory=list)
     prompts_file: Annotated[Path | None, Unsettable] = None
@@ -347,29 +357,16 @@ class ValidationConfig(Section):
 
 class Config(Section):
     preset: str | None = Field(
-        default=None, description="A VRAM preset in configs/ (or a TOML path) this file overrides."
+        default=None, description="A VRAM preset (or a TOML path) this file overrides."
     )
     name: Annotated[str, Field(min_length=1, pattern=r"^[\w.\-]+$")]
     model: str = Field(
-        description='A hub id, a diffusers folder, a single-file checkpoint, "demo:sd15" (the '
-        'shipped pretrained demo base) or "tiny:sd15" (random weights).'
+        description="A hub id, a diffusers folder, a single-file checkpoint, demo:FAMILY (a "
+        "shipped pretrained demo model) or tiny:FAMILY (random weights)."
     )
     single_file_config: Path | None = Field(
         default=None, description="Diffusers folder of component configs for a single file."
     )
-    # A Flux.1 transformer file's other parts (kohya's --ae, --clip_l, --t5xxl): files or
-    # diffusers folders; unset, they come from single_file_config's folder.
-    ae: Path | None = None
-    clip_l: Path | None = None
-    t5xxl: Path | None = None
-    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"
-    clip_skip: PositiveInt | None = None
-    # T5 tokens per prompt (kohya's t5xxl_max_token_length), for models with T5 (Flux);
-    # unset: what the model was trained with, 512 for Flux.1 dev, 256 for schnell.
-    t5_max_length: Annotated[int, Field(ge=1, le=512)] | None = None
-    # Mask T5's padding in T5 and in the transformer's joint attention (kohya's option of the
-    # same name; BFL trained without it, so off by default).
-    apply_t5_attn_mask: bool = False
     output_dir: Path = Path("output")
     seed: int = 0
     data: DataConfig
@@ -445,6 +442,23 @@ class Config(Section):
             raise ValueError("set validation.dir or validation.split, not both")
         return self
 
+    def family_settings(self) -> dict[str, Any]:
+        """Every family option's value by dotted key; the loaded model's family takes its own."""
+        settings = {}
+        for key in declared_options():
+            value: Any = self
+            for part in key.split("."):
+                value = getattr(value, part)
+            settings[key] = value
+        return settings
+
+    def part_paths(self) -> dict[str, Path | None]:
+        """The files of the model given on their own, by the family part's key."""
+        return {key: getattr(self, key) for key in declared_parts()}
+
+
+Config = with_family_keys(Config, "")
+
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a TOML config, apply `key=value` overrides, validate; UserError names what is wrong."""
@@ -474,17 +488,20 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*-*gb.toml"))
+    """The VRAM presets: complete configs each family ships (`families/<name>/presets/`), also
+    layered under a user's file by `preset = "<name>"`."""
+    return sorted(preset_files())
 
 
 def preset_path(preset: str, base: Path) -> Path:
-    """A preset's file: a name from configs/ (`sdxl-8gb`) or a TOML path (relative to `base`)."""
+    """A preset's file: a family's preset by name (`sdxl-8gb`) or a TOML path (relative to
+    `base`)."""
     if preset.endswith(".toml"):
         return base / preset
-    if preset in preset_names():
-        return PRESETS_DIR / f"{preset}.toml"
-    known = ", ".join(preset_names()) or f"none in {PRESETS_DIR}"
-    raise UserError(f"preset: no preset {preset!r} (known: {known})")
+    files = preset_files()
+    if preset in files:
+        return files[preset]
+    raise UserError(f"preset: no preset {preset!r} (known: {', '.join(sorted(files))})")
 
 
 def _layer_preset(raw: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -521,9 +538,7 @@ _PATH_KEYS = (
     ("sample", "prompts_file"),
     ("output_dir",),
     ("single_file_config",),
-    ("ae",),
-    ("clip_l",),
-    ("t5xxl",),
+    *((key,) for key in declared_parts()),
     ("validation", "dir"),
 )
 

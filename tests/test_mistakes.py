@@ -53,9 +53,10 @@ def test_non_finite_guidance_in_a_prompt_or_on_the_command_line(capsys):
 
 
 def test_clip_skip_beyond_the_text_encoders_layers(tiny_sd15_dir, tmp_path, capsys):
-    assert load_family(str(tiny_sd15_dir), clip_skip=1).clip_skip == 1  # kohya's 2 of 2 layers
+    # kohya's 2 of 2 layers is diffusers' 1
+    assert load_family(str(tiny_sd15_dir), settings={"clip_skip": 2}).clip_skip == 1
     with pytest.raises(UserError, match=r"clip_skip = 3: the text encoder has 2 layers"):
-        load_family(str(tiny_sd15_dir), clip_skip=2)
+        load_family(str(tiny_sd15_dir), settings={"clip_skip": 3})
     argv = ["sample", "--model", str(tiny_sd15_dir), "--prompt", "a", "--out", "x.png"]
     assert main([*argv, "--clip-skip", "12"]) == 2
     err = capsys.readouterr().err.strip()

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 from safetensors.torch import load_file
 
-from stylelora.config import PRESETS_DIR, load_config, preset_names
+from stylelora.config import load_config, preset_names, preset_path
 from stylelora.errors import UserError
 from stylelora.train.trainer import train
 
@@ -17,32 +17,36 @@ PRESETS = ["sd15-4gb", "sd15-8gb", "sdxl-6gb", "sdxl-8gb", "sdxl-12gb", "sdxl-24
 PRESETS += ["flux-8gb", "flux-12gb", "flux-16gb", "flux-24gb"]
 
 
-def test_every_preset_is_there():
-    assert PRESETS_DIR == ROOT / "configs"
+def test_every_preset_is_there_in_its_familys_folder():
     assert preset_names() == sorted(PRESETS)
+    for name in PRESETS:
+        family = name.rpartition("-")[0]
+        assert preset_path(name, ROOT) == ROOT / f"stylelora/families/{family}/presets/{name}.toml"
 
 
 def test_an_installed_package_finds_the_presets_it_carries(tmp_path):
-    """A wheel holds copies of configs/ in stylelora/presets (pyproject's package-data), where
-    a checkout has a link; this copies the package as a wheel lays it out."""
+    """A wheel holds the families' folders with their presets (pyproject's package-data); this
+    copies the package as a wheel lays it out, away from the checkout."""
     site = tmp_path / "site"
     ignore = shutil.ignore_patterns("__pycache__")
     shutil.copytree(ROOT / "stylelora", site / "stylelora", symlinks=False, ignore=ignore)
-    code = "from stylelora.config import PRESETS_DIR as d, preset_names as n; print(d, *n())"
+    code = (
+        "from stylelora.config import preset_names as n, preset_path as p; "
+        "print(p('sdxl-8gb', '.'), *n())"
+    )
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
     found, *names = out.stdout.split()
-    assert found == str(site / "stylelora" / "presets") and names == sorted(PRESETS)
+    assert found == str(site / "stylelora/families/sdxl/presets/sdxl-8gb.toml")
+    assert names == sorted(PRESETS)
 
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_each_preset_loads_as_a_config(name, tmp_path):
-    cfg = load_config(
-        PRESETS_DIR / f"{name}.toml", [f"data.dir={str(tmp_path)!r}", "model='tiny:sd15'"]
-    )
+    cfg = load_config(preset_path(name, ROOT), [f"data.dir={str(tmp_path)!r}", "model='tiny:sd15'"])
     assert cfg.data.dir == tmp_path and cfg.model == "tiny:sd15"
     assert cfg.train.gradient_checkpointing and cfg.data.cache_latents
     assert cfg.train.mixed_precision != "no"
@@ -59,9 +63,7 @@ def test_each_preset_trains_the_tiny_model_of_its_family(name, demo_subset, tmp_
     user = tmp_path / "mine.toml"
     family = name.split("-")[0]
     swap = (
-        "blocks_to_swap = 1\n"
-        if load_config(PRESETS_DIR / f"{name}.toml").train.blocks_to_swap
-        else ""
+        "blocks_to_swap = 1\n" if load_config(preset_path(name, ROOT)).train.blocks_to_swap else ""
     )
     user.write_text(
         f'preset = "{name}"\nname = "mine"\nmodel = "tiny:{family}"\noutput_dir = "run"\n'
@@ -72,7 +74,7 @@ def test_each_preset_trains_the_tiny_model_of_its_family(name, demo_subset, tmp_
     demo_subset(4).rename(tmp_path / "images")
     result = train(load_config(user))
     tensors = load_file(result.adapter_path)
-    preset = load_config(PRESETS_DIR / f"{name}.toml")
+    preset = load_config(preset_path(name, ROOT))
     prefixes = {key.split("_")[0] + "_" + key.split("_")[1] for key in tensors}
     assert ("lora_unet" in prefixes) and (len(prefixes) > 1) == preset.adapter.text_encoder
     assert any(k.endswith("lora_up.weight") and t.abs().max() > 0 for k, t in tensors.items())
@@ -111,7 +113,7 @@ def test_a_preset_lends_its_settings_but_not_its_images_output_folder_or_name(tm
     with pytest.raises(UserError, match=r"mine.toml: name: required key is missing$"):
         load_config(user)
     cfg = load_config(user, ["name='mine'"])
-    preset = load_config(PRESETS_DIR / "sdxl-8gb.toml")
+    preset = load_config(preset_path("sdxl-8gb", ROOT))
     assert cfg.output_dir != preset.output_dir and cfg.data.dir == tmp_path / "images"
     assert cfg.data.resolution == preset.data.resolution == 1024
 

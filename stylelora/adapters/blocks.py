@@ -24,7 +24,7 @@ import torch
 from stylelora.adapters.targets import Targets
 from stylelora.config import AdapterConfig, TrainConfig
 from stylelora.errors import UserError
-from stylelora.families.base import ModelFamily
+from stylelora.families.base import DENOISER, ModelFamily
 
 PRESET = re.compile(r"(cosine|sine|linear|reverse_linear|zeros)(?:\+([0-9.]+))?")
 
@@ -128,7 +128,7 @@ def plan_blocks(
     plan = BlockPlan(main=[], conv=[])
     for conv, paths in ((False, full_paths(family.unet, targets.main)), (True, targets.conv)):
         for path in paths:
-            block = family.kohya_block_index(family.kohya_name("lora_unet", path))
+            block = family.kohya_block_index(family.file_module(DENOISER, path)[0])
             weight = weights[block] if weights is not None and block >= 0 else 1.0
             rank = module_rank(block, conv, adapter, dims, alphas, conv_dims, conv_alphas)
             if weight == 0.0 or rank[0] == 0:

@@ -79,7 +79,7 @@ def inject_adapters(
     Every base weight is frozen; adapter weights are kept in fp32 whatever the base dtype, so
     mixed-precision training updates them at full precision.
     """
-    if cfg.type != "lora" and family.kohya_fuses:
+    if cfg.type != "lora" and family.fuses_modules:
         raise UserError(
             f"adapter.type = {cfg.type!r}: {family.name}'s kohya layout fuses modules (q, k, v in "
             'one), which LyCORIS\'s layout cannot hold; use adapter.type = "lora"'

@@ -60,13 +60,13 @@ def block_alpha(module: torch.nn.Module, alpha: float, down: torch.Tensor) -> fl
 def peft_to_kohya(
     module: torch.nn.Module,
     prefix: str,
-    kohya_part: Callable[[str, str], tuple[str, tuple[str, ...]]],
+    file_module: Callable[[str, str], tuple[str, tuple[str, ...]]],
 ) -> dict[str, torch.Tensor]:
-    """kohya tensors for the adapters in `module`; `kohya_part(prefix, path)` names each one's
-    kohya module and the paths of every module fused into it, in output order. LoHa and LoKr
-    adapters are written in LyCORIS's layout (adapters/lycoris.py)."""
+    """kohya tensors for the adapters in `module`; `file_module(prefix, path)` names each one's
+    module in the family's files and the paths of every module fused into it, in output order.
+    LoHa and LoKr adapters are written in LyCORIS's layout (adapters/lycoris.py)."""
     if is_lycoris(module, ADAPTER_NAME):
-        return peft_to_lycoris(module, prefix, kohya_part, ADAPTER_NAME)
+        return peft_to_lycoris(module, prefix, file_module, ADAPTER_NAME)
     # No embedding check: it looks the base model up on the hub, and no embeddings are adapted.
     state = get_peft_model_state_dict(
         module, adapter_name=ADAPTER_NAME, save_embedding_layers=False
@@ -78,7 +78,7 @@ def peft_to_kohya(
         if part not in PEFT_TO_KOHYA:
             raise ValueError(f"unexpected adapter tensor {key!r}")
         grouped.setdefault(module_path, {})[PEFT_TO_KOHYA[part]] = value.detach().float()
-    kohya_modules = dict(kohya_part(prefix, module_path) for module_path in grouped)
+    kohya_modules = dict(file_module(prefix, module_path) for module_path in grouped)
     tensors: dict[str, torch.Tensor] = {}
     for name, members in kohya_modules.items():
         if len(members) > 1:

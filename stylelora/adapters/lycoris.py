@@ -157,7 +157,7 @@ def lycoris_problems(name: str, module: LycorisModule) -> list[str]:
 
 
 def peft_to_lycoris(
-    module: torch.nn.Module, prefix: str, kohya_part, adapter_name: str
+    module: torch.nn.Module, prefix: str, file_module, adapter_name: str
 ) -> dict[str, torch.Tensor]:
     """LyCORIS tensors, under kohya's names, for the LoHa or LoKr adapters in `module`."""
     algo = "loha" if isinstance(module.peft_config[adapter_name], LoHaConfig) else "lokr"
@@ -172,7 +172,7 @@ def peft_to_lycoris(
         grouped.setdefault(path, {})[part] = value.detach().float()
     tensors: dict[str, torch.Tensor] = {}
     for path, parts in grouped.items():
-        name, members = kohya_part(prefix, path)
+        name, members = file_module(prefix, path)
         if len(members) > 1:
             raise UserError(
                 f"{name}: {algo} on a fused module cannot be written in LyCORIS's layout"

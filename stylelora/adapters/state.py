@@ -1,8 +1,12 @@
-"""An adapter file in memory: kohya-named modules (down, up, alpha, dora_scale; or LyCORIS's
-LoHa and LoKr tensors) and their checks.
+"""An adapter file in memory: its modules under the names the family's UI layout gives them
+(down, up, alpha, dora_scale; or LyCORIS's LoHa and LoKr tensors) and their checks.
 
-The tools (resize, combine, convert, merge, inspect) all read and write through this, so a file
-from kohya sd-scripts, LyCORIS or stylelora is handled the same way.
+Two layouts hold them on disk: kohya's (`lora_unet_..._to_q.lora_down.weight`, `.lora_up.weight`,
+`.alpha`), which the UIs read for SD1.x, SD2.x, SDXL and Flux.1; and ComfyUI's for the newer
+transformers (`diffusion_model.<module>.lora_A.weight` and `.lora_B.weight`, as ai-toolkit and
+musubi-tuner write them), told apart by the module name (a dotted path). In memory both use
+kohya's suffixes. The tools (resize, combine, convert, merge, inspect) all read and write through
+this, so a file from kohya sd-scripts, LyCORIS, ai-toolkit or stylelora is handled the same way.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ from safetensors import SafetensorError, safe_open
 
 from stylelora.adapters.lycoris import ALGOS, LycorisModule, lycoris_problems
 from stylelora.errors import UserError, first_line
+from stylelora.families.registry import FAMILIES, adapter_components, adapter_prefixes
 
 PARTS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 PARTS[".dora_scale"] = "dora_scale"
 SUFFIXES = {part: suffix for suffix, part in PARTS.items()}
+# ComfyUI's layout names the pair as PEFT does, with alpha / rank folded into lora_B.
+AB_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up"}
+PARTS.update(AB_SUFFIXES)
 PARTS.update({f".{part}": part for parts in ALGOS.values() for part in parts})
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
 @dataclass
@@ -118,6 +125,33 @@ class Adapter:
         for name, module in sorted(self.modules.items()):
             out.update(module.tensors(name))
         return out
+
+
+def in_ab_layout(name: str) -> bool:
+    """Whether a module is named in ComfyUI's layout (a dotted module path; kohya's names have
+    no dot), whose LoRA pair is lora_A / lora_B."""
+    return "." in name
+
+
+def file_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors with kohya's suffixes as the file holds them: a LoRA module named in ComfyUI's
+    layout keeps lora_A and lora_B, alpha / rank folded into lora_B and no alpha key, as
+    ai-toolkit and musubi-tuner write them (diffusers' Flux.2 loader refuses an alpha key; every
+    reader takes a missing alpha as the rank). LyCORIS modules keep their own names."""
+    out = {}
+    for key, value in tensors.items():
+        name, part = split_key(key) or (key, "")
+        pair = f"{name}.lora_down.weight" in tensors
+        if not (in_ab_layout(name) and pair) or part not in ("down", "up", "alpha"):
+            out[key] = value
+        elif part == "down":
+            out[f"{name}.lora_A.weight"] = value
+        elif part == "up":
+            rank = tensors[f"{name}.lora_down.weight"].shape[0]
+            alpha = tensors.get(f"{name}.alpha")
+            scale = 1.0 if alpha is None else float(alpha) / rank
+            out[f"{name}.lora_B.weight"] = (value.float() * scale).to(value.dtype).contiguous()
+    return out
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -297,23 +331,34 @@ def open_checked(path: str | Path) -> Iterator[Any]:
         raise UserError(f"{path}: not a readable .safetensors file ({first_line(exc)})") from None
 
 
-def convert_command(path: str | Path) -> str:
-    """The `stylelora export` command that writes `path` (any layout export reads) as kohya's.
+def convert_command(path: str | Path, fmt: str = "kohya") -> str:
+    """The `stylelora export` command that writes `path` (any layout export reads) in the UI
+    layout `fmt` (kohya or comfyui).
 
     A PEFT component's file is converted with its siblings: the folder `export --format peft`
     wrote, so that the text encoders' adapters come along.
     """
     source = Path(path)
-    if source.name == "adapter_model.safetensors" and source.parent.name in (
-        "unet",
-        "text_encoder",
-        "text_encoder_2",
-    ):
+    if source.name == "adapter_model.safetensors" and source.parent.name in adapter_components():
         source = source.parent.parent
-    out = source.with_name(f"{source.name.removesuffix('.safetensors')}-kohya.safetensors")
+    out = source.with_name(f"{source.name.removesuffix('.safetensors')}-{fmt}.safetensors")
     return (
-        f"stylelora export {shlex.quote(str(source))} --format kohya --out {shlex.quote(str(out))}"
+        f"stylelora export {shlex.quote(str(source))} --format {fmt} --out {shlex.quote(str(out))}"
     )
+
+
+def convert_hint(path: str | Path, metadata: dict[str, str]) -> str:
+    """How to convert a file to the layout its family's UIs read: the command, where the
+    metadata names the family; else one for each layout, with the families it is for."""
+    version = metadata.get("ss_base_model_version", "")
+    formats = {f.native_format for f in FAMILIES if version.startswith(f.base_version_prefix)}
+    if len(formats) == 1:
+        return f"convert it with: {convert_command(path, formats.pop())}"
+    hints = []
+    for fmt in dict.fromkeys(f.native_format for f in FAMILIES):
+        titles = ", ".join(f.title for f in FAMILIES if f.native_format == fmt)
+        hints.append(f"{convert_command(path, fmt)} (for {titles})")
+    return "convert it with one of: " + "; ".join(hints)
 
 
 def checked_adapter(
@@ -328,11 +373,12 @@ def checked_adapter(
 
 
 def read_adapter(path: str | Path) -> Adapter:
-    """A kohya-format adapter file; any problem in it is a UserError that names it."""
+    """An adapter file in a UI layout; any problem in it is a UserError that names it."""
     tensors, metadata = read_tensors(path)
-    if not any(key.startswith(KOHYA_PREFIXES) for key in tensors):
+    if not any(key.startswith(adapter_prefixes()) for key in tensors):
+        known = "/".join(adapter_prefixes())
         raise UserError(
-            f"{path}: not a kohya-format LoRA (no lora_unet_/lora_te_ keys); "
-            f"convert it with: {convert_command(path)}"
+            f"{path}: not a LoRA in a layout the UIs read (no {known} keys); "
+            + convert_hint(path, metadata)
         )
     return checked_adapter(path, tensors, metadata)

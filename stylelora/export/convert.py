@@ -1,6 +1,9 @@
-"""Convert adapters between kohya's format, diffusers' (`save_lora_weights`) and PEFT folders.
+"""Convert adapters between the UI layouts, diffusers' (`save_lora_weights`) and PEFT folders.
 
-- kohya: `lora_unet_*` / `lora_te*_` keys, `.lora_down/.lora_up/.alpha` (what the UIs read).
+- kohya: `lora_unet_*` / `lora_te*_` keys, `.lora_down/.lora_up/.alpha` (what the UIs read for
+  SD1.x, SD2.x, SDXL and Flux.1).
+- comfyui: `diffusion_model.<module>.lora_A/.lora_B` (what ComfyUI reads for the newer
+  transformers, and their trainers write).
 - diffusers: `unet.<path>.lora_A.weight` … with each component's LoraConfig (r, lora_alpha,
   rank_pattern, alpha_pattern) in the `lora_adapter_metadata` header, as `save_lora_weights` writes.
 - peft: a folder per component (`unet/`, `text_encoder/`…) holding `adapter_config.json` and
@@ -19,7 +22,6 @@ from peft import LoraConfig
 
 from stylelora.adapters.kohya import fuse
 from stylelora.adapters.state import (
-    KOHYA_PREFIXES,
     Adapter,
     LoraModule,
     checked_adapter,
@@ -29,13 +31,13 @@ from stylelora.adapters.state import (
 from stylelora.errors import UserError
 from stylelora.export.atomic import atomic_dir, save_tensors
 from stylelora.export.names import Target, family_targets
-from stylelora.families.base import ModelFamily
+from stylelora.families.base import DENOISER, ModelFamily
+from stylelora.families.registry import FAMILIES, adapter_components
 
 DIFFUSERS_METADATA = "lora_adapter_metadata"
 PEFT_PARTS = {".lora_A.weight": "lora_down", ".lora_B.weight": "lora_up"}
 PEFT_PREFIX = "base_model.model."
 PEFT_FILE = "adapter_model.safetensors"
-COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 CONFIG_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern")
 
 
@@ -130,10 +132,15 @@ def pattern_value(config: dict, key: str, pattern: str, path: str, default):
     return config.get(key, default)
 
 
+UI_FORMATS = ("kohya", "comfyui")
+
+
 def file_format(keys: list[str]) -> str:
-    """kohya, diffusers (`unet.<path>.lora_A.weight`), peft (`base_model.model.<path>...`)."""
-    if any(k.startswith(KOHYA_PREFIXES) for k in keys):
-        return "kohya"
+    """A UI layout (kohya, comfyui), diffusers (`unet.<path>.lora_A.weight`) or peft
+    (`base_model.model.<path>...`)."""
+    for family in FAMILIES:
+        if any(k.startswith(family.file_prefixes()) for k in keys):
+            return family.native_format
     if any(k.startswith(PEFT_PREFIX) for k in keys):
         return "peft"
     if any(k.endswith(".lora_A.weight") for k in keys):
@@ -151,17 +158,19 @@ def peft_components(path: Path) -> dict[str, Path]:
     peft` writes), one component's folder, or its `adapter_model.safetensors`."""
     path = Path(path)
     if path.is_dir() and not (path / PEFT_FILE).is_file():
-        found = {c: path / c / PEFT_FILE for c in COMPONENTS if (path / c / PEFT_FILE).is_file()}
+        components = adapter_components()
+        found = {c: path / c / PEFT_FILE for c in components if (path / c / PEFT_FILE).is_file()}
         if not found:
             raise UserError(f"{path}: no component folder (unet/, text_encoder/) with {PEFT_FILE}")
     else:
         file = path / PEFT_FILE if path.is_dir() else path
         found = {file.parent.resolve().name: file}
     for component, file in found.items():
-        if component not in COMPONENTS:
+        if component not in adapter_components():
             raise UserError(
                 f"{file}: a PEFT adapter file must be in a folder named for what it adapts "
-                f"({', '.join(COMPONENTS)}), as `stylelora export --format peft` writes it"
+                f"({', '.join(adapter_components())}), as `stylelora export --format peft` "
+                "writes it"
             )
     return found
 
@@ -223,7 +232,7 @@ def diffusers_adapter(
     """
     tensors, metadata, configs = parts
     prefixes = {
-        family.denoiser_attr: "lora_unet",
+        family.denoiser_attr: DENOISER,
         **{a: p for p, a in family.text_encoder_attrs.items()},
     }
     pairs = diffusers_pairs(tensors, prefixes, family, path)
@@ -277,10 +286,10 @@ def kohya_groups(
     groups = {}
     for component, module_path in pairs:
         try:
-            name, members = family.kohya_part(prefixes[component], module_path)
+            name, members = family.file_module(prefixes[component], module_path)
         except ValueError:
             raise UserError(
-                f"{path}: {component}.{module_path} is not a module kohya's {family.name} "
+                f"{path}: {component}.{module_path} is not a module the {family.title} "
                 "layout names (an adapter for another model?)"
             ) from None
         groups[name] = (component, members)

@@ -16,9 +16,10 @@ from stylelora.adapters.state import (
     read_tensors,
 )
 from stylelora.errors import UserError
-from stylelora.export.convert import adapter_format, diffusers_parts
+from stylelora.export.convert import UI_FORMATS, adapter_format, diffusers_parts
 from stylelora.export.lora_file import file_hashes
 from stylelora.export.names import diffusers_family, file_family
+from stylelora.families.registry import adapter_prefixes
 
 KINDS = (
     ("attn1", "self-attention"),
@@ -65,9 +66,15 @@ def counted(values, none: str = "full") -> str:
     return ", ".join(f"{v} ({n})" for v, n in sorted(named.items()))
 
 
+def component(name: str) -> str:
+    """The component a module's name puts it in: its prefix (`lora_te1`, `diffusion_model`)."""
+    prefix = next((p for p in adapter_prefixes() if name.startswith(p)), name)
+    return prefix.rstrip("_.")
+
+
 def describe(path: Path, adapter: Adapter, fmt: str) -> list[str]:
     modules = adapter.modules
-    components = Counter("_".join(name.split("_")[:2]) for name in modules)
+    components = Counter(component(name) for name in modules)
     lines = [
         f"file: {path} ({path.stat().st_size / 2**20:.2f} MiB)",
         f"format: {fmt}"
@@ -100,18 +107,21 @@ def hash_problem(tensors, metadata) -> list[str]:
 
 
 def other_layout(path: Path, fmt: str) -> list[str]:
-    """A diffusers or PEFT layout: what it holds and the command that converts it to kohya's."""
+    """A diffusers or PEFT layout: what it holds and the command that converts it to the
+    layout the UIs read."""
     tensors, metadata, configs = diffusers_parts(path, fmt)
     components = Counter(key.partition(".")[0] for key in tensors)
+    family = diffusers_family(tensors, metadata)
     return [
         f"file: {path}",
         f"format: {fmt}",
-        f"family: {diffusers_family(tensors, metadata).name}"
+        f"family: {family.name}"
         + ("" if "ss_base_model_version" in metadata else " (told from names/shapes)"),
         "tensors: " + ", ".join(f"{c}: {n}" for c, n in sorted(components.items())),
         f"ranks: {counted(v.shape[0] for k, v in tensors.items() if k.endswith('lora_A.weight'))}",
         f"config keys: {len(configs)}",
-        f"UIs read kohya's format; convert with: {convert_command(path)}",
+        f"UIs read {family.native_format}'s layout; convert with: "
+        + convert_command(path, family.native_format),
     ]
 
 
@@ -122,10 +132,12 @@ def inspect_file(path: str | Path) -> list[str]:
     if fmt in ("diffusers", "peft"):
         return other_layout(path, fmt)
     tensors, metadata = read_tensors(path)
-    if fmt != "kohya":
+    if fmt not in UI_FORMATS:
         keys = sorted(tensors)[:3]
-        return [f"file: {path}", "format: unknown (no kohya, diffusers or PEFT LoRA keys)"] + [
-            f"tensors: {len(tensors)}, e.g. {keys}"
+        return [
+            f"file: {path}",
+            "format: unknown (no kohya, ComfyUI, diffusers or PEFT LoRA keys)",
+            f"tensors: {len(tensors)}, e.g. {keys}",
         ]
     modules, problems = modules_from_tensors(tensors)
     if problems:

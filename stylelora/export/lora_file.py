@@ -1,4 +1,5 @@
-"""The user-facing adapter file: kohya-format safetensors with kohya's metadata keys."""
+"""The user-facing adapter file: safetensors in the layout the UIs read for the family (kohya's,
+or ComfyUI's for the newer transformers), with kohya's metadata keys."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import save
 
 from stylelora.adapters.kohya import peft_to_kohya
+from stylelora.adapters.state import file_layout
 from stylelora.export.atomic import save_tensors
 from stylelora.families.base import ModelFamily
 
@@ -18,10 +20,11 @@ from stylelora.families.base import ModelFamily
 def kohya_state_dict(
     family: ModelFamily, adapted: dict[str, torch.nn.Module]
 ) -> dict[str, torch.Tensor]:
-    """Every adapter of every adapted component, under kohya's names."""
+    """Every adapter of every adapted component, under the names of the family's files (with
+    kohya's suffixes, as an Adapter holds them in memory)."""
     tensors: dict[str, torch.Tensor] = {}
     for prefix, module in adapted.items():
-        tensors.update(peft_to_kohya(module, prefix, family.kohya_part))
+        tensors.update(peft_to_kohya(module, prefix, family.file_module))
     return tensors
 
 
@@ -44,7 +47,7 @@ def save_lora_file(
     adapted: dict[str, torch.nn.Module],
     metadata: dict[str, str],
 ) -> Path:
-    """Write the adapters of `adapted` as a kohya-format file, atomically."""
+    """Write the adapters of `adapted` in the family's UI layout, atomically."""
     return write_lora_tensors(
         path, kohya_state_dict(family, adapted), {**metadata, **family.metadata()}
     )
@@ -53,7 +56,9 @@ def save_lora_file(
 def write_lora_tensors(
     path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> Path:
-    """Write kohya tensors with `metadata` and fresh `sshs_*` hashes, atomically."""
+    """Write adapter tensors (kohya's suffixes) in their file layout, with `metadata` and fresh
+    `sshs_*` hashes, atomically."""
+    tensors = file_layout(tensors)
     header = {**metadata, **file_hashes(tensors)}
     bad = [key for key, value in header.items() if not isinstance(value, str)]
     if bad:

@@ -162,8 +162,6 @@ def training_metadata(
         "ss_caption_extension": cfg.data.caption_extension,
         "ss_flip_aug": str(cfg.data.flip),
         "ss_seed": str(cfg.seed),
-        "ss_clip_skip": str(cfg.clip_skip),
-        "ss_zero_terminal_snr": str(cfg.train.zero_terminal_snr),
         "ss_noise_offset": number_or_none(train.noise_offset),
         "ss_min_snr_gamma": number_or_none(train.min_snr_gamma),
         "ss_multires_noise_iterations": number_or_none(train.multires_noise_iterations),

@@ -1,8 +1,10 @@
-"""kohya module names <-> modules of a model, and a file's family told from its names and shapes.
+"""Adapter module names <-> modules of a model, and a file's family told from its names and shapes.
 
-A file's names are matched against every Linear / Conv2d of the UNet and text encoders. SDXL's
-UNet answers to kohya's sgm names (`lora_unet_input_blocks_4_1_...`) and to the diffusers-path
-names some trainers write (`lora_unet_down_blocks_1_attentions_0_...`).
+A file's names are matched against every Linear / Conv2d of the denoiser and text encoders:
+the names of the family's own layout (`ModelFamily.file_module`: SDXL's UNet by kohya's sgm
+names `lora_unet_input_blocks_4_1_...`, Flux's by BFL's, the newer transformers by
+`diffusion_model.<path>`) and kohya-style names of the diffusers paths, which some trainers
+write (`lora_unet_down_blocks_1_attentions_0_...`).
 """
 
 from __future__ import annotations
@@ -13,15 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from stylelora.adapters.state import Adapter
-from stylelora.families import FAMILIES
-from stylelora.families.base import ModelFamily
-
-DENOISER_PREFIXES = ("lora_unet_", "unet.", "transformer.")
+from stylelora.families.base import DENOISER, ModelFamily
+from stylelora.families.registry import FAMILIES, denoiser_prefixes
 
 
 @dataclass(frozen=True)
 class Target:
-    component: str  # pipeline attribute: unet (the denoiser), text_encoder, text_encoder_2
+    component: str  # pipeline attribute: the denoiser (unet, transformer) or a text encoder
     path: str  # module path inside it
     module: torch.nn.Module
     # Every module a fused kohya module covers, in output order (Flux's qkv), and their paths;
@@ -31,8 +31,8 @@ class Target:
 
 
 def family_targets(family: ModelFamily) -> dict[str, Target]:
-    """Every kohya name a file may use for the family's Linear and Conv2d modules."""
-    components = {"lora_unet": family.denoiser_attr, **family.text_encoder_attrs}
+    """Every name a file may use for the family's Linear and Conv2d modules."""
+    components = {DENOISER: family.denoiser_attr, **family.text_encoder_attrs}
     names: dict[str, Target] = {}
     for prefix, attr in components.items():
         model = getattr(family.pipe, attr)
@@ -42,8 +42,8 @@ def family_targets(family: ModelFamily) -> dict[str, Target]:
             path = path.removeprefix("base_model.model.")
             target = Target(attr, path, module, (module,), (path,))
             names[f"{prefix}_{path.replace('.', '_')}"] = target
-            with contextlib.suppress(ValueError):  # a UNet module with no sgm or BFL name
-                name, paths = family.kohya_part(prefix, path)
+            with contextlib.suppress(ValueError):  # a module with no sgm or BFL name
+                name, paths = family.file_module(prefix, path)
                 fused = tuple(model.get_submodule(member) for member in paths)
                 names[name] = Target(attr, path, module, fused, paths)
     return names
@@ -62,19 +62,19 @@ def file_family(adapter: Adapter) -> type[ModelFamily]:
 def adapter_family(version: str, names: list[str], context_widths: list[int]) -> type[ModelFamily]:
     """The family of an adapter file in any layout, from what it says of itself."""
     for family in FAMILIES:
-        if version.startswith(family.kohya_version_prefix):
+        if version.startswith(family.base_version_prefix):
             return family
     claimed = claimed_family(names)
     if claimed is not None:
         return claimed
-    by_width = {family.context_width: family for family in FAMILIES}
+    by_width = {getattr(family, "context_width", None): family for family in FAMILIES}
     return by_width.get(context_widths[0], FAMILIES[0]) if context_widths else FAMILIES[0]
 
 
 def claimed_family(names: list[str]) -> type[ModelFamily] | None:
     """The family whose names these can only be; the denoiser's names are asked first, since a
     CLIP's `lora_te1_` is both SDXL's first text encoder and Flux's."""
-    denoiser = [name for name in names if name.startswith(DENOISER_PREFIXES)]
+    denoiser = [name for name in names if name.startswith(denoiser_prefixes())]
     for subset in (denoiser, names):
         for family in FAMILIES:
             if family.claims_names(subset):

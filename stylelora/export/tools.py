@@ -9,6 +9,7 @@ from stylelora.adapters.state import Adapter, read_adapter
 from stylelora.errors import UserError
 from stylelora.export.combine import combine_adapters
 from stylelora.export.convert import (
+    UI_FORMATS,
     adapter_format,
     diffusers_adapter,
     diffusers_parts,
@@ -24,7 +25,8 @@ from stylelora.families.base import ModelFamily
 
 
 def naming_family(model: str | None, family: type[ModelFamily]) -> ModelFamily:
-    """The model whose module paths kohya names map to: `--model`, or the real architecture."""
+    """The model whose module paths the file's names map to: `--model`, or the real
+    architecture."""
     if model:
         from stylelora.families import load_family
 
@@ -33,24 +35,30 @@ def naming_family(model: str | None, family: type[ModelFamily]) -> ModelFamily:
 
 
 def load_any(path: Path, model: str | None) -> tuple[Adapter, str]:
-    """A kohya or diffusers-layout file, or a PEFT folder or file, as kohya modules, and the
-    format it was in."""
+    """A file in a UI layout or diffusers', or a PEFT folder or file, as an Adapter in its
+    family's UI layout, and the format it was in."""
     fmt = adapter_format(path)
-    if fmt == "kohya":
+    if fmt in UI_FORMATS:
         return read_adapter(path), fmt
     if fmt in ("diffusers", "peft"):
         parts = diffusers_parts(path, fmt)
         family = naming_family(model, diffusers_family(parts[0], parts[1]))
         return diffusers_adapter(parts, family, path), fmt
-    raise UserError(f"{path}: neither a kohya, a diffusers nor a PEFT LoRA file")
+    raise UserError(f"{path}: neither a kohya, a ComfyUI, a diffusers nor a PEFT LoRA file")
 
 
 def run_export(path: Path, fmt: str, out: Path, model: str | None) -> str:
     adapter, source_format = load_any(path, model)
-    if fmt == "kohya":
+    family_class = file_family(adapter)
+    if fmt in UI_FORMATS:
+        if fmt != family_class.native_format:
+            raise UserError(
+                f"--format {fmt}: the UIs read {family_class.title} adapters in "
+                f"{family_class.native_format}'s layout; use --format {family_class.native_format}"
+            )
         write_lora_tensors(out, adapter.tensors(), adapter.metadata)
     else:
-        family = naming_family(model, file_family(adapter))
+        family = naming_family(model, family_class)
         writer = write_diffusers if fmt == "diffusers" else write_peft
         writer(out, adapter, family, str(path))
     return f"wrote {out} ({source_format} -> {fmt}, {len(adapter.modules)} modules)"

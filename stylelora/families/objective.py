@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,10 @@ from diffusers.training_utils import (
     compute_loss_weighting_for_sd3,
 )
 
-from stylelora.config import TrainConfig
 from stylelora.errors import UserError
+
+if TYPE_CHECKING:  # config builds its models from the families, which import this module
+    from stylelora.config import TrainConfig
 
 
 @dataclass
@@ -151,7 +153,10 @@ class FlowMatchObjective:
     def draw(
         self, shape: tuple[int, ...], generator: torch.Generator, options: TrainConfig | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        options = options or TrainConfig()  # validation's fixed draws: the defaults
+        if options is None:  # validation's fixed draws: the defaults
+            from stylelora.config import TrainConfig
+
+            options = TrainConfig()
         noise = torch.randn(shape, generator=generator)
         sampling = self.sampling(options)
         u = compute_density_for_timestep_sampling(

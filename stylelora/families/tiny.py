@@ -8,7 +8,6 @@ user's real model takes, so the whole path is exercised offline.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Tokeniz
 
 from stylelora.errors import UserError
 from stylelora.export.atomic import give_umask_modes
+from stylelora.families.skeletons import cache_root
 
 TINY_VERSION = 3  # bump when a builder changes, so cached folders are rebuilt
 SCHEDULER = dict(
@@ -35,10 +35,6 @@ SCHEDULER = dict(
     skip_prk_steps=True,
     set_alpha_to_one=False,
 )
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("STYLELORA_CACHE", Path.home() / ".cache" / "stylelora"))
 
 
 def write_tiny_tokenizer(folder: Path) -> CLIPTokenizer:
@@ -120,7 +116,7 @@ def tiny_unet(**layout) -> UNet2DConditionModel:
 
 def make_tiny_model(family: str, folder: Path, seed: int = 0) -> Path:
     """Write a complete diffusers-format tiny pipeline of `family` to `folder`, atomically."""
-    from stylelora.families import FAMILIES
+    from stylelora.families.registry import FAMILIES
 
     builders = {cls.name: cls.build_tiny for cls in FAMILIES}
     if family not in builders:

@@ -7,13 +7,24 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from stylelora.adapters.state import Adapter, nonfinite_problems, read_adapter, read_tensors
+from stylelora.adapters.state import (
+    Adapter,
+    file_layout,
+    nonfinite_problems,
+    read_adapter,
+    read_tensors,
+)
 from stylelora.errors import UserError, first_line
 from stylelora.export.apply import add_into_weights
 from stylelora.export.atomic import atomic_path
-from stylelora.export.convert import adapter_format, diffusers_adapter, diffusers_parts
-from stylelora.families import FAMILIES
+from stylelora.export.convert import (
+    UI_FORMATS,
+    adapter_format,
+    diffusers_adapter,
+    diffusers_parts,
+)
 from stylelora.families.base import ModelFamily
+from stylelora.families.registry import FAMILIES, adapter_prefixes
 from stylelora.sample.prompts import SamplePrompt
 from stylelora.sample.render import grid, render
 
@@ -24,17 +35,16 @@ def check_family(family: ModelFamily, path: Path, keys: list[str], metadata: dic
     """Refuse an adapter made for another family, by its metadata or else by its key names."""
     trained_on = metadata.get("ss_base_model_version")
     if trained_on:
-        if trained_on not in family.kohya_versions:
+        if trained_on not in family.base_versions:
             raise UserError(
                 f"{path}: adapter was trained for {trained_on}, "
-                f"but the model is {family.name} ({family.kohya_base_version})"
+                f"but the model is {family.name} ({family.base_version})"
             )
         return
-    known = {prefix for cls in FAMILIES for prefix in cls.text_encoder_attrs}
-    prefixes = {p for p in known if any(key.startswith(p + "_") for key in keys)}
-    if prefixes - set(family.text_encoder_attrs):
-        owners = [cls.name for cls in FAMILIES if prefixes <= set(cls.text_encoder_attrs)]
-        named = "/".join(f"{p}_" for p in sorted(prefixes))
+    prefixes = {p for p in adapter_prefixes() if any(key.startswith(p) for key in keys)}
+    if foreign := prefixes - set(family.file_prefixes()):
+        owners = [cls.name for cls in FAMILIES if prefixes <= set(cls.file_prefixes())]
+        named = "/".join(sorted(foreign))
         raise UserError(
             f"{path}: adapter has {named} keys (a {' or '.join(owners) or 'unknown'} adapter), "
             f"but the model is {family.name}"
@@ -47,26 +57,27 @@ def attach_adapter(
     """Check that the file fits `family`, then put it on the pipeline; what sample and merge share.
 
     diffusers drops DoRA's `dora_scale`, does not read LyCORIS's LoHa and LoKr, and reads a
-    family's fused kohya modules (Flux's qkv) only at the real model's widths, so those files
+    family's fused modules (Flux's qkv) only at the real model's widths, so those files
     are added into the weights at `scale`, with the formula AUTOMATIC1111 and ComfyUI use
     (export/apply.py), and False is returned.
     Anything else is loaded by diffusers' own loader as adapter `name`, not yet weighted: True.
-    A PEFT folder or file is converted to kohya's format first, as `stylelora export` does.
+    A PEFT folder or file is converted to the family's UI layout first, as `stylelora export`
+    does.
     `adapter`: the file already read, if the caller has it.
     """
     fmt = adapter_format(path)
     if fmt == "peft":
         adapter = peft_adapter(family, path)
-        if not family.kohya_fuses:
-            return load_lora(family, path, adapter.tensors(), name)
-    elif fmt != "kohya":  # diffusers' own layouts: its loader reads them; we check their values
+        if not family.fuses_modules:
+            return load_lora(family, path, file_layout(adapter.tensors()), name)
+    elif fmt not in UI_FORMATS:  # diffusers' own layouts: its loader reads them; we check them
         tensors, metadata = read_tensors(path)
         check_family(family, path, list(tensors), metadata)
         refuse_nonfinite(path, tensors)
         return load_lora(family, path, str(path), name)
     adapter = adapter or read_adapter(path)  # names a bad pair or NaN before any change
     check_family(family, path, list(adapter.tensors()), adapter.metadata)
-    if adapter.is_dora or adapter.algo != "lora" or family.kohya_fuses:
+    if adapter.is_dora or adapter.algo != "lora" or family.fuses_modules:
         add_into_weights(family, adapter, scale, str(path))
         return False
     return load_lora(family, path, str(path), name)
@@ -97,7 +108,7 @@ def load_lora(family: ModelFamily, path: Path, source: str | dict, name: str) ->
 
 
 def apply_adapter(family: ModelFamily, path: Path, scale: float) -> None:
-    """Load a kohya-format adapter onto `family`'s pipeline at strength `scale`."""
+    """Load an adapter file onto `family`'s pipeline at strength `scale`."""
     if attach_adapter(family, path, scale, ADAPTER_NAME):
         family.pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
 

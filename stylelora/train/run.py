@@ -324,17 +324,13 @@ def check_platform(accelerator: Accelerator, cfg: Config) -> None:
 
 
 def load_model(cfg: Config) -> ModelFamily:
-    family = load_family(
+    return load_family(
         cfg.model,
         dtype=WEIGHT_DTYPES[cfg.train.mixed_precision],
-        clip_skip=cfg.clip_skip - 1 if cfg.clip_skip else None,  # kohya's 2 is diffusers' 1
-        prediction_type=cfg.prediction_type,
-        zero_terminal_snr=cfg.train.zero_terminal_snr,
+        settings=cfg.family_settings(),
         config=str(cfg.single_file_config) if cfg.single_file_config else None,
-        parts={"ae": cfg.ae, "clip_l": cfg.clip_l, "t5xxl": cfg.t5xxl},
+        parts=cfg.part_paths(),
     )
-    family.set_t5_options(cfg.t5_max_length, cfg.apply_t5_attn_mask)
-    return family
 
 
 def sample_prompts(cfg: Config) -> tuple[list[SamplePrompt], list[str]]:

@@ -106,8 +106,8 @@ def check_block_swapping(cfg: TrainConfig, available: int) -> None:
         return
     if not available:
         raise UserError(
-            "train.blocks_to_swap: this model's denoiser has no blocks to swap (Flux's "
-            "transformer has); set it to 0"
+            "train.blocks_to_swap: this model's denoiser has no blocks to swap (a UNet's differ "
+            "too much in size; the transformers' have them); set it to 0"
         )
     if blocks_to_swap >= available:
         raise UserError(

@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 from stylelora.config import _read_toml
 from stylelora.errors import UserError
 from stylelora.export.atomic import atomic_path
+from stylelora.families.registry import model_names
 from stylelora.train.progress import PROGRESS_FILE, read_events
 from stylelora.ui import form
 from stylelora.ui.datasets import dataset_listing, subfolders, thumbnail, write_caption
@@ -344,8 +345,10 @@ async def run_file(request: Request, ui: UI) -> Response:
 
 
 async def models(request: Request, ui: UI) -> dict[str, Any]:
-    """Base models under the roots: diffusers folders and single files, a few levels down."""
-    return {"models": await asyncio.to_thread(find_models, ui.roots)}
+    """The built-in models (each family's demo and tiny model), then the base models under the
+    roots: diffusers folders and single files, a few levels down."""
+    found = await asyncio.to_thread(find_models, ui.roots)
+    return {"models": model_names() + found}
 
 
 def find_models(roots: Roots, depth: int = 3, min_bytes: int = 50 * 2**20) -> list[str]:

@@ -21,7 +21,7 @@ from stylelora.train.optim import parameter_groups
 
 
 def block_of(family, path: str) -> int:
-    return family.kohya_block_index(family.kohya_name("lora_unet", path))
+    return family.kohya_block_index(family.file_module("lora_unet", path)[0])
 
 
 def test_blocks_are_numbered_as_kohya_numbers_them():
@@ -83,7 +83,7 @@ def test_block_rates_scale_each_modules_learning_rate_and_zero_leaves_it_out(kin
     with pytest.raises(UserError, match="adapter.block_alphas needs adapter.block_dims"):
         plan_blocks(family, everything, AdapterConfig(block_alphas=[4.0] * 25), TrainConfig())
     flux = load_family(str(tiny_model_path("flux")))
-    with pytest.raises(UserError, match="are for UNets; a Flux transformer chooses its blocks"):
+    with pytest.raises(UserError, match="UNets; a Flux.1 transformer has no such blocks: choose"):
         plan_blocks(flux, flux.denoiser_targets(adapter), adapter, train)
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from stylelora.errors import UserError
 from stylelora.families import load_pipeline
-from stylelora.families.demo import PACKAGED, demo_model_path
+from stylelora.families.demo import demo_model_path, packaged_demo
 from stylelora.families.skeletons import materialise
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,10 +83,10 @@ def test_two_processes_share_each_step_and_resume_as_one_run(tmp_path: Path) -> 
 
 
 @pytest.mark.skipif(
-    not (PACKAGED["sd15"] / "model_index.json").exists(), reason="demo base not shipped"
+    not (packaged_demo("sd15") / "model_index.json").exists(), reason="demo base not shipped"
 )
 def test_shipped_demo_base_loads_through_from_pretrained() -> None:
-    folder = PACKAGED["sd15"]
+    folder = packaged_demo("sd15")
     weights = sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
     assert weights <= 30 * 1024 * 1024
     pipe = load_pipeline("demo:sd15")

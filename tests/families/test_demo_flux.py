@@ -14,7 +14,8 @@ from diffusers import DiffusionPipeline, FluxPipeline
 from safetensors.torch import load_file
 
 from stylelora.families import load_family
-from stylelora.families.demo import PACKAGED, SHARED, demo_model_path
+from stylelora.families.demo import demo_model_path, packaged_demo
+from stylelora.families.flux import Flux
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "datasets"))
@@ -35,13 +36,15 @@ def pretrain(tmp_path: Path, name: str, steps: int, *extra: str) -> Path:
 def assembled(twin: Path, folder: Path) -> Path:
     """The twin's parts with the SD1.5 demo base's shared ones, as demo.py assembles them."""
     shutil.copytree(twin, folder)
-    base, parts = SHARED["flux"]
+    base, parts = Flux.demo_shares
     for part in parts:
         (folder / part).symlink_to(demo_model_path(base) / part, target_is_directory=True)
     return folder
 
 
-@pytest.mark.skipif(not (PACKAGED["sd15"] / "model_index.json").exists(), reason="no demo base")
+@pytest.mark.skipif(
+    not (packaged_demo("sd15") / "model_index.json").exists(), reason="no demo base"
+)
 def test_pretraining_writes_the_twins_parts_and_resumes(tmp_path: Path) -> None:
     straight = pretrain(tmp_path, "straight", 3)
     with pytest.raises(SystemExit, match="stopped after step 2"):
@@ -68,10 +71,12 @@ def test_pretraining_writes_the_twins_parts_and_resumes(tmp_path: Path) -> None:
     assert image.shape == (1, 64, 64, 3)
 
 
-@pytest.mark.skipif(not (PACKAGED["flux"] / "model_index.json").exists(), reason="not shipped")
+@pytest.mark.skipif(not (packaged_demo("flux") / "model_index.json").exists(), reason="not shipped")
 def test_shipped_demo_flux_loads_as_the_flux_family() -> None:
     weights = sum(
-        f.stat().st_size for name in ("sd15", "flux") for f in PACKAGED[name].rglob("*.safetensors")
+        f.stat().st_size
+        for name in ("sd15", "flux")
+        for f in packaged_demo(name).rglob("*.safetensors")
     )
     assert weights <= 30 * 1024 * 1024  # both demo bases, the shared parts once
     family = load_family("demo:flux")

@@ -35,20 +35,25 @@ def test_family_is_detected_with_its_metadata(tiny):
     family = load_family(f"tiny:{tiny}")
     name, prediction, version, v2, arch = EXPECTED[tiny]
     assert (family.name, family.prediction_type) == (name, prediction)
-    assert family.metadata() == {"ss_base_model_version": version, "ss_v2": v2}
+    assert family.metadata() == {
+        "ss_base_model_version": version,
+        "ss_v2": v2,
+        "ss_clip_skip": "None",
+        "ss_zero_terminal_snr": "False",
+    }
     assert family.modelspec_architecture == arch
-    assert version in family.kohya_versions
+    assert version in family.base_versions
 
 
 def test_prediction_type_override_changes_the_sd2_version():
-    family = load_family("tiny:sd2", prediction_type="epsilon")
+    family = load_family("tiny:sd2", settings={"prediction_type": "epsilon"})
     assert family.prediction_type == "epsilon"
-    assert family.kohya_base_version == "sd_v2"
+    assert family.base_version == "sd_v2"
     assert family.modelspec_architecture == "stable-diffusion-v2-512"
 
 
 def test_zero_terminal_snr_rescales_training_and_preview_schedules():
-    family = load_family("tiny:sd2", zero_terminal_snr=True)
+    family = load_family("tiny:sd2", settings={"train.zero_terminal_snr": True})
     training = family.training_objective().scheduler
     assert training.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-6)
     assert family.pipe.scheduler.config.timestep_spacing == "trailing"
@@ -58,7 +63,7 @@ def test_zero_terminal_snr_rescales_training_and_preview_schedules():
 
 def test_zero_terminal_snr_needs_v_prediction():
     with pytest.raises(UserError, match="zero_terminal_snr needs a v-prediction model"):
-        load_family("tiny:sd15", zero_terminal_snr=True)
+        load_family("tiny:sd15", settings={"train.zero_terminal_snr": True})
 
 
 def test_sdxl_time_ids_are_built_per_image():

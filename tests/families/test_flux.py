@@ -240,7 +240,7 @@ def test_real_flux_kohya_names_match_bfl_and_diffusers_reads_every_key(preset):
     family.pipe.vae = torch.nn.Identity()  # the names need no VAE; injection freezes one
     inject_adapters(family, AdapterConfig(rank=2, alpha=1.0, unet_targets=preset))
     materialise_adapters(family.unet)
-    tensors = peft_to_kohya(family.unet, "lora_unet", family.kohya_part)
+    tensors = peft_to_kohya(family.unet, "lora_unet", family.file_module)
     assert {k.rsplit(".", 2)[0] for k in tensors if k.endswith(".lora_down.weight")} == (
         real_flux_names(preset)
     )
@@ -302,7 +302,7 @@ def test_t5_length_is_configurable_for_training_and_previews(tmp_path, demo_subs
     assert load_family("tiny:flux").max_sequence_length == 512  # dev's, unset
 
     cfg = training_config(tmp_path, "tiny:sd15", demo_subset(1, start=1), "t5_max_length=64")
-    with pytest.raises(UserError, match="t5_max_length: a sd15 model has no T5 text encoder"):
+    with pytest.raises(UserError, match="t5_max_length: a setting of Flux.1 models; a SD1.x "):
         load_model(cfg)
 
 
@@ -327,13 +327,13 @@ def test_block_selection_chooses_which_blocks_get_adapters():
         UserError, match="double_block_indices: block 19 does not exist; .* 0 to 18"
     ):
         blocks(double_block_indices=[3, 19])
-    with pytest.raises(UserError, match="adapter.train_blocks: chooses a transformer's blocks"):
-        load_family("tiny:sd15").denoiser_targets(AdapterConfig(train_blocks="single"))
+    with pytest.raises(UserError, match="adapter.train_blocks: a setting of Flux.1 models; a "):
+        load_family("tiny:sd15", settings={"adapter.train_blocks": "single"})
 
 
 def test_t5_attention_mask_hides_the_padding_in_training_and_previews():
     family = load_family("tiny:flux")
-    family.set_t5_options(32, attention_mask=True)
+    family.configure({"t5_max_length": 32, "apply_t5_attn_mask": True})
     with torch.no_grad():
         text = family.encode_prompts(["a cat"])
     mask = text["t5_mask"][0].bool()
@@ -355,6 +355,6 @@ def test_t5_attention_mask_hides_the_padding_in_training_and_previews():
 
     prompt = SamplePrompt("a cat", width=64, height=64, seed=1, steps=2, guidance_scale=3.5)
     with_mask = render(family.pipe, prompt, output_type="np", family=family)
-    family.set_t5_options(32, attention_mask=False)
+    family.configure({"t5_max_length": 32})
     without = render(family.pipe, prompt, output_type="np", family=family)
     assert np.abs(with_mask - without).max() > 1e-3

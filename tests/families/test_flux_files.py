@@ -22,7 +22,7 @@ from stylelora.errors import UserError
 from stylelora.export.lora_file import save_lora_file
 from stylelora.export.tools import run_merge
 from stylelora.families import load_family
-from stylelora.families.bfl import from_bfl, to_bfl
+from stylelora.families.flux.bfl import from_bfl, to_bfl
 from stylelora.families.ldm import clip_state, vae_state
 from stylelora.families.skeletons import skeleton_dir
 from stylelora.families.tiny import tiny_model_path
@@ -180,7 +180,10 @@ def test_a_broken_or_foreign_transformer_file_gets_one_line(tmp_path, tiny):
     whole = save(tiny["family"].single_file_state(), tmp_path / "flux.safetensors")
     with pytest.raises(UserError, match="set single_file_config to a diffusers folder"):
         load_family(str(whole), parts={"ae": tmp_path})
-    with pytest.raises(UserError, match="ae: names a Flux.1 transformer file's other parts"):
+    with pytest.raises(
+        UserError,
+        match="ae: names a file of a Flux.1 model kept apart .*; tiny:flux is not a single file",
+    ):
         load_family("tiny:flux", parts={"ae": whole})
 
 

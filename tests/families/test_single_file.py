@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from stylelora.errors import UserError
 from stylelora.export.single_file import save_single_file
-from stylelora.families import load_family, load_pipeline, single_file_family
+from stylelora.families import load_family, load_pipeline
+from stylelora.families.loading import single_file_family
 from stylelora.families.skeletons import skeleton_dir
 from stylelora.families.tiny import tiny_model_path
 from stylelora.sample.prompts import SamplePrompt
@@ -65,7 +66,8 @@ def test_file_of_no_known_family_is_one_clear_line(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"transformer.blocks.0.weight": torch.zeros(1)}, path)
     with pytest.raises(
-        UserError, match="neither an SD1.x, SD2.x or SDXL checkpoint .* nor a Flux.1 transformer"
+        UserError,
+        match="not a checkpoint of any family stylelora knows .SD1.x, SD2.x, SDXL, Flux.1",
     ) as error:
         load_pipeline(str(path))
     assert str(path) in str(error.value) and "\n" not in str(error.value)
@@ -101,7 +103,7 @@ def test_single_file_loads_offline_with_the_family_skeleton(tmp_path, monkeypatc
     for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline):
         monkeypatch.setattr(cls, "from_single_file", classmethod(from_single_file))
     path = checkpoint(tmp_path, skeleton)
-    family = load_family(str(path), prediction_type="epsilon")
+    family = load_family(str(path), settings={"prediction_type": "epsilon"})
     ((cls, called_path, kwargs),) = calls
     assert called_path == str(path)
     assert kwargs["config"] == str(skeleton_dir(skeleton))

@@ -23,8 +23,9 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from stylelora.families import build_clip_tokenizer as build_tokenizer
 from stylelora.families import skeletons
-from stylelora.families.skeletons import build_tokenizer, skeleton_dir
+from stylelora.families.skeletons import skeleton_dir
 
 # Parameter counts of the released models (diffusers / transformers classes).
 UNET_PARAMS = {"sd15": 859_520_964, "sd2": 865_910_724, "sdxl": 2_567_463_684}

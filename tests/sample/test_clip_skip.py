@@ -31,7 +31,7 @@ def without_last_layer(family) -> None:
 
 @pytest.mark.parametrize("tiny", ["sd15", "sd2"])
 def test_preview_with_clip_skip_matches_a_shortened_text_encoder(tiny):
-    skipped = load_family(f"tiny:{tiny}", clip_skip=1)
+    skipped = load_family(f"tiny:{tiny}", settings={"clip_skip": 2})
     ours = render(skipped.pipe, PROMPT, output_type="np", family=skipped)
     reference = load_family(f"tiny:{tiny}")
     plain = render(reference.pipe, PROMPT, output_type="np", family=reference)
@@ -42,7 +42,7 @@ def test_preview_with_clip_skip_matches_a_shortened_text_encoder(tiny):
 
 
 def test_sdxl_ignores_clip_skip_as_kohya_and_automatic1111_do():
-    skipped = load_family("tiny:sdxl", clip_skip=1)
+    skipped = load_family("tiny:sdxl", settings={"clip_skip": 2})
     plain = load_family("tiny:sdxl")
     assert skipped.clip_skip is None
     assert "clip_skip = 2 is ignored for SDXL" in skipped.notes[0]
@@ -62,5 +62,5 @@ def test_sample_command_takes_clip_skip(tmp_path, capsys):
     written = np.asarray(Image.open(tmp_path / "skip.png"), dtype=int)
     assert np.abs(written - np.asarray(expected, dtype=int)).max() <= 1
     assert main([*args, "--clip-skip", "0", "--out", str(tmp_path / "bad.png")]) == 2
-    assert "--clip-skip 0: must be 1 or more" in capsys.readouterr().err
+    assert "--clip-skip 0: Input should be greater than 0" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()

@@ -12,7 +12,7 @@ import pytest
 from conftest import DEMO_CONFIG, ROOT
 
 from stylelora.config import load_config
-from stylelora.families.demo import PACKAGED
+from stylelora.families.demo import packaged_demo
 from stylelora.train.trainer import train
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -25,7 +25,7 @@ STEPS = 300  # the demo's learning rate and batch, fewer steps
 
 
 @pytest.mark.skipif(
-    not (PACKAGED["sd15"] / "model_index.json").exists(), reason="demo base not shipped"
+    not (packaged_demo("sd15") / "model_index.json").exists(), reason="demo base not shipped"
 )
 def test_a_short_lora_moves_an_unseen_subject_toward_the_style_palette(tmp_path: Path) -> None:
     cfg = load_config(DEMO_CONFIG, [f"train.max_steps={STEPS}", "sample.prompts_file=''"])

@@ -12,7 +12,7 @@ from conftest import ROOT
 from safetensors.torch import load_file
 
 from stylelora.adapters.inject import inject_adapters
-from stylelora.config import PRESETS_DIR, AdapterConfig, TrainConfig, load_config
+from stylelora.config import AdapterConfig, TrainConfig, load_config, preset_path
 from stylelora.errors import UserError
 from stylelora.families import load_family
 from stylelora.families.objective import NoisedBatch
@@ -143,7 +143,7 @@ def test_block_swapping_settings_it_cannot_work_with(settings, available, messag
 def counting_family(cfg, device: str):
     """The tiny Flux, adapted and checkpointed as `cfg` says; its denoiser on `device`."""
     family = load_family("tiny:flux")
-    family.set_t5_options(cfg.t5_max_length, False)
+    family.configure({"t5_max_length": cfg.t5_max_length})
     adapted = inject_adapters(family, cfg.adapter)
     enable_gradient_checkpointing(adapted)
     family.unet.train()
@@ -160,7 +160,7 @@ def test_the_meta_count_is_what_the_cpu_allocates(swap):
     from flux_memory import count_training
 
     cfg = load_config(
-        PRESETS_DIR / "flux-12gb.toml",
+        preset_path("flux-12gb", ROOT),
         ["data.dir='.'", "data.resolution=64", "train.batch_size=2", "t5_max_length=32",
          "adapter.rank=4", f"train.blocks_to_swap={swap}"],
     )  # fmt: skip

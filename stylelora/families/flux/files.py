@@ -31,17 +31,18 @@ from transformers import (
 )
 
 from stylelora.errors import UserError, first_line
-from stylelora.families.bfl import from_bfl
+from stylelora.families.base import Part
+from stylelora.families.flux.bfl import from_bfl
 from stylelora.families.skeletons import skeleton_dir
 
 # ComfyUI's whole-model files put the transformer under this prefix.
 COMFY_PREFIX = "model.diffusion_model."
-# Config key of each part -> (pipeline attribute, the file users have, as kohya names them).
-PARTS = {
-    "ae": ("vae", "ae.safetensors"),
-    "clip_l": ("text_encoder", "clip_l.safetensors"),
-    "t5xxl": ("text_encoder_2", "t5xxl_fp16.safetensors"),
-}
+# A transformer file's other parts, as kohya's --ae, --clip_l and --t5xxl take them.
+PARTS = (
+    Part("ae", "vae", "ae.safetensors", "Flux.1's VAE (a file or a diffusers folder)"),
+    Part("clip_l", "text_encoder", "clip_l.safetensors", "Flux.1's CLIP-L text encoder"),
+    Part("t5xxl", "text_encoder_2", "t5xxl_fp16.safetensors", "Flux.1's T5-XXL text encoder"),
+)
 # Where a T5 tokenizer may already sit in the hub cache (read offline only).
 T5_TOKENIZER_REPOS = (("black-forest-labs/FLUX.1-dev", "tokenizer_2"), ("google/t5-v1_1-xxl", ""))
 # schnell's scheduler: BFL sample it without the resolution-dependent shift.
@@ -154,11 +155,11 @@ def load_text_encoder(cls: type, config: object, path: Path, dtype: torch.dtype)
 
 
 def load_part(
-    key: str, source: Path | None, folder: Path, dtype: torch.dtype, transformer_file: Path
+    part: Part, source: Path | None, folder: Path, dtype: torch.dtype, transformer_file: Path
 ) -> torch.nn.Module:
     """The VAE, CLIP-L or T5 from `source` (a file or a diffusers folder), else the config
     folder's own weights."""
-    attr, usual = PARTS[key]
+    key, attr, usual = part.key, part.attr, part.usual
     cls = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel, "text_encoder_2": T5EncoderModel}
     model_cls = cls[attr]
     if source is None:
@@ -213,7 +214,7 @@ def load_flux_files(
     """A FluxPipeline from a BFL transformer file and the parts beside it."""
     folder = config_folder(config)
     transformer = load_bfl_transformer(path, dtype, folder)
-    modules = {PARTS[key][0]: load_part(key, parts.get(key), folder, dtype, path) for key in PARTS}
+    modules = {p.attr: load_part(p, parts.get(p.key), folder, dtype, path) for p in PARTS}
     tokenizer_dir = folder / "tokenizer"
     if not tokenizer_dir.is_dir():
         tokenizer_dir = skeleton_dir("flux") / "tokenizer"

@@ -3,14 +3,17 @@ conditioned on CLIP-L's pooled output and T5-XXL's sequence; dev also embeds a g
 
 kohya, ComfyUI and Forge name its modules after BFL's layout (`double_blocks.N.img_attn.qkv`,
 `single_blocks.N.linear1`), where diffusers splits q, k and v (and the single blocks' MLP input)
-into separate Linears: `kohya_part` maps each diffusers module to its BFL module and its place
-in that module's fused output.
+into separate Linears: `file_module` maps each diffusers module to its BFL module and its place
+in that module's fused output (bfl.py). `files.py` loads the files users hold. `skeleton/` is
+black-forest-labs/FLUX.1-dev's folder without weights (the transformer's sizes are read off a
+BFL file, so schnell loads from it too; T5's SentencePiece tokenizer is not shipped, see
+files.py); `demo/` the small Flux-layout twin of `demo:sd15` (`demo:flux`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
 from diffusers import (
@@ -20,17 +23,89 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
 )
+from pydantic import Field
 from transformers import T5Config, T5EncoderModel
 
 from stylelora.adapters.targets import Targets
-from stylelora.config import AdapterConfig
 from stylelora.errors import UserError
-from stylelora.families.base import ModelFamily, compute_dtype
-from stylelora.families.bfl import BLOCK_PATH, MODULATION, bfl_module, fused_members, to_bfl
-from stylelora.families.flux_files import is_bfl_transformer, load_flux_files
+from stylelora.families.base import (
+    DENOISER,
+    ModelFamily,
+    Option,
+    autoencoder_kl_latents,
+    compute_dtype,
+    no_block_wise,
+)
+from stylelora.families.clip import clip_targets, kohya_clip_name
+from stylelora.families.flux.bfl import (
+    BLOCK_PATH,
+    MODULATION,
+    bfl_module,
+    fused_members,
+    to_bfl,
+)
+from stylelora.families.flux.files import PARTS, is_bfl_transformer, load_flux_files
 from stylelora.families.objective import FlowMatchObjective, Objective
 from stylelora.families.skeletons import source_dir
 from stylelora.families.tiny import tiny_text_encoder, write_tiny_t5_tokenizer, write_tiny_tokenizer
+
+if TYPE_CHECKING:
+    from stylelora.config import AdapterConfig
+
+T5_MAX_LENGTH = Option(
+    "t5_max_length",
+    Annotated[int, Field(ge=1, le=512)] | None,
+    None,
+    "T5 tokens per prompt (kohya's t5xxl_max_token_length); unset: what the model was trained "
+    "with, 512 for Flux.1 dev, 256 for schnell",
+    flag={"type": int, "help": "Flux.1: T5 tokens per prompt (default 512 dev, 256 schnell)"},
+)
+APPLY_T5_ATTN_MASK = Option(
+    "apply_t5_attn_mask",
+    bool,
+    False,
+    "mask T5's padding in T5 and in the transformer's joint attention (kohya's option; BFL "
+    "trained without it)",
+    flag={"action": "store_true", "help": "Flux.1: mask T5's padding, as trained"},
+)
+# kohya's train_blocks, train_double_block_indices and train_single_block_indices (Flux.2 too).
+TRAIN_BLOCKS = Option(
+    "adapter.train_blocks",
+    Literal["all", "double", "single"],
+    "all",
+    "which transformer blocks get adapters: all, the double-stream or the single-stream ones",
+)
+DOUBLE_BLOCK_INDICES = Option(
+    "adapter.double_block_indices",
+    list[Annotated[int, Field(ge=0)]] | None,
+    None,
+    "the double-stream blocks that get adapters (unset: every one)",
+)
+SINGLE_BLOCK_INDICES = Option(
+    "adapter.single_block_indices",
+    list[Annotated[int, Field(ge=0)]] | None,
+    None,
+    "the single-stream blocks that get adapters (unset: every one)",
+)
+BLOCK_OPTIONS = (TRAIN_BLOCKS, DOUBLE_BLOCK_INDICES, SINGLE_BLOCK_INDICES)
+
+
+def chosen_blocks(cfg: AdapterConfig, counts: dict[str, tuple[str, int]]) -> dict[str, set[int]]:
+    """The block indices that get adapters, per block list of the transformer (`counts`: its
+    attribute -> ("double" or "single", how many blocks it holds)), as `cfg.train_blocks` and
+    the index lists choose them."""
+    chosen = {}
+    for attr, (kind, count) in counts.items():
+        field = f"{kind}_block_indices"
+        indices = getattr(cfg, field)
+        if bad := [i for i in indices or [] if i >= count]:
+            raise UserError(
+                f"adapter.{field}: block {bad[0]} does not exist; this model's {kind} "
+                f"blocks are 0 to {count - 1}"
+            )
+        wanted = cfg.train_blocks in ("all", kind)
+        chosen[attr] = set(range(count) if indices is None else indices) if wanted else set()
+    return chosen
 
 
 def joint_mask(t5_mask: torch.Tensor, image_tokens: int) -> torch.Tensor:
@@ -41,22 +116,27 @@ def joint_mask(t5_mask: torch.Tensor, image_tokens: int) -> torch.Tensor:
 
 class Flux(ModelFamily):
     name = "flux"
-    pipeline_class = FluxPipeline
-    kohya_base_version = "flux1"
-    kohya_versions = ("flux1",)
-    kohya_version_prefix = "flux1"
-    context_width = 4096  # T5-XXL's width
+    title = "Flux.1"
     denoiser_input = "hidden_states"
     denoiser_attr = "transformer"
-    kohya_fuses = True
     # CLIP-L only: kohya and ComfyUI call it te1; T5 stays frozen (it is 4.7 B parameters).
     text_encoder_attrs = {"lora_te1": "text_encoder"}
-    single_file_text_encoders = {}
+    prompt_encoder_attrs = ("text_encoder", "text_encoder_2")
+    parts = PARTS
+    options = (T5_MAX_LENGTH, APPLY_T5_ATTN_MASK, *BLOCK_OPTIONS)
+    native_format = "kohya"
+    denoiser_prefix = "lora_unet_"
+    fuses_modules = True
+    demo_shares = ("sd15", ("vae", "text_encoder", "tokenizer"))
+    base_versions = ("flux1",)
+    base_version_prefix = "flux1"
     # dev's guidance embedding is trained at 1.0, as kohya advises: the LoRA then renders at any
     # guidance the user samples with.
     training_guidance = 1.0
-    t5_tokens: int | None = None  # set_t5_options
-    t5_mask = False
+
+    def apply_settings(self) -> None:
+        self.t5_tokens = self.settings[T5_MAX_LENGTH.key]
+        self.t5_mask = self.settings[APPLY_T5_ATTN_MASK.key]
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
@@ -84,21 +164,18 @@ class Flux(ModelFamily):
         marks = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "transformer.")
         return any(n.startswith(marks) for n in names)
 
-    def prompt_encoders(self) -> list[torch.nn.Module]:
-        return [self.pipe.text_encoder, self.pipe.text_encoder_2]
-
     @property
     def guidance_distilled(self) -> bool:
         """dev embeds a guidance value; schnell does not."""
         return bool(self.unet.config.guidance_embeds)
 
     @property
-    def modelspec_architecture(self) -> str:  # type: ignore[override]
+    def modelspec_architecture(self) -> str:
         return "flux-1-dev" if self.guidance_distilled else "flux-1-schnell"
 
     @property
-    def prediction_type(self) -> str:
-        return "flow"
+    def base_version(self) -> str:
+        return "flux1"
 
     @property
     def max_sequence_length(self) -> int:
@@ -108,17 +185,17 @@ class Flux(ModelFamily):
         tokenizer = getattr(self.pipe, "tokenizer_2", None)  # none on the meta device
         return self.t5_tokens or min(default, tokenizer.model_max_length if tokenizer else default)
 
-    def set_t5_options(self, max_length: int | None, attention_mask: bool) -> None:
-        self.t5_tokens, self.t5_mask = max_length, attention_mask
-
     def pipeline_text_kwargs(
         self, prompt: str, negative: str, size: tuple[int, int]
     ) -> dict[str, Any]:
         """Previews encode prompts as training does: the same T5 length, and with the T5 mask,
         the same embeddings and the joint attention's mask for an image of `size`."""
         if not self.t5_mask:
-            return {**super().pipeline_text_kwargs(prompt, negative, size),
-                    "max_sequence_length": self.max_sequence_length}  # fmt: skip
+            return {
+                "prompt": prompt,
+                "negative_prompt": negative or None,
+                "max_sequence_length": self.max_sequence_length,
+            }
         with torch.no_grad():
             text = self.encode_prompts([prompt])
         patch = 2 * self.pipe.vae_scale_factor
@@ -134,12 +211,8 @@ class Flux(ModelFamily):
     def default_resolution(self) -> int:
         return self.pipe.default_sample_size * self.pipe.vae_scale_factor
 
-    def set_schedule(self, prediction_type: str = "auto", zero_terminal_snr: bool = False) -> None:
-        if prediction_type != "auto" or zero_terminal_snr:
-            raise UserError(
-                "prediction_type and train.zero_terminal_snr are for DDPM models; Flux is "
-                "trained by rectified flow (see train.timestep_sampling)"
-            )
+    def scale_latents(self, sample: torch.Tensor) -> torch.Tensor:
+        return autoencoder_kl_latents(self.vae, sample)
 
     def training_objective(self) -> Objective:
         return FlowMatchObjective(dict(self.pipe.scheduler.config))
@@ -244,61 +317,48 @@ class Flux(ModelFamily):
     def chosen_blocks(self, cfg: AdapterConfig) -> dict[str, set[int]]:
         """Block indices that get adapters, per kind (diffusers' names for double and single)."""
         config = self.unet.config
-        kinds = {
-            "transformer_blocks": ("double", config.num_layers, cfg.double_block_indices),
-            "single_transformer_blocks": (
-                "single",
-                config.num_single_layers,
-                cfg.single_block_indices,
-            ),
+        counts = {
+            "transformer_blocks": ("double", config.num_layers),
+            "single_transformer_blocks": ("single", config.num_single_layers),
         }
-        chosen = {}
-        for kind, (name, count, indices) in kinds.items():
-            field = f"{name}_block_indices"
-            if bad := [i for i in indices or [] if i >= count]:
-                raise UserError(
-                    f"adapter.{field}: block {bad[0]} does not exist; this model's {name} "
-                    f"blocks are 0 to {count - 1}"
-                )
-            wanted = cfg.train_blocks in ("all", name)
-            chosen[kind] = set(range(count) if indices is None else indices) if wanted else set()
-        return chosen
+        return chosen_blocks(cfg, counts)
 
-    def kohya_name(self, prefix: str, module_path: str) -> str:
-        if prefix != "lora_unet":
-            return super().kohya_name(prefix, module_path)
-        return "lora_unet_" + bfl_module(module_path).replace(".", "_")
+    def text_encoder_targets(self, preset: str) -> Targets:
+        return clip_targets(preset)
 
-    def kohya_part(self, prefix: str, module_path: str) -> tuple[str, tuple[str, ...]]:
-        if prefix != "lora_unet":
-            return super().kohya_part(prefix, module_path)
-        return self.kohya_name(prefix, module_path), fused_members(module_path)
+    def file_module(self, prefix: str, module_path: str) -> tuple[str, tuple[str, ...]]:
+        """kohya's names: BFL's modules for the transformer (q, k, v fused), CLIP's for te1."""
+        if prefix != DENOISER:
+            return kohya_clip_name(prefix, module_path), (module_path,)
+        name = "lora_unet_" + bfl_module(module_path).replace(".", "_")
+        return name, fused_members(module_path)
 
     def kohya_blocks(self) -> tuple[int, int, int, bool]:
-        raise UserError(
-            "block-wise rates and dims (down_lr_weight, block_dims, ...) are for UNets; a Flux "
-            "transformer chooses its blocks with adapter.train_blocks, double_block_indices "
-            "and single_block_indices"
+        raise no_block_wise(
+            self,
+            "choose its blocks with adapter.train_blocks, double_block_indices and "
+            "single_block_indices",
         )
+
+    def kohya_block_index(self, name: str) -> int:
+        raise no_block_wise(self)
 
     def metadata(self) -> dict[str, str]:
         """kohya's Flux network module, as its Flux LoRAs say (ComfyUI reads the names)."""
         return {
-            "ss_base_model_version": self.kohya_base_version,
+            "ss_base_model_version": self.base_version,
             "ss_network_module": "networks.lora_flux",
         }
 
     @classmethod
     def on_meta_device(cls) -> ModelFamily:
-        """Flux.1 dev (its configs bundled in `skeletons/flux/`) on the meta device: what kohya
+        """Flux.1 dev (its configs bundled in `skeleton/`) on the meta device: what kohya
         names are checked against, and what the memory benchmark counts."""
         from types import SimpleNamespace
 
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        from stylelora.families.skeletons import PACKAGE_DIR
-
-        folder = PACKAGE_DIR / "flux"
+        folder = source_dir(cls.name)
         with torch.device("meta"):
             transformer = FluxTransformer2DModel.from_config(
                 FluxTransformer2DModel.load_config(folder / "transformer")

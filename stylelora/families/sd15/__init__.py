@@ -1,4 +1,9 @@
-"""SD1.x: one CLIP ViT-L text encoder, epsilon prediction, 512 px."""
+"""SD1.x: one CLIP ViT-L text encoder, epsilon prediction, 512 px.
+
+`skeleton/` is runwayml/stable-diffusion-v1-5's folder without weights (safety checker and
+feature extractor left out); `demo/` the small SD1.5-layout model stylelora pretrained
+(`demo:sd15`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,6 @@ from pathlib import Path
 
 from diffusers import DiffusionPipeline, PNDMScheduler, StableDiffusionPipeline
 
-from stylelora.families.base import ModelFamily
 from stylelora.families.tiny import (
     SCHEDULER,
     tiny_text_encoder,
@@ -14,15 +18,16 @@ from stylelora.families.tiny import (
     tiny_vae,
     write_tiny_tokenizer,
 )
+from stylelora.families.unet import UNetFamily
 
 
-class SD15(ModelFamily):
+class SD15(UNetFamily):
     name = "sd15"
+    title = "SD1.x"
     pipeline_class = StableDiffusionPipeline
-    kohya_base_version = "sd_v1"
-    kohya_versions = ("sd_v1",)
-    kohya_version_prefix = "sd_v1"
-    modelspec_architecture = "stable-diffusion-v1"
+    base_versions = ("sd_v1",)
+    base_version_prefix = "sd_v1"
+    modelspec = "stable-diffusion-v1"
     single_file_marker = "cond_stage_model.transformer."
     context_width = 768
 

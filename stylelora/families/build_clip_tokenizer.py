@@ -7,7 +7,7 @@ builds from `bpe_simple_vocab_16e6.txt.gz`. That file ships inside the `open_cli
 
     pip download --no-deps open_clip_torch -d /tmp/oc
     unzip -j /tmp/oc/open_clip_torch-*.whl 'open_clip/bpe_simple_vocab_16e6.txt.gz' -d /tmp/oc
-    python -m stylelora.families.skeletons.build_tokenizer /tmp/oc/bpe_simple_vocab_16e6.txt.gz
+    python -m stylelora.families.build_clip_tokenizer /tmp/oc/bpe_simple_vocab_16e6.txt.gz
 
 The script writes `vocab.json.gz` and `merges.txt.gz` into `clip_tokenizer/` next to it (pass
 `--out DIR` for elsewhere, `--no-gzip` for plain files). It uses only the standard library.

@@ -2,18 +2,13 @@
 
 `StableDiffusionPipeline.from_single_file(ckpt, config=<folder>, local_files_only=True)` reads
 every component's config (and the tokenizers) from a diffusers repo folder and the weights from
-the checkpoint. Without `config` it downloads that folder from the Hugging Face hub. The
-skeletons shipped here are those folders minus the weights, for:
+the checkpoint. Without `config` it downloads that folder from the Hugging Face hub. Each family
+ships its real model's folder minus the weights as `families/<name>/skeleton/` (its docstring
+says which model it is); it is also what kohya names and the memory estimates are taken from.
 
-- `sd15`: runwayml/stable-diffusion-v1-5 (safety checker and feature extractor left out)
-- `sd2`: stabilityai/stable-diffusion-2-1 (768 px, v-prediction)
-- `sdxl`: stabilityai/stable-diffusion-xl-base-1.0
-- `flux`: black-forest-labs/FLUX.1-dev (the transformer's sizes are read off a BFL file, so
-  schnell loads from it too); T5's SentencePiece tokenizer is not shipped (see flux_files.py)
-
-The CLIP BPE vocabulary (the same for all four families) is stored once, gzipped, in
+The CLIP BPE vocabulary (the same for every CLIP text encoder) is stored once, gzipped, in
 `clip_tokenizer/`; `skeleton_dir` materialises a complete folder (configs plus `vocab.json` and
-`merges.txt` in each tokenizer folder) under the stylelora cache and returns its path.
+`merges.txt` in each CLIP tokenizer folder) under the stylelora cache and returns its path.
 """
 
 from __future__ import annotations
@@ -32,8 +27,8 @@ from stylelora.export.atomic import give_umask_modes
 PACKAGE_DIR = Path(__file__).resolve().parent
 TOKENIZER_SOURCE = PACKAGE_DIR / "clip_tokenizer"
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
-# One folder per family, named as the family.
-SKELETONS = tuple(sorted(p.parent.name for p in PACKAGE_DIR.glob("*/model_index.json")))
+# In each family's folder, named as the family.
+SKELETONS = tuple(sorted(p.parts[-3] for p in PACKAGE_DIR.glob("*/skeleton/model_index.json")))
 # Written last into a materialised folder: its content says which package files it came from.
 STAMP = ".stylelora-skeleton"
 
@@ -47,7 +42,7 @@ def source_dir(name: str) -> Path:
     """The packaged (tokenizer-less) skeleton folder of `name`."""
     if name not in SKELETONS:
         raise ValueError(f"unknown skeleton {name!r}; known: {', '.join(SKELETONS)}")
-    return PACKAGE_DIR / name
+    return PACKAGE_DIR / name / "skeleton"
 
 
 def _tokenizer_dirs(src: Path) -> list[Path]:
@@ -95,7 +90,7 @@ def _build(src: Path, dest: Path, digest: str) -> None:
 
 
 def skeleton_dir(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """A complete, weight-less diffusers folder for family `name` ('sd15', 'sd2', 'sdxl', 'flux').
+    """A complete, weight-less diffusers folder for the family `name` (its skeleton).
 
     Built once under `<cache>/skeletons/<name>` (cache: `cache_dir`, else `cache_root()`) and
     rebuilt when the packaged files change. The folder is assembled in a temporary sibling and
@@ -108,7 +103,7 @@ def skeleton_dir(name: str, cache_dir: str | os.PathLike[str] | None = None) -> 
 def materialise(src: Path, target: Path) -> Path:
     """Copy the packaged diffusers folder `src` to `target`, adding `vocab.json` and
     `merges.txt` to each of its tokenizer folders, unless `target` already holds this build."""
-    name = src.name
+    name = target.name
     digest = _digest(src)
     if _is_current(target, digest):
         return target

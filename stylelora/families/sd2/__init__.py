@@ -1,4 +1,7 @@
-"""SD2.x: one OpenCLIP ViT-H text encoder, v-prediction at 768 px (epsilon for the 512 base)."""
+"""SD2.x: one OpenCLIP ViT-H text encoder, v-prediction at 768 px (epsilon for the 512 base).
+
+`skeleton/` is stabilityai/stable-diffusion-2-1's folder without weights (768 px, v-prediction).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ from pathlib import Path
 
 from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 
-from stylelora.families.base import ModelFamily
 from stylelora.families.tiny import (
     SCHEDULER,
     tiny_text_encoder,
@@ -14,13 +16,15 @@ from stylelora.families.tiny import (
     tiny_vae,
     write_tiny_tokenizer,
 )
+from stylelora.families.unet import UNetFamily
 
 
-class SD2(ModelFamily):
+class SD2(UNetFamily):
     name = "sd2"
+    title = "SD2.x"
     pipeline_class = StableDiffusionPipeline
-    kohya_versions = ("sd_v2", "sd_v2_v")
-    kohya_version_prefix = "sd_v2"
+    base_versions = ("sd_v2", "sd_v2_v")
+    base_version_prefix = "sd_v2"
     single_file_marker = "cond_stage_model.model."  # OpenCLIP
     single_file_text_encoders = {"text_encoder": ("cond_stage_model.model.", "openclip")}
     context_width = 1024
@@ -56,11 +60,11 @@ class SD2(ModelFamily):
         )
 
     @property
-    def kohya_base_version(self) -> str:  # type: ignore[override]
+    def base_version(self) -> str:
         return "sd_v2_v" if self.prediction_type == "v_prediction" else "sd_v2"
 
     @property
-    def modelspec_architecture(self) -> str:  # type: ignore[override]
+    def modelspec_architecture(self) -> str:
         if self.prediction_type == "v_prediction":
             return "stable-diffusion-v2-768-v"
         return "stable-diffusion-v2-512"

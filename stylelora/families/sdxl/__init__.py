@@ -1,4 +1,7 @@
-"""SDXL: two text encoders (CLIP ViT-L and OpenCLIP bigG), size and crop conditioning, sgm names."""
+"""SDXL: two text encoders (CLIP ViT-L and OpenCLIP bigG), size and crop conditioning, sgm names.
+
+`skeleton/` is stabilityai/stable-diffusion-xl-base-1.0's folder without weights.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import torch
 from diffusers import DiffusionPipeline, EulerDiscreteScheduler, StableDiffusionXLPipeline
 from transformers import CLIPTextModelWithProjection
 
-from stylelora.families.base import ModelFamily
+from stylelora.families.base import DENOISER
 from stylelora.families.ldm import original_unet_path
 from stylelora.families.tiny import (
     SCHEDULER,
@@ -19,16 +22,18 @@ from stylelora.families.tiny import (
     tiny_vae,
     write_tiny_tokenizer,
 )
+from stylelora.families.unet import UNetFamily
 
 
-class SDXL(ModelFamily):
+class SDXL(UNetFamily):
     name = "sdxl"
+    title = "SDXL"
     pipeline_class = StableDiffusionXLPipeline
-    kohya_base_version = "sdxl_base_v1-0"
-    kohya_versions = ("sdxl_base_v1-0",)
-    kohya_version_prefix = "sdxl"
-    modelspec_architecture = "stable-diffusion-xl-v1-base"
+    base_versions = ("sdxl_base_v1-0",)
+    base_version_prefix = "sdxl"
+    modelspec = "stable-diffusion-xl-v1-base"
     text_encoder_attrs = {"lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
+    prompt_encoder_attrs = ("text_encoder", "text_encoder_2")
     single_file_text_encoders = {
         "text_encoder": ("conditioner.embedders.0.transformer.", "clip"),
         "text_encoder_2": ("conditioner.embedders.1.model.", "openclip"),
@@ -36,15 +41,15 @@ class SDXL(ModelFamily):
     single_file_marker = "conditioner.embedders.1."
     context_width = 2048
 
-    def __init__(self, pipe: DiffusionPipeline, clip_skip: int | None = None):
-        super().__init__(pipe)
-        if clip_skip:
-            # SDXL already conditions on both encoders' penultimate layers; kohya's trainer and
-            # AUTOMATIC1111 ignore clip skip for it, so adapters trained here match theirs.
+    def layers_skipped(self, clip_skip: int | None) -> None:
+        """None: SDXL already conditions on both encoders' penultimate layers; kohya's trainer
+        and AUTOMATIC1111 ignore clip skip for it, so adapters trained here match theirs."""
+        if clip_skip and clip_skip > 1:
             self.notes.append(
-                f"clip_skip = {clip_skip + 1} is ignored for SDXL, as kohya and AUTOMATIC1111 "
+                f"clip_skip = {clip_skip} is ignored for SDXL, as kohya and AUTOMATIC1111 "
                 "do: SDXL already uses the penultimate layers"
             )
+        return None
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
@@ -125,7 +130,7 @@ class SDXL(ModelFamily):
         }
 
     def kohya_name(self, prefix: str, module_path: str) -> str:
-        if prefix == "lora_unet":
+        if prefix == DENOISER:
             module_path = original_unet_path(module_path, self.unet.config)
         return super().kohya_name(prefix, module_path)
 
@@ -133,10 +138,10 @@ class SDXL(ModelFamily):
         """kohya's SDXL layout: 9 input, 3 middle, 9 output blocks, and one at each end."""
         return 9, 3, 9, True
 
-    def kohya_block_index(self, kohya_name: str) -> int:
+    def kohya_block_index(self, name: str) -> int:
         """By the original UNet's names: time embedding 0, input_blocks_N 1 + N, middle_block_N
         10 + N, output_blocks_N 13 + N, out 22."""
-        name = kohya_name.removeprefix("lora_unet_")
+        name = name.removeprefix("lora_unet_")
         for start, first in (("input_blocks_", 1), ("middle_block_", 10), ("output_blocks_", 13)):
             if name.startswith(start):
                 return first + int(name[len(start) :].split("_")[0])
