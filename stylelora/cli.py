@@ -273,7 +273,8 @@ def run_sample(args: argparse.Namespace) -> None:
             seed=args.seed,
             guidance_scale=args.guidance,
             steps=args.steps,
-        )
+        ),
+        family.size_step,
     )
     if note:
         print(note)

@@ -16,11 +16,12 @@ import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
+from pydantic import Field
 
 from stylelora.errors import UserError
 
@@ -65,6 +66,24 @@ class Option:
     @property
     def field(self) -> str:
         return self.key.rpartition(".")[2]
+
+
+# Declarations the transformer families with LLM text encoders share (one declaration a key).
+VAE_FILE = Part("vae", "vae", "VAE file", "the model's VAE (a file or a diffusers folder)")
+TEXT_ENCODER_FILE = Part(
+    "text_encoder",
+    "text_encoder",
+    "text encoder file",
+    "the model's text encoder (a file or a diffusers folder)",
+)
+MAX_SEQUENCE_LENGTH = Option(
+    "max_sequence_length",
+    Annotated[int, Field(ge=1, le=1024)] | None,
+    None,
+    "text tokens per prompt for an LLM text encoder (diffusers' max_sequence_length); unset: "
+    "what the model's pipeline uses",
+    flag={"type": int, "help": "LLM text encoders: tokens per prompt (default: the pipeline's)"},
+)
 
 
 class ModelFamily(ABC):
@@ -206,6 +225,13 @@ class ModelFamily(ABC):
     def default_resolution(self) -> int:
         """The side the model was trained at."""
 
+    @property
+    def size_step(self) -> int:
+        """What an image's sides must be a multiple of for the family's pipeline (previews
+        are rounded down to it): the VAE's downscale (8), where the pipeline rounds the
+        patches itself."""
+        return 8
+
     # --- latents ----------------------------------------------------------------------------
 
     def vae_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
@@ -255,8 +281,15 @@ class ModelFamily(ABC):
         """Captions to the denoiser's text conditioning (tensors with a batch axis)."""
 
     def join_prompts(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Captions encoded one by one (the text cache), as one batch."""
-        return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
+        """Captions encoded one by one (the text cache), as one batch: a sequence shorter
+        than the longest is padded with zeros (its mask, with False, says where)."""
+        joined = {}
+        for key in rows[0]:
+            values = [row[key] for row in rows]
+            longest = max(value.shape[1] if value.dim() > 1 else 0 for value in values)
+            values = [pad_sequence_axis(value, longest) for value in values]
+            joined[key] = torch.cat(values)
+        return joined
 
     @abstractmethod
     def training_objective(self) -> Objective:
@@ -329,6 +362,39 @@ class ModelFamily(ABC):
     @abstractmethod
     def kohya_block_index(self, name: str) -> int:
         """The block of a module by its file name (-1: none, trained at the full rate)."""
+
+    # --- what memory is counted on (benchmarks/preset_memory.py) ----------------------------
+
+    @abstractmethod
+    def example_inputs(
+        self, batch: int, side: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        """Latents, text conditioning and batch of the shapes a training step gives `denoise`
+        for `batch` images of `side` pixels (zeros; on `device`, the meta device for a count)."""
+
+    @abstractmethod
+    def example_prompt_pass(self, device: torch.device) -> None:
+        """Run every prompt encoder on one caption of the length training encodes (token ids
+        of zeros): what filling the text cache holds on the device."""
+
+
+def pad_sequence_axis(value: torch.Tensor, length: int) -> torch.Tensor:
+    """`value` (batch, sequence, ...) padded with zeros along the sequence to `length`."""
+    if value.dim() < 2 or value.shape[1] == length:
+        return value
+    pad = value.new_zeros(value.shape[0], length - value.shape[1], *value.shape[2:])
+    return torch.cat([value, pad], dim=1)
+
+
+def padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences of different lengths (each (length, width)) as one zero-padded batch, and
+    the mask of their real positions."""
+    longest = max(row.shape[0] for row in rows)
+    batch = torch.stack([pad_sequence_axis(row[None], longest)[0] for row in rows])
+    mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=batch.device)
+    for index, row in enumerate(rows):
+        mask[index, : row.shape[0]] = True
+    return batch, mask
 
 
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:

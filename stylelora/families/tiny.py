@@ -17,9 +17,17 @@ from diffusers import (
     AutoencoderKL,
     UNet2DConditionModel,
 )
-from tokenizers import Tokenizer
-from tokenizers.models import Unigram
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5TokenizerFast
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import BPE, Unigram
+from transformers import (
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    PreTrainedTokenizerBase,
+    Qwen2TokenizerFast,
+    T5TokenizerFast,
+)
 
 from stylelora.errors import UserError
 from stylelora.export.atomic import give_umask_modes
@@ -84,6 +92,38 @@ def write_tiny_t5_tokenizer(folder: Path) -> T5TokenizerFast:
     )
     tokenizer.save_pretrained(folder)
     return T5TokenizerFast.from_pretrained(folder)
+
+
+# Qwen's chat template for plain text messages (Qwen3's: `enable_thinking=False` adds the
+# empty thinking block), the form the pipelines apply to a caption.
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}{%- if enable_thinking is defined and enable_thinking is "
+    "false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+
+
+def write_tiny_qwen_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer without merges (each byte a token) with Qwen's special tokens
+    and chat template: the shape of Qwen2's and Qwen3's tokenizers, nothing from a hub."""
+    model = BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                merges=[])  # fmt: skip
+    backend = Tokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=backend,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=32768,
+    )
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def tiny_vae(**config) -> AutoencoderKL:

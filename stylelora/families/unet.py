@@ -136,7 +136,7 @@ class UNetFamily(ModelFamily):
 
     @classmethod
     def on_meta_device(cls) -> ModelFamily:
-        from diffusers import UNet2DConditionModel
+        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
         folder = skeleton_dir(cls.name)
@@ -144,6 +144,8 @@ class UNetFamily(ModelFamily):
         with torch.device("meta"):
             config = UNet2DConditionModel.load_config(folder / "unet")
             parts["unet"] = UNet2DConditionModel.from_config(config)
+            parts["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+            parts["vae_scale_factor"] = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
             classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
             for attr, text_cls in classes.items():
                 if (folder / attr).is_dir():
@@ -289,6 +291,22 @@ class UNetFamily(ModelFamily):
             index = 3 * int(i) + (2 if kind.endswith("samplers") else int(j))
             return index + (1 if side == "down" else 13)
         return 12 if "mid_block_" in name else -1
+
+    def example_inputs(
+        self, batch: int, side: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        config = self.unet.config
+        latent = side // self.pipe.vae_scale_factor
+        latents = torch.zeros(batch, config.in_channels, latent, latent, dtype=dtype, device=device)
+        tokens = self.prompt_encoders()[0].config.max_position_embeddings
+        shape = (batch, tokens, config.cross_attention_dim)
+        text = {"encoder_hidden_states": torch.zeros(shape, dtype=dtype, device=device)}
+        return latents, text, {}
+
+    def example_prompt_pass(self, device: torch.device) -> None:
+        for encoder in self.prompt_encoders():
+            tokens = encoder.config.max_position_embeddings
+            encoder(torch.zeros(1, tokens, dtype=torch.long, device=device))
 
     def metadata(self) -> dict[str, str]:
         return {

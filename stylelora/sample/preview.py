@@ -32,10 +32,15 @@ def latents_in_model_dtype(family: ModelFamily) -> Iterator[None]:
         vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder
     )
 
+    def cast(latents):  # a tensor, or a list of them (Z-Image's transformer takes a list)
+        if isinstance(latents, (list, tuple)):
+            return [cast(item) for item in latents]
+        return latents.to(unet.dtype)
+
     def unet_sample(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if args:
-            return (args[0].to(unet.dtype), *args[1:]), kwargs
-        return args, {**kwargs, name: kwargs[name].to(unet.dtype)}
+            return (cast(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, name: cast(kwargs[name])}
 
     def vae_latents(module: torch.nn.Module, args: tuple) -> tuple:
         return (args[0].to(vae.dtype), *args[1:])

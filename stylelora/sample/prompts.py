@@ -55,21 +55,21 @@ def parse_prompt_line(line: str, defaults: SamplePrompt) -> SamplePrompt:
     return result
 
 
-# The VAE halves each side three times, so the pipelines take sides in multiples of 8.
+# The VAE halves each side three times, so the pipelines take sides in multiples of 8 (a
+# family whose pipeline needs more says so: ModelFamily.size_step).
 SIDE_STEP, MIN_SIDE = 8, 64
 
 
-def on_size_grid(prompt: SamplePrompt) -> tuple[SamplePrompt, str | None]:
-    """`prompt` with its sides rounded down to a multiple of 8 (at least 64), as kohya's
+def on_size_grid(prompt: SamplePrompt, step: int = SIDE_STEP) -> tuple[SamplePrompt, str | None]:
+    """`prompt` with its sides rounded down to a multiple of `step` (at least 64), as kohya's
     sampler does, and a note saying so when that changed them."""
-    width, height = (
-        max(MIN_SIDE, side - side % SIDE_STEP) for side in (prompt.width, prompt.height)
-    )
+    least = max(MIN_SIDE, step)
+    width, height = (max(least, side - side % step) for side in (prompt.width, prompt.height))
     if (width, height) == (prompt.width, prompt.height):
         return prompt, None
     note = (
         f"sample size {prompt.width}x{prompt.height} rounded to {width}x{height} (sides are "
-        f"multiples of {SIDE_STEP}, at least {MIN_SIDE}) for {prompt.prompt!r}"
+        f"multiples of {step}, at least {least}) for {prompt.prompt!r}"
     )
     return replace(prompt, width=width, height=height), note
 

@@ -43,20 +43,23 @@ def render(
 ):
     """One image for `prompt`; the seed fixes it whatever the device.
 
-    With `family`, the prompt is encoded as that family trains (clip skip included).
+    With `family`, the prompt is encoded as that family trains (clip skip included), and the
+    guidance goes to the pipeline argument the family's models take.
     """
     if family is None:
         text = {"prompt": prompt.prompt, "negative_prompt": prompt.negative_prompt or None}
+        guidance = {"guidance_scale": prompt.guidance_scale}
     else:
         size = (prompt.width, prompt.height)
         text = family.pipeline_text_kwargs(prompt.prompt, prompt.negative_prompt, size)
+        guidance = family.pipeline_guidance_kwargs(prompt.guidance_scale)
     generator = torch.Generator().manual_seed(prompt.seed)
     result = pipe(
         **text,
+        **guidance,
         width=prompt.width,
         height=prompt.height,
         num_inference_steps=prompt.steps,
-        guidance_scale=prompt.guidance_scale,
         generator=generator,
         output_type=output_type,
     )

@@ -109,7 +109,7 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
     dataset = ImageCaptionDataset(
         records, data_options(cfg.data, cfg.seed), priors.records if priors else ()
     )
-    prompts, prompt_notes = sample_prompts(cfg)
+    prompts = read_sample_prompts(cfg)  # read and checked before any model is loaded
     # accelerate keeps one mixed-precision setting per process; a second run (tests, the
     # benchmark) may ask for another. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
@@ -131,10 +131,10 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
         describe(scan, dataset, cfg.data) + held_out_line(held_out) + prior_lines(dataset, cfg)
     )
     report_dataset(accelerator, dataset_lines, cfg)
-    for note in prompt_notes:
-        accelerator.print(note)
     family = family or load_model(cfg)
-    for note in family.notes:
+    check_previews(family, cfg)
+    prompts, prompt_notes = fitted_prompts(prompts, family.size_step)
+    for note in [*prompt_notes, *family.notes]:
         accelerator.print(note)
     objective = family.training_objective()
     objective.check(cfg.train)  # a range outside the schedule, an option it lacks: stop here
@@ -333,11 +333,20 @@ def load_model(cfg: Config) -> ModelFamily:
     )
 
 
-def sample_prompts(cfg: Config) -> tuple[list[SamplePrompt], list[str]]:
-    """The preview prompts, read and checked before any model is loaded, with their sizes on
-    the VAE's grid; and a note for each size that had to be rounded."""
-    fitted = [on_size_grid(prompt) for prompt in read_sample_prompts(cfg)]
+def fitted_prompts(prompts: list[SamplePrompt], step: int) -> tuple[list[SamplePrompt], list[str]]:
+    """The preview prompts with their sizes on the model's grid (multiples of `step`); and a
+    note for each size that had to be rounded."""
+    fitted = [on_size_grid(prompt, step) for prompt in prompts]
     return [prompt for prompt, _ in fitted], [note for _, note in fitted if note]
+
+
+def check_previews(family: ModelFamily, cfg: Config) -> None:
+    """A preview sampler the family's models cannot use, named in one line."""
+    if cfg.sample.scheduler not in family.sample_schedulers:
+        raise UserError(
+            f"sample.scheduler = {cfg.sample.scheduler!r}: a {family.title} model samples with "
+            f"its own flow-matching scheduler; choose {', '.join(family.sample_schedulers)}"
+        )
 
 
 def read_sample_prompts(cfg: Config) -> list[SamplePrompt]:

@@ -113,7 +113,7 @@ def test_vae_clip_and_t5_load_from_their_own_files(tmp_path, tiny, configs_only)
     loaded = load_family(str(transformer), config=str(configs_only), parts=folders)
     assert np.abs(rendered(loaded) - tiny["image"]).max() < 1e-5
 
-    with pytest.raises(UserError, match="holds Flux's transformer only; set ae to your ae"):
+    with pytest.raises(UserError, match="holds Flux.1's transformer only; set ae to your ae"):
         load_family(str(transformer), config=str(configs_only))
     with pytest.raises(
         UserError, match=r"clip_l = .*t5xxl.safetensors: could not load it \(not a CLIPTextModel"

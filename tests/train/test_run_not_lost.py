@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from stylelora.cli import main
 from stylelora.errors import UserError
-from stylelora.train.run import sample_prompts
+from stylelora.train.run import fitted_prompts, read_sample_prompts
 from stylelora.train.trainer import train
 
 QUICK = [
@@ -65,7 +65,7 @@ def test_preview_sides_off_the_grid_are_rounded_down_as_kohya_does(
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("a house --w 500 --h 513\na tree --w 512 --h 512\n")
     cfg.sample.prompts, cfg.sample.prompts_file = [], prompts_file
-    prompts, notes = sample_prompts(cfg)
+    prompts, notes = fitted_prompts(read_sample_prompts(cfg), 8)
     assert [(p.width, p.height) for p in prompts] == [(496, 512), (512, 512)]
     assert notes == [
         "sample size 500x513 rounded to 496x512 (sides are multiples of 8, at least 64) "

@@ -161,6 +161,8 @@ class Flux(ModelFamily):
 
     @classmethod
     def claims_names(cls, names: list[str]) -> bool:
+        """kohya's BFL names, or any transformer's diffusers names: the registry asks the
+        families with narrower claims first."""
         marks = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "transformer.")
         return any(n.startswith(marks) for n in names)
 
@@ -349,6 +351,29 @@ class Flux(ModelFamily):
             "ss_base_model_version": self.base_version,
             "ss_network_module": "networks.lora_flux",
         }
+
+    def example_inputs(
+        self, batch: int, side: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        config = self.unet.config
+        latent = side // self.pipe.vae_scale_factor
+        shape = (batch, config.in_channels // 4, latent, latent)
+        latents = torch.zeros(shape, dtype=dtype, device=device)
+        tokens = self.max_sequence_length
+        text = {
+            "encoder_hidden_states": torch.zeros(
+                batch, tokens, config.joint_attention_dim, dtype=dtype, device=device
+            ),
+            "pooled_projections": torch.zeros(
+                batch, config.pooled_projection_dim, dtype=dtype, device=device
+            ),
+        }
+        return latents, text, {}
+
+    def example_prompt_pass(self, device: torch.device) -> None:
+        tokens = self.max_sequence_length
+        self.pipe.text_encoder_2(torch.zeros(1, tokens, dtype=torch.long, device=device))
+        self.pipe.text_encoder(torch.zeros(1, 77, dtype=torch.long, device=device))
 
     @classmethod
     def on_meta_device(cls) -> ModelFamily:

@@ -20,7 +20,6 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
 )
-from safetensors import SafetensorError, safe_open
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -30,13 +29,18 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from stylelora.errors import UserError, first_line
+from stylelora.errors import UserError
 from stylelora.families.base import Part
+from stylelora.families.files import (
+    COMFY_PREFIX,
+    find_tokenizer,
+    load_part,
+    load_text_encoder,
+    read_weights,
+)
 from stylelora.families.flux.bfl import from_bfl
 from stylelora.families.skeletons import skeleton_dir
 
-# ComfyUI's whole-model files put the transformer under this prefix.
-COMFY_PREFIX = "model.diffusion_model."
 # A transformer file's other parts, as kohya's --ae, --clip_l and --t5xxl take them.
 PARTS = (
     Part("ae", "vae", "ae.safetensors", "Flux.1's VAE (a file or a diffusers folder)"),
@@ -50,31 +54,11 @@ SCHNELL_SCHEDULER = {"shift": 1.0, "use_dynamic_shifting": False}
 
 
 def is_bfl_transformer(keys: list[str]) -> bool:
-    return any(key.removeprefix(COMFY_PREFIX).startswith("double_blocks.") for key in keys)
-
-
-def read_weights(path: Path, dtype: torch.dtype, under: str = "") -> dict[str, torch.Tensor]:
-    """The file's tensors in `dtype`, each converted as it is read (an fp8 file is never held
-    twice); only those under the prefix `under` (removed) if the file has any. ComfyUI's
-    scaled fp8 files keep `<layer>.scale_weight` beside each fp8 weight: the weight is the
-    product."""
-    out = {}
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            names = set(handle.keys())
-            prefix = under if any(n.startswith(under) for n in names) else ""
-            for name in sorted(n for n in names if n.startswith(prefix)):
-                key = name.removeprefix(prefix)
-                if key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input")):
-                    continue
-                value = handle.get_tensor(name)
-                scale = name.removesuffix(".weight") + ".scale_weight"
-                if name.endswith(".weight") and scale in names:
-                    value = value.to(torch.float32) * handle.get_tensor(scale).to(torch.float32)
-                out[key] = value.to(dtype) if value.is_floating_point() else value
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"{path}: not a readable .safetensors file ({first_line(exc)})") from None
-    return out
+    """A Flux.1 transformer in BFL's layout: double blocks with their own modulation (Flux.2's
+    blocks share theirs)."""
+    return any(
+        key.removeprefix(COMFY_PREFIX).startswith("double_blocks.0.img_mod.") for key in keys
+    )
 
 
 def transformer_config(bfl: dict[str, torch.Tensor], template: dict) -> dict:
@@ -131,64 +115,28 @@ def config_folder(config: str | None) -> Path:
     return Path(config) if config else skeleton_dir("flux")
 
 
-def has_weights(folder: Path) -> bool:
-    return folder.is_dir() and any(folder.glob("*.safetensors"))
-
-
-def load_text_encoder(cls: type, config: object, path: Path, dtype: torch.dtype) -> torch.nn.Module:
-    """A transformers text encoder from a file of its weights (transformers' names, with or
-    without CLIP's `text_model.` level, which transformers 5 dropped); ValueError if the file
-    lacks any of them."""
-    with init_empty_weights():
-        model = cls(config)
-    expected = set(model.state_dict())
-    state = {}
-    for name, value in read_weights(path, dtype).items():
-        bare = name.removeprefix("text_model.")
-        if name in expected or bare in expected:
-            state[name if name in expected else bare] = value
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    if missing := [name for name, p in model.named_parameters() if p.is_meta]:
-        raise ValueError(f"not a {cls.__name__} weights file: {missing[0]} is missing")
-    return model.eval()
-
-
-def load_part(
+def flux_part(
     part: Part, source: Path | None, folder: Path, dtype: torch.dtype, transformer_file: Path
 ) -> torch.nn.Module:
     """The VAE, CLIP-L or T5 from `source` (a file or a diffusers folder), else the config
     folder's own weights."""
-    key, attr, usual = part.key, part.attr, part.usual
-    cls = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel, "text_encoder_2": T5EncoderModel}
-    model_cls = cls[attr]
-    if source is None:
-        if not has_weights(folder / attr):
-            raise UserError(
-                f"{transformer_file}: holds Flux's transformer only; set {key} to your {usual} "
-                "(a file or a diffusers folder), or single_file_config to a diffusers Flux "
-                "folder with weights"
-            )
-        source = folder / attr
-    if not source.exists():
-        raise UserError(f"{key} = {source}: file or folder not found")
-    try:
-        if source.is_dir():
-            if (source / attr / "config.json").exists():  # a whole pipeline folder
-                source = source / attr
-            return model_cls.from_pretrained(
-                source, torch_dtype=dtype, local_files_only=True
-            ).eval()
+    model_cls = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel}.get(part.attr, T5EncoderModel)
+
+    def from_folder(source: Path) -> torch.nn.Module:
+        return model_cls.from_pretrained(source, torch_dtype=dtype, local_files_only=True)
+
+    def from_file(source: Path) -> torch.nn.Module:
         if model_cls is AutoencoderKL:
             return AutoencoderKL.from_single_file(
                 str(source), config=str(folder), subfolder="vae", torch_dtype=dtype
-            ).eval()
+            )
         config_cls = CLIPTextConfig if model_cls is CLIPTextModel else T5Config
         return load_text_encoder(
-            model_cls, config_cls.from_pretrained(folder / attr), source, dtype
+            model_cls, config_cls.from_pretrained(folder / part.attr), source, dtype
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(f"{key} = {source}: could not load it ({first_line(exc)})") from None
+
+    fallback = folder / part.attr
+    return load_part(part, source, fallback, from_file, from_folder, transformer_file, "Flux.1")
 
 
 def t5_tokenizer(folder: Path, t5xxl: Path | None) -> T5TokenizerFast:
@@ -196,15 +144,12 @@ def t5_tokenizer(folder: Path, t5xxl: Path | None) -> T5TokenizerFast:
     local = [folder / "tokenizer_2"]
     if t5xxl is not None and t5xxl.is_dir():
         local += [t5xxl / "tokenizer_2", t5xxl]
-    candidates = [(str(p), None) for p in local if p.is_dir()] + list(T5_TOKENIZER_REPOS)
-    for source, sub in candidates:
-        try:
-            return T5TokenizerFast.from_pretrained(source, subfolder=sub, local_files_only=True)
-        except (OSError, ValueError):
-            continue
-    raise UserError(
+    return find_tokenizer(
+        T5TokenizerFast.from_pretrained,
+        local,
+        T5_TOKENIZER_REPOS,
         "Flux's T5 tokenizer was not found offline: set single_file_config to a diffusers Flux "
-        "folder (one with tokenizer_2/), or t5xxl to a T5 folder with its tokenizer files"
+        "folder (one with tokenizer_2/), or t5xxl to a T5 folder with its tokenizer files",
     )
 
 
@@ -214,7 +159,7 @@ def load_flux_files(
     """A FluxPipeline from a BFL transformer file and the parts beside it."""
     folder = config_folder(config)
     transformer = load_bfl_transformer(path, dtype, folder)
-    modules = {p.attr: load_part(p, parts.get(p.key), folder, dtype, path) for p in PARTS}
+    modules = {p.attr: flux_part(p, parts.get(p.key), folder, dtype, path) for p in PARTS}
     tokenizer_dir = folder / "tokenizer"
     if not tokenizer_dir.is_dir():
         tokenizer_dir = skeleton_dir("flux") / "tokenizer"

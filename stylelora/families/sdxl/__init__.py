@@ -129,6 +129,19 @@ class SDXL(UNetFamily):
             },
         }
 
+    def example_inputs(
+        self, batch: int, side: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+        latents, text, _ = super().example_inputs(batch, side, dtype, device)
+        width = self.pipe.text_encoder_2.config.projection_dim
+        text["text_embeds"] = torch.zeros(batch, width, dtype=dtype, device=device)
+        sizes = {
+            "original_sizes": [(side, side)] * batch,
+            "crop_top_lefts": [(0, 0)] * batch,
+            "target_sizes": [(side, side)] * batch,
+        }
+        return latents, text, sizes
+
     def kohya_name(self, prefix: str, module_path: str) -> str:
         if prefix == DENOISER:
             module_path = original_unet_path(module_path, self.unet.config)

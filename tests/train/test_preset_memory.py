@@ -153,11 +153,11 @@ def counting_family(cfg, device: str):
 
 @pytest.mark.parametrize("swap", [0, 1])
 def test_the_meta_count_is_what_the_cpu_allocates(swap):
-    """benchmarks/flux_memory.py counts the full Flux on the meta device; on the tiny model the
+    """benchmarks/preset_memory.py counts the full Flux on the meta device; on the tiny model the
     same count on real CPU tensors agrees (the CPU's flash attention allocates a little more
     in backward than the GPU kernel's meta function)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from flux_memory import count_training
+    from preset_memory import count_training
 
     cfg = load_config(
         preset_path("flux-12gb", ROOT),
@@ -173,7 +173,7 @@ def test_the_meta_count_is_what_the_cpu_allocates(swap):
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_the_quantized_stand_in_has_bitsandbytes_sizes(kind):
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from flux_memory import QuantizedStandIn
+    from preset_memory import QuantizedStandIn
 
     from stylelora.train.quantize import quantized_linear
 

@@ -1,14 +1,16 @@
-"""Peak GPU memory of a Flux preset at full size (Flux.1 dev: a 11.9 B parameter transformer,
-T5-XXL's 4.7 B encoder), counted on the meta device: no weight is allocated, so it runs on any
-machine in seconds, where the real model would not fit its memory.
+"""Peak GPU memory of a preset at full size (Flux.1 dev's 11.9 B parameter transformer with
+T5-XXL's 4.7 B encoder, Qwen-Image's 20 B, ...), counted on the meta device: no weight is
+allocated, so it runs on any machine in seconds, where the real model would not fit its memory.
 
-The model is the real architecture from the bundled configs (`Flux.on_meta_device`), set up by
-the trainer's own pieces as the preset says: the adapters (`inject_adapters`), gradient
-checkpointing, block swapping (`swap_blocks`). One training step at the preset's resolution and
-batch then runs on meta tensors while `TensorBytes` (memory_speed.py) counts every tensor an
-accelerator would hold, alive at once: the weights on the device, the adapters, activations and
-gradients. Filling the caches is counted the same way: T5 and CLIP encode one caption, the VAE
-one batch of images. Three things a meta run cannot do are stood in for:
+The model is the preset's family's real architecture from its bundled configs
+(`ModelFamily.on_meta_device`), set up by the trainer's own pieces as the preset says: the
+adapters (`inject_adapters`), gradient checkpointing, block swapping (`swap_blocks`). One
+training step at the preset's resolution and batch (`ModelFamily.example_inputs`) then runs on
+meta tensors while `TensorBytes` (memory_speed.py) counts every tensor an accelerator would
+hold, alive at once: the weights on the device, the adapters, activations and gradients.
+Filling the caches is counted the same way: the text encoders encode one caption
+(`example_prompt_pass`), the VAE one batch of images. Three things a meta run cannot do are
+stood in for:
 
 - bitsandbytes cannot quantize meta weights: each quantized Linear becomes a stand-in holding
   meta tensors of bitsandbytes' sizes (NF4: 4 bits a weight, its absmax per 64 in 8 bits with
@@ -20,7 +22,7 @@ one batch of images. Three things a meta run cannot do are stood in for:
   8-bit AdamW's two bytes a weight plus an fp32 absmax per 256 (tensors under 4096 elements
   keep 32-bit states, as bitsandbytes does).
 
-    python benchmarks/flux_memory.py --preset flux-12gb
+    python benchmarks/preset_memory.py --preset flux-12gb
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from memory_speed import TensorBytes, gib
 from stylelora.adapters.inject import inject_adapters
 from stylelora.cli import quiet_libraries
 from stylelora.config import Config, load_config, preset_path
-from stylelora.families.flux import Flux
+from stylelora.families.base import ModelFamily
+from stylelora.families.registry import family_named
 from stylelora.train.placement import WEIGHT_DTYPES, enable_gradient_checkpointing
 from stylelora.train.quantize import quantizable_linears
 from stylelora.train.swap import check_block_swapping, swap_blocks
@@ -131,21 +134,20 @@ def optimizer_state_bytes(params: list[torch.nn.Parameter], optimizer: str) -> i
             2 * p.numel() + 8 * -(-p.numel() // 256) if p.numel() >= 4096 else 8 * p.numel()
             for p in params
         )
-    raise SystemExit(f"flux_memory: optimizer {optimizer!r} is not counted here (adamw, adamw8bit)")
+    raise SystemExit(f"preset_memory: optimizer {optimizer!r} is not counted (adamw, adamw8bit)")
 
 
 def device_tensors(modules: list[torch.nn.Module], parked: set[int]) -> list[torch.Tensor]:
     return [t for m in modules for t in (*m.parameters(), *m.buffers()) if id(t) not in parked]
 
 
-def count_caching(family: Flux, cfg: Config, dtype: torch.dtype) -> int:
-    """T5 and CLIP encoding one caption, then the VAE one batch: each visits the device alone."""
+def count_caching(family: ModelFamily, cfg: Config, dtype: torch.dtype) -> int:
+    """The text encoders encoding one caption, then the VAE one batch: each visits the device
+    alone."""
     encoders = family.prompt_encoders()
-    tokens = family.max_sequence_length
     with torch.no_grad(), flash_attention():
         with TensorBytes(device_tensors(encoders, set()), count_meta=True) as text:
-            family.pipe.text_encoder_2(torch.zeros(1, tokens, dtype=torch.long, device=META))
-            family.pipe.text_encoder(torch.zeros(1, 77, dtype=torch.long, device=META))
+            family.example_prompt_pass(META)
         vae = family.vae
         side = cfg.data.largest_resolution
         pixels = torch.empty(cfg.train.batch_size, 3, side, side, device=META, dtype=vae.dtype)
@@ -156,7 +158,7 @@ def count_caching(family: Flux, cfg: Config, dtype: torch.dtype) -> int:
 
 
 def count_training(
-    family: Flux, cfg: Config, dtype: torch.dtype, device: torch.device = META
+    family: ModelFamily, cfg: Config, dtype: torch.dtype, device: torch.device = META
 ) -> tuple[int, int, int]:
     """Peak bytes of one training step, the resident weights' bytes, the optimizer's bytes.
     (`device`: where the model is; the tests count a small model on the CPU as well.)"""
@@ -164,38 +166,31 @@ def count_training(
     swapper = swap_blocks(family.swappable_blocks(), cfg.train, device)
     parked = swapper.parked_tensors() if swapper else set()
     transformer = family.unet
-    config = transformer.config
     trainable = [p for p in transformer.parameters() if p.requires_grad]
-    side, batch = cfg.data.largest_resolution // family.pipe.vae_scale_factor, cfg.train.batch_size
-    tokens = family.max_sequence_length
-
-    def empty(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
-        return torch.zeros(shape, device=device, dtype=dtype)
-
-    latents = empty(batch, config.in_channels // 4, side, side)
-    text = {
-        "encoder_hidden_states": empty(batch, tokens, config.joint_attention_dim),
-        "pooled_projections": empty(batch, config.pooled_projection_dim),
-    }
-    sigmas = empty(batch, dtype=torch.float32)
+    side, count = cfg.data.largest_resolution, cfg.train.batch_size
+    latents, text, batch = family.example_inputs(count, side, dtype, device)
+    sigmas = torch.zeros(count, device=device, dtype=torch.float32)
     counter = TensorBytes(device_tensors([transformer], parked), count_meta=meta)
     resident = counter.live
     with counter, flash_attention() if meta else nullcontext():
-        prediction = family.denoise(transformer, latents, sigmas, text, {})
+        prediction = family.denoise(transformer, latents, sigmas, text, batch)
         F.mse_loss(prediction.float(), torch.zeros_like(prediction, dtype=torch.float32)).backward()
     return counter.peak, resident, optimizer_state_bytes(trainable, cfg.train.optimizer)
 
 
-def flux_on_meta(cfg: Config) -> Flux:
-    """Flux.1 dev on the meta device in the preset's dtype, quantized and adapted as it says."""
+def family_on_meta(family_class: type[ModelFamily], cfg: Config) -> ModelFamily:
+    """The family's real model on the meta device in the preset's dtype, quantized and
+    adapted as it says."""
     dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
-    family = Flux.on_meta_device()
+    family = family_class.on_meta_device()
     family.configure(cfg.family_settings())
     for module in family.modules():
         module.to(dtype)
     check_block_swapping(cfg.train, len(family.swappable_blocks()))
     adapted = inject_adapters(family, cfg.adapter)
-    family.pipe.text_encoder_2.requires_grad_(False)
+    for encoder in family.prompt_encoders():  # those without an adapter stay frozen
+        if not any(encoder is module for module in adapted.values()):
+            encoder.requires_grad_(False)
     if cfg.train.quantize_base != "no":
         for model in [family.unet, *family.prompt_encoders()]:
             quantize_on_meta(model, cfg.train.quantize_base)
@@ -205,26 +200,31 @@ def flux_on_meta(cfg: Config) -> Flux:
     return family
 
 
-def preset_config(name: str, overrides: list[str]) -> Config:
-    cfg = load_config(preset_path(name, Path.cwd()), ["data.dir='.'", *overrides])
+def preset_config(name: str, overrides: list[str]) -> tuple[type[ModelFamily], Config]:
+    """The preset's family (the one whose folder holds it) and config."""
+    path = preset_path(name, Path.cwd())
+    cfg = load_config(path, ["data.dir='.'", *overrides])
     if cfg.train.mixed_precision == "fp16":
         cfg.train.mixed_precision = "bf16"  # the same bytes; meta runs either
-    return cfg
+    family = family_named(path.parents[1].name)
+    if family is None:
+        raise SystemExit(f"preset_memory: {path} is not a family's preset")
+    return family, cfg
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", required=True, help="a Flux preset from configs/")
+    parser.add_argument("--preset", required=True, help="a family's preset (flux-12gb, ...)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     quiet_libraries()
-    cfg = preset_config(args.preset, args.overrides)
+    family_class, cfg = preset_config(args.preset, args.overrides)
     dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
-    family = flux_on_meta(cfg)
+    family = family_on_meta(family_class, cfg)
     caching = count_caching(family, cfg, dtype)
     peak, resident, states = count_training(family, cfg, dtype)
     print(
-        f"{args.preset}: Flux.1 dev, {cfg.data.largest_resolution} px, "
+        f"{args.preset}: {family.title} ({cfg.model}), {cfg.data.largest_resolution} px, "
         f"batch {cfg.train.batch_size}, "
         f"{cfg.train.mixed_precision}, base {cfg.train.quantize_base}, "
         f"checkpointing {cfg.train.gradient_checkpointing}, blocks swapped "
