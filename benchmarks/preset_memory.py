@@ -33,6 +33,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+import torch.fx.experimental._config
 import torch.nn.functional as F
 from memory_speed import TensorBytes, gib
 
@@ -46,6 +47,9 @@ from stylelora.train.quantize import quantizable_linears
 from stylelora.train.swap import check_block_swapping, swap_blocks
 
 META = torch.device("meta")
+# A caption's real tokens are picked out by its mask (Z-Image, Qwen-Image); the examples' masks
+# are all true, which is what a meta tensor's nonzero() is then allowed to assume.
+torch.fx.experimental._config.meta_nonzero_assume_all_nonzero = True
 
 
 class DequantizedMatmul(torch.autograd.Function):

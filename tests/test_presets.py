@@ -11,10 +11,12 @@ from safetensors.torch import load_file
 
 from stylelora.config import load_config, preset_names, preset_path
 from stylelora.errors import UserError
+from stylelora.families.registry import family_named
 from stylelora.train.trainer import train
 
 PRESETS = ["sd15-4gb", "sd15-8gb", "sdxl-6gb", "sdxl-8gb", "sdxl-12gb", "sdxl-24gb"]
 PRESETS += ["flux-8gb", "flux-12gb", "flux-16gb", "flux-24gb"]
+PRESETS += ["zimage-8gb", "zimage-12gb", "zimage-16gb", "zimage-24gb"]
 
 
 def test_every_preset_is_there_in_its_familys_folder():
@@ -58,8 +60,8 @@ def test_each_preset_loads_as_a_config(name, tmp_path):
 def test_each_preset_trains_the_tiny_model_of_its_family(name, demo_subset, tmp_path):
     """Every setting a preset combines (quantized base, 8-bit optimizer, caches, checkpointing,
     text-encoder training, half-precision previews, block swapping) through the real trainer,
-    at 64 px. On the CPU fp16 runs as bf16, which has the same size. The tiny Flux has two
-    blocks: it swaps one where the preset swaps any."""
+    at 64 px. On the CPU fp16 runs as bf16, which has the same size. The tiny transformers
+    have two blocks: they swap one where the preset swaps any."""
     user = tmp_path / "mine.toml"
     family = name.split("-")[0]
     swap = (
@@ -75,9 +77,11 @@ def test_each_preset_trains_the_tiny_model_of_its_family(name, demo_subset, tmp_
     result = train(load_config(user))
     tensors = load_file(result.adapter_path)
     preset = load_config(preset_path(name, ROOT))
-    prefixes = {key.split("_")[0] + "_" + key.split("_")[1] for key in tensors}
-    assert ("lora_unet" in prefixes) and (len(prefixes) > 1) == preset.adapter.text_encoder
-    assert any(k.endswith("lora_up.weight") and t.abs().max() > 0 for k, t in tensors.items())
+    known = family_named(family).file_prefixes()
+    prefixes = {prefix for prefix in known for key in tensors if key.startswith(prefix)}
+    assert known[0] in prefixes and (len(prefixes) > 1) == preset.adapter.text_encoder
+    ups = ("lora_up.weight", "lora_B.weight")
+    assert any(k.endswith(ups) and t.abs().max() > 0 for k, t in tensors.items())
     assert (tmp_path / "run" / "samples" / "mine_000002.png").is_file()
 
 

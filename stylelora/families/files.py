@@ -137,11 +137,11 @@ def find_tokenizer(
     load: Callable[..., Any], folders: Iterable[Path], hub: Iterable[tuple[str, str]], error: str
 ) -> Any:
     """A tokenizer from the first local folder that has it, else from the hub cache (offline
-    only: `hub` lists (repo id, subfolder)); `error` when none has it."""
-    candidates = [(str(p), None) for p in folders if p.is_dir()] + list(hub)
+    only: `hub` lists (repo id, subfolder, "" for none)); `error` when none has it."""
+    candidates = [(str(p), "") for p in folders if p.is_dir()] + list(hub)
     for source, sub in candidates:
         try:
             return load(source, subfolder=sub, local_files_only=True)
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError):
             continue
     raise UserError(error)

@@ -13,10 +13,11 @@ from stylelora.families.flux import Flux
 from stylelora.families.sd2 import SD2
 from stylelora.families.sd15 import SD15
 from stylelora.families.sdxl import SDXL
+from stylelora.families.zimage import ZImage
 
 # In the order a model and an adapter file are matched against them: one whose claims on
 # adapter names are broader (Flux.1's on every transformer's) after those they overlap.
-FAMILIES: list[type[ModelFamily]] = [SD15, SD2, SDXL, Flux]
+FAMILIES: list[type[ModelFamily]] = [SD15, SD2, SDXL, ZImage, Flux]
 
 
 def family_named(name: str) -> type[ModelFamily] | None:

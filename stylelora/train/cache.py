@@ -265,5 +265,4 @@ class TextCache:
                 self.outputs[caption] = family.encode_prompts([caption])
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        rows = [self.outputs[caption] for caption in captions]
-        return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
+        return self.family.join_prompts([self.outputs[caption] for caption in captions])
