@@ -122,10 +122,11 @@ def score_image(img: Image.Image, sample: Sample, shapes: dict[str, list[np.ndar
 
 
 def guidance_kwargs(pipe, guidance: float, count: int = 1) -> dict:
-    """Classifier-free guidance at `guidance` for `count` prompts: the pipeline's own, or for a
+    """Classifier-free guidance at `guidance` for `count` prompts: the pipeline's own; for a
     Flux pipeline true CFG (the demo's Flux twin learned its guidance embedding at 1.0 only),
-    with T5 at the length the family trains with (FluxPipeline would pad to 512)."""
-    from diffusers import FluxPipeline
+    with T5 at the length the family trains with (FluxPipeline would pad to 512); for Z-Image
+    its own form, pos + g (pos - neg), with g = guidance - 1, and Qwen at the twin's length."""
+    from diffusers import FluxPipeline, ZImagePipeline
 
     from stylelora.families import detect_family
 
@@ -136,6 +137,9 @@ def guidance_kwargs(pipe, guidance: float, count: int = 1) -> dict:
             "guidance_scale": 1.0,
             "max_sequence_length": detect_family(pipe).max_sequence_length,
         }
+    if isinstance(pipe, ZImagePipeline):
+        tokens = detect_family(pipe).max_length
+        return {"guidance_scale": guidance - 1.0, "max_sequence_length": tokens}
     return {"guidance_scale": guidance}
 
 

@@ -186,7 +186,7 @@ def family_on_meta(family_class: type[ModelFamily], cfg: Config) -> ModelFamily:
     """The family's real model on the meta device in the preset's dtype, quantized and
     adapted as it says."""
     dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
-    family = family_class.on_meta_device()
+    family = family_class.variant_on_meta_device(cfg.model)
     family.configure(cfg.family_settings())
     for module in family.modules():
         module.to(dtype)

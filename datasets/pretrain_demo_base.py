@@ -205,7 +205,8 @@ def to_unit(pixels: torch.Tensor) -> torch.Tensor:
 
 def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
     """The generator of every random draw in one step: resuming replays the same draws."""
-    offset = {"vae": 1, "diffusion": 2, "decoder": 3, "flux": 4}[phase]  # flux: the twin
+    # flux, zimage: the twins
+    offset = {"vae": 1, "diffusion": 2, "decoder": 3, "flux": 4, "zimage": 5}[phase]
     return torch.Generator().manual_seed(seed * 1_000_003 + offset * 10_000_019 + step)
 
 

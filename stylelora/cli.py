@@ -210,6 +210,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             f"--{key.replace('_', '-')}",
             dest=f"part_{key}",
+            metavar="FILE",
             type=Path,
             help=f"{owner_titles(key)} transformer file: its {part.usual} (or a diffusers folder)",
         )
@@ -221,8 +222,9 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
 
     for key, option in declared_options().items():
         if option.flag is not None:
+            metavar = {} if option.flag.get("action") else {"metavar": option.field.upper()}
             parser.add_argument(f"--{option.field.replace('_', '-')}", dest=f"option_{key}",
-                                **option.flag)  # fmt: skip
+                                **metavar, **option.flag)  # fmt: skip
 
 
 def model_source(args: argparse.Namespace) -> dict:

@@ -11,18 +11,27 @@ from safetensors.torch import load_file
 
 from stylelora.config import load_config, preset_names, preset_path
 from stylelora.errors import UserError
-from stylelora.families.registry import family_named
+from stylelora.families.registry import family_named, family_names
 from stylelora.train.trainer import train
 
 PRESETS = ["sd15-4gb", "sd15-8gb", "sdxl-6gb", "sdxl-8gb", "sdxl-12gb", "sdxl-24gb"]
 PRESETS += ["flux-8gb", "flux-12gb", "flux-16gb", "flux-24gb"]
 PRESETS += ["zimage-8gb", "zimage-12gb", "zimage-16gb", "zimage-24gb"]
+PRESETS += ["qwen-image-16gb", "qwen-image-24gb", "qwen-image-32gb", "qwen-image-48gb"]
+PRESETS += ["flux2-24gb", "flux2-32gb", "flux2-48gb"]
+PRESETS += ["flux2-klein-8gb", "flux2-klein-12gb", "flux2-klein-16gb", "flux2-klein-24gb"]
+
+
+def preset_family(name: str) -> str:
+    """The family a preset is for: the longest family name (`_` as `-`) it starts with
+    (qwen-image-16gb: qwen_image, flux2-klein-8gb: flux2)."""
+    return max((f for f in family_names() if name.startswith(f.replace("_", "-") + "-")), key=len)
 
 
 def test_every_preset_is_there_in_its_familys_folder():
     assert preset_names() == sorted(PRESETS)
     for name in PRESETS:
-        family = name.rpartition("-")[0]
+        family = preset_family(name)
         assert preset_path(name, ROOT) == ROOT / f"stylelora/families/{family}/presets/{name}.toml"
 
 
@@ -63,7 +72,7 @@ def test_each_preset_trains_the_tiny_model_of_its_family(name, demo_subset, tmp_
     at 64 px. On the CPU fp16 runs as bf16, which has the same size. The tiny transformers
     have two blocks: they swap one where the preset swaps any."""
     user = tmp_path / "mine.toml"
-    family = name.split("-")[0]
+    family = preset_family(name)
     swap = (
         "blocks_to_swap = 1\n" if load_config(preset_path(name, ROOT)).train.blocks_to_swap else ""
     )

@@ -24,14 +24,16 @@ from stylelora.export.resize import resize_adapter
 from stylelora.families.base import ModelFamily
 
 
-def naming_family(model: str | None, family: type[ModelFamily]) -> ModelFamily:
+def naming_family(
+    model: str | None, family: type[ModelFamily], version: str | None = None
+) -> ModelFamily:
     """The model whose module paths the file's names map to: `--model`, or the real
-    architecture."""
+    architecture (of the variant the adapter's base `version` names, where there are several)."""
     if model:
         from stylelora.families import load_family
 
         return load_family(model)
-    return family.on_meta_device()
+    return family.variant_on_meta_device(version)
 
 
 def load_any(path: Path, model: str | None) -> tuple[Adapter, str]:
@@ -58,7 +60,8 @@ def run_export(path: Path, fmt: str, out: Path, model: str | None) -> str:
             )
         write_lora_tensors(out, adapter.tensors(), adapter.metadata)
     else:
-        family = naming_family(model, family_class)
+        version = adapter.metadata.get("ss_base_model_version")
+        family = naming_family(model, family_class, version)
         writer = write_diffusers if fmt == "diffusers" else write_peft
         writer(out, adapter, family, str(path))
     return f"wrote {out} ({source_format} -> {fmt}, {len(adapter.modules)} modules)"

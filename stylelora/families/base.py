@@ -180,6 +180,13 @@ class ModelFamily(ABC):
         """The real architecture, from the bundled configs, on the meta device (no weights,
         no memory): what names adapters when no model is given, and what memory is counted on."""
 
+    @classmethod
+    def variant_on_meta_device(cls, model: str | None) -> ModelFamily:
+        """The real architecture of the variant `model` names (a preset's hub id, an adapter's
+        `ss_base_model_version`), for a family whose models come in several sizes; else
+        `on_meta_device`."""
+        return cls.on_meta_device()
+
     def configure(self, settings: dict[str, Any]) -> None:
         """Take this family's options (dotted key -> value; the loader has refused any other
         family's that is set); `apply_settings` acts on them."""

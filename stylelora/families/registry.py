@@ -10,6 +10,8 @@ from pathlib import Path
 
 from stylelora.families.base import ModelFamily, Option, Part
 from stylelora.families.flux import Flux
+from stylelora.families.flux2 import Flux2
+from stylelora.families.qwen_image import QwenImage
 from stylelora.families.sd2 import SD2
 from stylelora.families.sd15 import SD15
 from stylelora.families.sdxl import SDXL
@@ -17,7 +19,7 @@ from stylelora.families.zimage import ZImage
 
 # In the order a model and an adapter file are matched against them: one whose claims on
 # adapter names are broader (Flux.1's on every transformer's) after those they overlap.
-FAMILIES: list[type[ModelFamily]] = [SD15, SD2, SDXL, ZImage, Flux]
+FAMILIES: list[type[ModelFamily]] = [SD15, SD2, SDXL, ZImage, Flux2, QwenImage, Flux]
 
 
 def family_named(name: str) -> type[ModelFamily] | None:
@@ -53,7 +55,9 @@ def owners(key: str) -> list[type[ModelFamily]]:
 
 
 def owner_titles(key: str) -> str:
-    return " and ".join(family.title for family in owners(key))
+    """The titles of the families that declare `key`, as a list in words."""
+    titles = [family.title for family in owners(key)]
+    return " and ".join([", ".join(titles[:-1]), titles[-1]] if len(titles) > 1 else titles)
 
 
 def adapter_prefixes() -> tuple[str, ...]:

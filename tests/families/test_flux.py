@@ -327,7 +327,9 @@ def test_block_selection_chooses_which_blocks_get_adapters():
         UserError, match="double_block_indices: block 19 does not exist; .* 0 to 18"
     ):
         blocks(double_block_indices=[3, 19])
-    with pytest.raises(UserError, match="adapter.train_blocks: a setting of Flux.1 models; a "):
+    with pytest.raises(
+        UserError, match="adapter.train_blocks: a setting of Flux.2 and Flux.1 models; a "
+    ):
         load_family("tiny:sd15", settings={"adapter.train_blocks": "single"})
 
 

@@ -158,7 +158,7 @@ def test_pipeline_and_component_configs_load_offline(name: str, cache: Path, no_
 
 
 def test_every_skeleton_is_checked() -> None:
-    assert set(skeletons.SKELETONS) == {*UNET_SKELETONS, "flux", "zimage"}
+    assert set(skeletons.SKELETONS) == {*UNET_SKELETONS, "flux", "flux2", "zimage", "qwen_image"}
 
 
 def test_family_details() -> None:

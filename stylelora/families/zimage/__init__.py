@@ -71,16 +71,20 @@ class ZImage(ModelFamily):
     options = (MAX_SEQUENCE_LENGTH,)
     native_format = "comfyui"
     denoiser_prefix = "diffusion_model."
+    demo_shares = ("sd15", ("vae",))
     base_versions = ("z_image",)
     base_version_prefix = "z_image"
 
     def apply_settings(self) -> None:
+        """Qwen tokens per prompt: `max_sequence_length`, else the pipeline's 512, or fewer
+        where the model's tokenizer says so (the demo twin's 40)."""
         tokens = self.settings[MAX_SEQUENCE_LENGTH.key]
         if tokens is not None and tokens > 512:
             raise UserError(
                 f"max_sequence_length = {tokens}: Z-Image encodes prompts in at most 512 tokens"
             )
-        self.max_length = tokens or 512
+        tokenizer = getattr(self.pipe, "tokenizer", None)  # none on the meta device
+        self.max_length = tokens or min(512, tokenizer.model_max_length if tokenizer else 512)
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:

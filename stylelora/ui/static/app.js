@@ -329,11 +329,9 @@ async function pageDatasets() {
 // --- try an adapter ----------------------------------------------------------------------------
 
 async function pageTry() {
-  api("/api/models").then(({ models }) => {
-    for (const model of models) $("models").append(el("option", { value: model }));
-    if (!$("model").value && models.length) $("model").value = models[0];  // the first demo model
-  }).catch(() => {});
-  const { runs } = await api("/api/runs");
+  const [{ models }, { runs }] = await Promise.all([api("/api/models"), api("/api/runs")]);
+  for (const model of models) $("models").append(el("option", { value: model }));
+  if (!$("model").value && models.length) $("model").value = models[0];  // the first demo model
   for (const run of runs) $("adapters").append(el("option", { value: `${run.output_dir}/${run.name}.safetensors` }));
   const params = new URLSearchParams(location.search);
   if (params.get("adapter")) $("adapter").value = params.get("adapter");
