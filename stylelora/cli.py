@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from stylelora.families.registry import family_names
 
     parser = argparse.ArgumentParser(
-        prog="stylelora", description="Train and use LoRA adapters for Stable Diffusion."
+        prog="stylelora", description="Train and use LoRA adapters for diffusion models."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

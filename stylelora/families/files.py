@@ -145,3 +145,27 @@ def find_tokenizer(
         except (OSError, ValueError):
             continue
     raise UserError(error)
+
+
+def llm_tokenizer(
+    load: Callable[..., Any],
+    folder: Path,
+    encoder: Path | None,
+    hub: Iterable[tuple[str, str]],
+    title: str,
+    encoder_name: str,
+) -> Any:
+    """The LLM tokenizer of a `title` model loaded from its files (not ours to ship: its
+    vocabulary is the LLM's): from the config folder's `tokenizer/`, the text encoder's folder
+    (`encoder`, where it is one), or the hub cache."""
+    local = [folder / "tokenizer"]
+    if encoder is not None and encoder.is_dir():
+        local += [encoder / "tokenizer", encoder]
+    return find_tokenizer(
+        load,
+        local,
+        hub,
+        f"{title}'s {encoder_name} tokenizer was not found offline: set single_file_config to "
+        f"a diffusers {title} folder (one with tokenizer/), or text_encoder to a "
+        f"{encoder_name} folder with its tokenizer files",
+    )

@@ -139,6 +139,25 @@ def tiny_vae(**config) -> AutoencoderKL:
     )
 
 
+def tiny_flux_vae() -> AutoencoderKL:
+    """Flux.1's 16-channel VAE (Z-Image's too) at tiny size: two blocks, no quant convs."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=16,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
 def tiny_unet(**layout) -> UNet2DConditionModel:
     """The SD1.5 layout at tiny size; `layout` changes what another family's UNet differs in."""
     base = dict(

@@ -24,7 +24,7 @@ from stylelora.adapters.inject import inject_adapters
 from stylelora.config import AdapterConfig
 from stylelora.errors import UserError
 from stylelora.export.lora_file import save_lora_file
-from stylelora.export.tools import run_export, run_inspect, run_resize
+from stylelora.export.tools import run_combine, run_export, run_inspect, run_resize
 from stylelora.families import load_family
 from stylelora.families.ldm import vae_state
 from stylelora.families.objective import NoisedBatch
@@ -147,9 +147,13 @@ def test_exported_file_is_comfyuis_layout_and_diffusers_reads_every_key(tmp_path
     apply_adapter(sampled, path, 1.0)
     assert np.abs(rendered(sampled.pipe, sampled) - ours).max() < 1e-4
 
-    resized = tmp_path / "resized.safetensors"
+    resized, combined = tmp_path / "resized.safetensors", tmp_path / "combined.safetensors"
     run_resize(path, 2, None, resized)
     assert all(k.startswith("diffusion_model.") for k in load_file(resized))
+    run_combine([f"{path}:0.5", f"{path}:0.5"], combined, None)  # the adapter, at 1.0 in all
+    summed = load_family("tiny:zimage")
+    apply_adapter(summed, combined, 1.0)
+    assert np.abs(rendered(summed.pipe, summed) - ours).max() < 1e-4
     with pytest.raises(UserError, match="use --format comfyui"):
         run_export(path, "kohya", tmp_path / "k.safetensors", model=None)
 

@@ -47,7 +47,12 @@ from stylelora.families.flux.bfl import (
 from stylelora.families.flux.files import PARTS, is_bfl_transformer, load_flux_files
 from stylelora.families.objective import FlowMatchObjective, Objective
 from stylelora.families.skeletons import source_dir
-from stylelora.families.tiny import tiny_text_encoder, write_tiny_t5_tokenizer, write_tiny_tokenizer
+from stylelora.families.tiny import (
+    tiny_flux_vae,
+    tiny_text_encoder,
+    write_tiny_t5_tokenizer,
+    write_tiny_tokenizer,
+)
 
 if TYPE_CHECKING:
     from stylelora.config import AdapterConfig
@@ -420,21 +425,7 @@ class Flux(ModelFamily):
                 decoder_start_token_id=0,
             )
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(8, 16),
-            latent_channels=16,
-            layers_per_block=1,
-            norm_num_groups=4,
-            sample_size=32,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        vae = tiny_flux_vae()
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=64,

@@ -36,12 +36,9 @@ from stylelora.errors import UserError
 from stylelora.families.base import (
     DENOISER,
     MAX_SEQUENCE_LENGTH,
-    TEXT_ENCODER_FILE,
-    VAE_FILE,
     ModelFamily,
     compute_dtype,
     no_block_wise,
-    no_text_encoder_adapters,
 )
 from stylelora.families.flux import BLOCK_OPTIONS, chosen_blocks
 from stylelora.families.flux2.bfl import bfl_module, fused_members, to_bfl
@@ -51,6 +48,7 @@ from stylelora.families.flux2.files import (
     skeleton_folder,
 )
 from stylelora.families.flux2.tiny import build_tiny_dev, build_tiny_klein
+from stylelora.families.llm import LLMTransformerFamily
 from stylelora.families.objective import FlowMatchObjective, Objective
 
 if TYPE_CHECKING:
@@ -82,7 +80,6 @@ MODULATION_OF = {
 # Each variant's ss_base_model_version and SAI model-spec architecture.
 VERSIONS = {"dev": "flux2_dev", "klein_4b": "flux2_klein_4b", "klein_9b": "flux2_klein_9b"}
 ARCHITECTURES = {"dev": "flux-2-dev", "klein_4b": "flux-2-klein-4b", "klein_9b": "flux-2-klein-9b"}
-MAX_TOKENS = 512
 
 
 def variant_named(model: str | None) -> str:
@@ -102,17 +99,10 @@ def is_bfl_flux2(name: str) -> bool:
     return blocks and not any(mark in bfl for mark in ("_mod.", ".modulation."))
 
 
-class Flux2(ModelFamily):
+class Flux2(LLMTransformerFamily):
     name = "flux2"
     title = "Flux.2"
-    denoiser_attr = "transformer"
-    denoiser_input = "hidden_states"
-    text_encoder_attrs = {}
-    prompt_encoder_attrs = ("text_encoder",)
-    parts = (VAE_FILE, TEXT_ENCODER_FILE)
     options = (MAX_SEQUENCE_LENGTH, *BLOCK_OPTIONS)
-    native_format = "comfyui"
-    denoiser_prefix = "diffusion_model."
     fuses_modules = True
     base_versions = tuple(VERSIONS.values())
     base_version_prefix = "flux2"
@@ -129,15 +119,6 @@ class Flux2(ModelFamily):
                 "a distilled Flux.2 klein model samples without CFG: sample.guidance_scale "
                 "and negative prompts do not apply"
             )
-
-    def apply_settings(self) -> None:
-        tokens = self.settings[MAX_SEQUENCE_LENGTH.key]
-        if tokens is not None and tokens > MAX_TOKENS:
-            raise UserError(
-                f"max_sequence_length = {tokens}: Flux.2 encodes prompts in at most "
-                f"{MAX_TOKENS} tokens"
-            )
-        self.max_length = tokens or MAX_TOKENS
 
     # --- the model and its variant ------------------------------------------------------------
 
@@ -170,9 +151,6 @@ class Flux2(ModelFamily):
     @property
     def modelspec_architecture(self) -> str:
         return ARCHITECTURES[self.variant]
-
-    def metadata(self) -> dict[str, str]:
-        return {"ss_base_model_version": self.base_version, "ss_network_module": "networks.lora"}
 
     # --- files --------------------------------------------------------------------------------
 
@@ -318,9 +296,6 @@ class Flux2(ModelFamily):
         }
         return chosen_blocks(cfg, counts)
 
-    def text_encoder_targets(self, preset: str) -> Targets:
-        raise no_text_encoder_adapters(self)
-
     def file_module(self, prefix: str, module_path: str) -> tuple[str, tuple[str, ...]]:
         """BFL's module under `diffusion_model.`, the only names ComfyUI reads for Flux.2,
         with the diffusers modules fused into it."""
@@ -337,9 +312,6 @@ class Flux2(ModelFamily):
             "choose its blocks with adapter.train_blocks, double_block_indices and "
             "single_block_indices",
         )
-
-    def kohya_block_index(self, name: str) -> int:
-        raise no_block_wise(self)
 
     # --- memory counts ------------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ from stylelora.families.base import TEXT_ENCODER_FILE, VAE_FILE
 from stylelora.families.files import (
     COMFY_PREFIX,
     bare,
-    find_tokenizer,
+    llm_tokenizer,
     load_part,
     load_text_encoder,
     read_weights,
@@ -285,16 +285,13 @@ def load_flux2_files(
         path,
         "Flux.2",
     )
-    local = [folder / "tokenizer"]
-    if encoder_source is not None and encoder_source.is_dir():
-        local += [encoder_source / "tokenizer", encoder_source]
-    tokenizer = find_tokenizer(
+    tokenizer = llm_tokenizer(
         load_processor if dev else AutoTokenizer.from_pretrained,
-        local,
+        folder,
+        encoder_source,
         TOKENIZER_REPOS[variant],
-        f"Flux.2's {'Mistral' if dev else 'Qwen3'} tokenizer was not found offline: set "
-        "single_file_config to a diffusers Flux.2 folder (one with tokenizer/), or "
-        "text_encoder to a folder with its tokenizer files",
+        "Flux.2",
+        "Mistral" if dev else "Qwen3",
     )
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
     modules = dict(

@@ -31,16 +31,8 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from stylelora.adapters.targets import Targets
 from stylelora.errors import UserError
-from stylelora.families.base import (
-    DENOISER,
-    MAX_SEQUENCE_LENGTH,
-    TEXT_ENCODER_FILE,
-    VAE_FILE,
-    ModelFamily,
-    compute_dtype,
-    no_block_wise,
-    no_text_encoder_adapters,
-)
+from stylelora.families.base import ModelFamily, compute_dtype
+from stylelora.families.llm import LLMTransformerFamily
 from stylelora.families.objective import FlowMatchObjective, Objective
 from stylelora.families.qwen_image.files import is_qwen_image_transformer, load_qwen_image_files
 from stylelora.families.skeletons import source_dir
@@ -73,36 +65,16 @@ PRESETS = {
 # (dotted, or kohya's underscored `lora_unet_transformer_blocks_0_img_mlp_...`): Flux's have
 # these names in BFL's `double_blocks`, never in `transformer_blocks`.
 OWN_MODULES = re.compile(r"transformer_blocks[._]\d+[._](img|txt)_(mlp|mod)[._]")
-# The most text tokens the pipeline encodes (its tokenizer_max_length), and its default.
-MOST_TOKENS = 1024
-DEFAULT_TOKENS = 512
 # The tokens of the prompt template the pipeline drops (prompt_template_encode_start_idx).
 TEMPLATE_TOKENS = 34
 
 
-class QwenImage(ModelFamily):
+class QwenImage(LLMTransformerFamily):
     name = "qwen_image"
     title = "Qwen-Image"
-    denoiser_attr = "transformer"
-    denoiser_input = "hidden_states"
-    text_encoder_attrs = {}
-    prompt_encoder_attrs = ("text_encoder",)
-    parts = (VAE_FILE, TEXT_ENCODER_FILE)
-    options = (MAX_SEQUENCE_LENGTH,)
-    native_format = "comfyui"
-    denoiser_prefix = "diffusion_model."
-    fuses_modules = False
     base_versions = ("qwen_image",)
     base_version_prefix = "qwen_image"
-
-    def apply_settings(self) -> None:
-        tokens = self.settings[MAX_SEQUENCE_LENGTH.key]
-        if tokens is not None and tokens > MOST_TOKENS:
-            raise UserError(
-                f"max_sequence_length = {tokens}: Qwen-Image encodes prompts in at most "
-                f"{MOST_TOKENS} tokens"
-            )
-        self.max_length = tokens or DEFAULT_TOKENS
+    most_tokens = 1024  # the pipeline's tokenizer_max_length
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
@@ -141,10 +113,6 @@ class QwenImage(ModelFamily):
     @property
     def size_step(self) -> int:
         return 2 * self.pipe.vae_scale_factor
-
-    @property
-    def base_version(self) -> str:
-        return self.base_versions[0]
 
     @property
     def modelspec_architecture(self) -> str:
@@ -245,25 +213,8 @@ class QwenImage(ModelFamily):
         ]
         return Targets(main=paths)
 
-    def text_encoder_targets(self, preset: str) -> Targets:
-        raise no_text_encoder_adapters(self)
-
-    def file_module(self, prefix: str, module_path: str) -> tuple[str, tuple[str, ...]]:
-        if prefix != DENOISER:
-            raise ValueError(f"a Qwen-Image adapter has no {prefix} modules")
-        return f"{self.denoiser_prefix}{module_path}", (module_path,)
-
-    def metadata(self) -> dict[str, str]:
-        return {"ss_base_model_version": self.base_version, "ss_network_module": "networks.lora"}
-
     def swappable_blocks(self) -> list[torch.nn.Module]:
         return list(self.unet.transformer_blocks)
-
-    def kohya_blocks(self) -> tuple[int, int, int, bool]:
-        raise no_block_wise(self)
-
-    def kohya_block_index(self, name: str) -> int:
-        raise no_block_wise(self)
 
     # --- what memory is counted on ----------------------------------------------------------
 

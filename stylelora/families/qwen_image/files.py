@@ -32,7 +32,7 @@ from stylelora.errors import UserError
 from stylelora.families.base import TEXT_ENCODER_FILE, VAE_FILE
 from stylelora.families.files import (
     COMFY_PREFIX,
-    find_tokenizer,
+    llm_tokenizer,
     load_part,
     load_text_encoder,
     read_weights,
@@ -162,16 +162,13 @@ def load_qwen_image_files(
         path,
         "Qwen-Image",
     )
-    local = [folder / "tokenizer"]
-    if encoder_source is not None and encoder_source.is_dir():
-        local += [encoder_source / "tokenizer", encoder_source]
-    tokenizer = find_tokenizer(
+    tokenizer = llm_tokenizer(
         AutoTokenizer.from_pretrained,
-        local,
+        folder,
+        encoder_source,
         TOKENIZER_REPOS,
-        "Qwen-Image's Qwen2.5-VL tokenizer was not found offline: set single_file_config to a "
-        "diffusers Qwen-Image folder (one with tokenizer/), or text_encoder to a Qwen2.5-VL "
-        "folder with its tokenizer files",
+        "Qwen-Image",
+        "Qwen2.5-VL",
     )
     pipe = QwenImagePipeline(
         transformer=transformer,

@@ -29,21 +29,11 @@ from transformers import Qwen3Config, Qwen3Model
 
 from stylelora.adapters.targets import Targets
 from stylelora.errors import UserError
-from stylelora.families.base import (
-    DENOISER,
-    MAX_SEQUENCE_LENGTH,
-    TEXT_ENCODER_FILE,
-    VAE_FILE,
-    ModelFamily,
-    autoencoder_kl_latents,
-    compute_dtype,
-    no_block_wise,
-    no_text_encoder_adapters,
-    padded,
-)
+from stylelora.families.base import ModelFamily, autoencoder_kl_latents, compute_dtype, padded
+from stylelora.families.llm import LLMTransformerFamily
 from stylelora.families.objective import FlowMatchObjective, Objective
 from stylelora.families.skeletons import source_dir
-from stylelora.families.tiny import write_tiny_qwen_tokenizer
+from stylelora.families.tiny import tiny_flux_vae, write_tiny_qwen_tokenizer
 from stylelora.families.zimage.files import is_zimage_transformer, load_zimage_files, to_original
 
 if TYPE_CHECKING:
@@ -60,31 +50,19 @@ PRESETS = {
 }
 
 
-class ZImage(ModelFamily):
+class ZImage(LLMTransformerFamily):
     name = "zimage"
     title = "Z-Image"
-    denoiser_attr = "transformer"
     denoiser_input = "x"
-    text_encoder_attrs = {}
-    prompt_encoder_attrs = ("text_encoder",)
-    parts = (VAE_FILE, TEXT_ENCODER_FILE)
-    options = (MAX_SEQUENCE_LENGTH,)
-    native_format = "comfyui"
-    denoiser_prefix = "diffusion_model."
     demo_shares = ("sd15", ("vae",))
     base_versions = ("z_image",)
     base_version_prefix = "z_image"
 
-    def apply_settings(self) -> None:
-        """Qwen tokens per prompt: `max_sequence_length`, else the pipeline's 512, or fewer
-        where the model's tokenizer says so (the demo twin's 40)."""
-        tokens = self.settings[MAX_SEQUENCE_LENGTH.key]
-        if tokens is not None and tokens > 512:
-            raise UserError(
-                f"max_sequence_length = {tokens}: Z-Image encodes prompts in at most 512 tokens"
-            )
+    def default_max_length(self) -> int:
+        """The pipeline's 512, or fewer where the model's tokenizer says so (the demo twin's
+        40)."""
         tokenizer = getattr(self.pipe, "tokenizer", None)  # none on the meta device
-        self.max_length = tokens or min(512, tokenizer.model_max_length if tokenizer else 512)
+        return min(self.default_tokens, tokenizer.model_max_length if tokenizer else 512)
 
     @classmethod
     def matches(cls, pipe: DiffusionPipeline) -> bool:
@@ -122,10 +100,6 @@ class ZImage(ModelFamily):
     @property
     def size_step(self) -> int:
         return 2 * self.pipe.vae_scale_factor
-
-    @property
-    def base_version(self) -> str:
-        return self.base_versions[0]
 
     @property
     def modelspec_architecture(self) -> str:
@@ -195,25 +169,8 @@ class ZImage(ModelFamily):
         ]
         return Targets(main=paths)
 
-    def text_encoder_targets(self, preset: str) -> Targets:
-        raise no_text_encoder_adapters(self)
-
-    def file_module(self, prefix: str, module_path: str) -> tuple[str, tuple[str, ...]]:
-        if prefix != DENOISER:
-            raise ValueError(f"a Z-Image adapter has no {prefix} modules")
-        return f"{self.denoiser_prefix}{module_path}", (module_path,)
-
-    def metadata(self) -> dict[str, str]:
-        return {"ss_base_model_version": self.base_version, "ss_network_module": "networks.lora"}
-
     def swappable_blocks(self) -> list[torch.nn.Module]:
         return list(self.unet.layers)
-
-    def kohya_blocks(self) -> tuple[int, int, int, bool]:
-        raise no_block_wise(self)
-
-    def kohya_block_index(self, name: str) -> int:
-        raise no_block_wise(self)
 
     def example_inputs(
         self, batch: int, side: int, dtype: torch.dtype, device: torch.device
@@ -269,21 +226,7 @@ class ZImage(ModelFamily):
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(8, 16),
-            latent_channels=16,
-            layers_per_block=1,
-            norm_num_groups=4,
-            sample_size=32,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        vae = tiny_flux_vae()
         transformer = ZImageTransformer2DModel(
             in_channels=16,
             dim=64,  # as wide as a patch's 2 x 2 x 16 values, so the output can fit any target

@@ -30,7 +30,7 @@ from stylelora.errors import UserError
 from stylelora.families.base import TEXT_ENCODER_FILE, VAE_FILE
 from stylelora.families.files import (
     COMFY_PREFIX,
-    find_tokenizer,
+    llm_tokenizer,
     load_part,
     load_text_encoder,
     read_weights,
@@ -159,16 +159,8 @@ def load_zimage_files(
         path,
         "Z-Image",
     )
-    local = [folder / "tokenizer"]
-    if encoder_source is not None and encoder_source.is_dir():
-        local += [encoder_source / "tokenizer", encoder_source]
-    tokenizer = find_tokenizer(
-        AutoTokenizer.from_pretrained,
-        local,
-        TOKENIZER_REPOS,
-        "Z-Image's Qwen3 tokenizer was not found offline: set single_file_config to a "
-        "diffusers Z-Image folder (one with tokenizer/), or text_encoder to a Qwen3 folder with "
-        "its tokenizer files",
+    tokenizer = llm_tokenizer(
+        AutoTokenizer.from_pretrained, folder, encoder_source, TOKENIZER_REPOS, "Z-Image", "Qwen3"
     )
     pipe = ZImagePipeline(
         transformer=transformer,
