@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from stylelora.data.scan import IMAGE_EXTENSIONS
 from stylelora.errors import UserError
 from stylelora.families.registry import declared_options, declared_parts, preset_files
 
@@ -157,8 +158,10 @@ class DataConfig(Section):
     def _caption_extension_with_dot(cls, value: str) -> str:
         """`txt` means `.txt`, as kohya users often write it."""
         extension = value if value.startswith(".") else f".{value}"
-        if not _CAPTION_EXTENSION.fullmatch(extension):
+        if not _CAPTION_EXTENSION.fullmatch(extension) or len(extension) > 32:
             raise ValueError(f'expected an extension such as ".txt" or ".caption" (got {value!r})')
+        if extension.lower() in IMAGE_EXTENSIONS:
+            raise ValueError(f"{extension} is an image's extension; captions are text files")
         return extension
 
     @model_validator(mode="after")

@@ -213,3 +213,57 @@ def test_the_benchmark_names_a_missing_optimizer_package_in_one_line():
         "memory_speed: error: train.optimizer = 'prodigy' needs the prodigyopt package: "
         "pip install 'stylelora[prodigy]'"
     )
+
+
+def test_a_prompts_file_that_is_a_folder_is_one_line(tiny_sd15_dir, demo_subset, tmp_path):
+    cfg = training_config(tmp_path, tiny_sd15_dir, demo_subset(2))
+    cfg.sample.prompts_file = tmp_path
+    with pytest.raises(UserError, match=rf"sample.prompts_file {tmp_path}: is a folder"):
+        build_run(cfg)
+
+
+def test_a_model_that_is_neither_a_path_nor_a_hub_id_is_one_line(tmp_path, capsys):
+    with pytest.raises(UserError, match="no such file or folder, and not a hub id"):
+        load_family("not a/valid id!")
+    argv = ["sample", "--model", "x//y", "--prompt", "a", "--out", str(tmp_path / "x.png")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "stylelora: error: model 'x//y': no such file or folder, and not a hub id (org/name)"
+    )
+
+
+def test_an_adapter_file_without_tensors_is_named_before_rendering(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, empty, metadata={"ss_network_module": "networks.lora"})
+    out = tmp_path / "x.png"
+    argv = ["sample", "--model", "tiny:sd15", "--prompt", "a", "--out", str(out)]
+    assert main([*argv, "--adapter", str(empty), "--compare"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"stylelora: error: {empty}: holds no tensors, so it is no adapter"
+    assert not out.exists()
+
+
+def test_a_missing_validation_folder_is_named_by_its_own_key(tiny_sd15_dir, demo_subset, tmp_path):
+    missing = tmp_path / "missing"
+    cfg = training_config(tmp_path, tiny_sd15_dir, demo_subset(2), f"validation.dir='{missing}'")
+    with pytest.raises(UserError, match=rf"^validation.dir {missing}: folder not found$"):
+        build_run(cfg)
+
+
+def test_a_batch_larger_than_the_dataset_is_cut_to_it_with_a_note(
+    tiny_sd15_dir, demo_subset, tmp_path, capsys
+):
+    data = demo_subset(3)
+    cfg = training_config(tmp_path, tiny_sd15_dir, data, "train.batch_size=1000000000")
+    assert build_run(cfg).cfg.train.batch_size == 3
+    out = capsys.readouterr().out
+    assert "train.batch_size 1000000000 is more than the 3 samples" in out
+    assert "training with batches of 3" in out and "global batch 3 " in out
+    # repeats count: 3 images x 400 hold a batch of 1000
+    cfg = training_config(
+        tmp_path, tiny_sd15_dir, data, "train.batch_size=1000", "data.repeats=400"
+    )
+    assert build_run(cfg).cfg.train.batch_size == 1000
+    assert "is more than" not in capsys.readouterr().out

@@ -35,8 +35,10 @@ def free_port() -> int:
 class UIServer:
     """`stylelora ui` on a free port, over `root`, keeping its database in `data`."""
 
-    def __init__(self, root: Path, data: Path, host: str = "127.0.0.1", token: str | None = None):
+    def __init__(self, root: Path, data: Path, host: str = "127.0.0.1", token: str | None = None,
+                 env: dict[str, str] | None = None):  # fmt: skip
         self.root, self.data, self.host, self.token = root, data, host, token
+        self.env = {**os.environ, **(env or {})}
         self.port = free_port()
         self.process: subprocess.Popen | None = None
         self.log = root / f"ui-{self.port}.log"
@@ -47,7 +49,9 @@ class UIServer:
         if self.token:
             command += ["--token", self.token]
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, cwd=self.root, stdout=log, stderr=log)
+            self.process = subprocess.Popen(
+                command, cwd=self.root, stdout=log, stderr=log, env=self.env
+            )
         deadline = time.time() + 90
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -71,21 +75,21 @@ class UIServer:
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def call(self, method: str, path: str, body: dict | None = None,
+    def call(self, method: str, path: str, body: dict | bytes | None = None,
              headers: dict[str, str] | None = None) -> tuple[int, dict]:  # fmt: skip
         """A request as a script would make it: the token in its header unless `headers` say
-        otherwise."""
+        otherwise. `body`: JSON, or bytes sent as they are."""
         sent = {"Content-Type": "application/json"}
         if self.token:
             sent["X-Stylelora-Token"] = self.token
         sent.update(headers or {})
-        data = json.dumps(body).encode() if body is not None else None
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url(path), data=data, method=method, headers=sent)
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read() or b"{}")
+                return response.status, reply_of(response.read())
         except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"{}")
+            return exc.code, reply_of(exc.read())
 
     def wait_for(self, run_id: int, done, timeout: float = 180) -> dict:
         """The run's summary once `done(summary)` holds."""
@@ -98,6 +102,15 @@ class UIServer:
             time.sleep(0.3)
         log = (Path(run["output_dir"]) / "train.log").read_text(errors="replace")[-2000:]
         raise AssertionError(f"run {run_id} never got there: {run}\n{log}")
+
+
+def reply_of(data: bytes) -> dict:
+    """A JSON reply; a page, a file or an image as {"bytes": ...}."""
+    try:
+        reply = json.loads(data or b"{}")
+    except ValueError:
+        return {"bytes": data}
+    return reply if isinstance(reply, dict) else {"json": reply}
 
 
 @pytest.fixture(scope="session")

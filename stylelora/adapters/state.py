@@ -326,6 +326,8 @@ def open_checked(path: str | Path) -> Iterator[Any]:
         raise UserError(problem)
     try:
         with safe_open(str(path), framework="pt") as handle:
+            if not list(handle.keys()):
+                raise UserError(f"{path}: holds no tensors, so it is no adapter")
             yield handle
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable .safetensors file ({first_line(exc)})") from None

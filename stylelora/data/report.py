@@ -16,8 +16,9 @@ from stylelora.data.dataset import DataOptions, ImageCaptionDataset
 from stylelora.data.scan import ScanResult, check_hint, collect_images, require_usable
 
 
-def collect_dataset(data: DataConfig) -> ScanResult:
-    """Scan `data.dir`; unusable files are listed in the result, not raised."""
+def collect_dataset(data: DataConfig, key: str = "data.dir") -> ScanResult:
+    """Scan `data.dir`; unusable files are listed in the result, not raised. `key`: the
+    setting that named the folder, for the errors (validation.dir scans with data's options)."""
     return collect_images(
         data.dir,
         data.caption_extension,
@@ -25,13 +26,14 @@ def collect_dataset(data: DataConfig) -> ScanResult:
         min_image_size=data.min_image_size,
         strict=data.strict,
         trigger_word=data.trigger_word,
+        key=key,
     )
 
 
-def scan_dataset(data: DataConfig) -> ScanResult:
+def scan_dataset(data: DataConfig, key: str = "data.dir") -> ScanResult:
     """Scan `data.dir`; raises UserError when nothing is usable (or anything is not, strict)."""
-    scan = collect_dataset(data)
-    require_usable(scan, data.dir, data.strict, check_hint(data.dir))
+    scan = collect_dataset(data, key)
+    require_usable(scan, data.dir, data.strict, check_hint(data.dir), key)
     return scan
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError, safe_open
 
 from stylelora.errors import UserError, first_line
@@ -47,15 +48,26 @@ def load_pipeline(
             source = str(path)
         elif model.startswith((".", "/", "~")) or model.endswith(SINGLE_FILE_SUFFIXES):
             raise UserError(f"{model}: model file or folder not found")
+        elif not is_hub_id(model):
+            raise UserError(f"model {model!r}: no such file or folder, and not a hub id (org/name)")
     refuse_parts(parts, None, f"{model} is not a single file")
     try:
         pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise UserError(
             f"model {model!r}: could not load it as a local folder or hub id ({first_line(exc)})"
         ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether `text` is a valid hub repository id (`org/name`), as the hub's client says."""
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
 
 
 def refuse_parts(parts: dict[str, Path], family: type[ModelFamily] | None, why: str) -> None:

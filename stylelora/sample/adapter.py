@@ -11,6 +11,7 @@ from stylelora.adapters.state import (
     Adapter,
     file_layout,
     nonfinite_problems,
+    open_checked,
     read_adapter,
     read_tensors,
 )
@@ -110,6 +111,12 @@ def load_lora(family: ModelFamily, path: Path, source: str | dict, name: str) ->
 def apply_adapter(family: ModelFamily, path: Path, scale: float) -> None:
     """Load an adapter file onto `family`'s pipeline at strength `scale`."""
     if attach_adapter(family, path, scale, ADAPTER_NAME):
+        loaded = {name for names in family.pipe.get_list_adapters().values() for name in names}
+        if ADAPTER_NAME not in loaded:
+            raise UserError(
+                f"{path}: none of its names is a module of this {family.title} model; is it "
+                "an adapter for another model, or a training checkpoint's state?"
+            )
         family.pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
 
 
@@ -124,6 +131,9 @@ def render_with_adapter(
     """Render `request` with `adapter` at `scale`; with `compare`, the base image to its left."""
     if compare and adapter is None:
         raise UserError("--compare needs --adapter")
+    if adapter is not None and Path(adapter).is_file():
+        with open_checked(adapter):  # a damaged or empty file is named before the base renders
+            pass
     images = [render(family.pipe, request, family=family)] if compare or adapter is None else []
     if adapter is not None:
         apply_adapter(family, adapter, scale)

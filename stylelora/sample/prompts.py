@@ -80,6 +80,10 @@ def parse_prompt_file(path: Path, defaults: SamplePrompt) -> list[SamplePrompt]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise UserError(f"sample.prompts_file {path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(
+            f"sample.prompts_file {path}: is a folder; give a text file of prompts"
+        ) from None
     except UnicodeDecodeError:
         raise UserError(f"sample.prompts_file {path}: not UTF-8 text") from None
     prompts = []

@@ -121,6 +121,8 @@ def build_run(cfg: Config, family: ModelFamily | None = None) -> TrainingRun:
         project_config=ProjectConfiguration(cfg.output_dir, cfg.output_dir / "logs"),
     )
     check_platform(accelerator, cfg)
+    if note := fit_batch(cfg, dataset, accelerator.num_processes):
+        accelerator.print(note)
     if accelerator.is_main_process:
         check_writable(cfg.output_dir)
         # checkpoints/ cleans up after itself (Checkpointer.remove_leftovers)
@@ -301,6 +303,22 @@ def average_text_encoder_grads(run: TrainingRun) -> None:
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def fit_batch(cfg: Config, dataset: ImageCaptionDataset, processes: int) -> str | None:
+    """A global batch larger than an epoch's samples would only repeat them: the batch is cut
+    to the samples (in `cfg`, so config.json and the header say so), and a note says so."""
+    samples = sum(dataset.draws)
+    most = max(1, samples // processes)
+    if cfg.train.batch_size <= most:
+        return None
+    shared = f" over {processes} processes" if processes > 1 else ""
+    note = (
+        f"note: train.batch_size {cfg.train.batch_size} is more than the {samples} samples an "
+        f"epoch of this dataset holds (images x repeats){shared}: training with batches of {most}"
+    )
+    cfg.train.batch_size = most
+    return note
 
 
 def check_platform(accelerator: Accelerator, cfg: Config) -> None:

@@ -78,7 +78,9 @@ def split_records(
     """(training records, held-out records) as `[validation]` asks."""
     settings = cfg.validation
     if settings.dir:
-        held_out = scan_dataset(cfg.data.model_copy(update={"dir": settings.dir})).records
+        held_out = scan_dataset(
+            cfg.data.model_copy(update={"dir": settings.dir}), "validation.dir"
+        ).records
         return records, held_out
     if not settings.split:
         return records, []

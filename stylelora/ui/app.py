@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import sys
 import time
@@ -23,7 +24,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from stylelora.config import _read_toml
-from stylelora.errors import UserError
+from stylelora.errors import UserError, first_line
 from stylelora.export.atomic import atomic_path
 from stylelora.families.registry import model_names
 from stylelora.train.progress import PROGRESS_FILE, read_events
@@ -38,6 +39,9 @@ STATIC = Path(__file__).parent / "static"
 PAGES = {"/": "index.html", "/new": "new.html", "/datasets": "datasets.html", "/try": "try.html"}
 RUN_CONFIG = "config.toml"  # the file a UI run's `stylelora train` reads, in its run folder
 POLL_SECONDS = 0.5
+MAX_BODY = 2**20  # a request's body: a config, a caption; nothing the UI takes is larger
+TRY_IMAGE = re.compile(r"try-[0-9]{1,20}\.png")  # what /api/try writes and serves
+DRAIN_LIMIT = 256 * 2**20  # a larger body is read through (not kept) before the 413
 
 
 @dataclass
@@ -101,19 +105,40 @@ def page(name: str):
     return serve
 
 
+class NotFound(UserError):
+    status = 404
+
+
+class TooLarge(UserError):
+    status = 413
+
+
 def api(handler):
-    """A JSON endpoint: a UserError (a bad path, value or state) is a 400 with its one line;
-    a path outside the roots a 403."""
+    """A JSON endpoint: a UserError (a bad path, value or state) is a 4xx with its one line
+    (a path outside the roots 403, what does not exist 404, a body over MAX_BODY 413). Anything
+    else is a bug: a 500 with one line, here and in the server's log."""
 
     async def endpoint(request: Request) -> Response:
         try:
+            refuse_null_bytes(request)
             result = await handler(request, request.app.state.ui)
         except UserError as exc:
-            status = 403 if isinstance(exc, OutsideRoots) else 400
-            return JSONResponse({"error": str(exc)}, status_code=status)
+            status = 403 if isinstance(exc, OutsideRoots) else getattr(exc, "status", 400)
+            return JSONResponse({"error": first_line(exc)}, status_code=status)
+        except Exception as exc:
+            line = f"{type(exc).__name__}: {first_line(exc)}"
+            print(f"stylelora ui: {request.method} {request.url.path}: {line}", file=sys.stderr)
+            return JSONResponse({"error": f"internal error: {line}"}, status_code=500)
         return result if isinstance(result, Response) else JSONResponse(result)
 
     return endpoint
+
+
+def refuse_null_bytes(request: Request) -> None:
+    """No file name holds a NUL: a path or query parameter with one is refused whole."""
+    for name, value in [*request.path_params.items(), *request.query_params.items()]:
+        if "\x00" in str(value) or "\x00" in name:
+            raise UserError(f"{name}: a parameter cannot hold a null byte")
 
 
 async def watch(ui: UI) -> None:
@@ -127,19 +152,44 @@ async def watch(ui: UI) -> None:
 
 
 async def body(request: Request) -> dict[str, Any]:
+    """The request's JSON object, at most MAX_BODY bytes; no string in it holds a NUL."""
+    declared = request.headers.get("content-length", "0")
+    if not declared.isdigit() or int(declared) > DRAIN_LIMIT:
+        raise TooLarge(f"the request body is over {MAX_BODY // 2**20} MiB")
+    received, size = bytearray(), 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= MAX_BODY:
+            received += chunk
+        elif size > DRAIN_LIMIT:
+            break
+    if size > MAX_BODY:  # read to its end (unkept) so that the client hears the answer
+        raise TooLarge(f"the request body is over {MAX_BODY // 2**20} MiB")
     try:
-        data = await request.json()
+        data = json.loads(received)
     except ValueError:
         raise UserError("the request body is not JSON") from None
     if not isinstance(data, dict):
         raise UserError("the request body must be a JSON object")
+    if holds_null_byte(data):
+        raise UserError("the request holds a null byte, which no name or path can hold")
     return data
+
+
+def holds_null_byte(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(holds_null_byte(k) or holds_null_byte(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(holds_null_byte(item) for item in value)
+    return False
 
 
 def get_run(ui: UI, run_id: int) -> Run:
     run = ui.store.get(run_id)
     if run is None:
-        raise UserError(f"no run {run_id}")
+        raise NotFound(f"no run {run_id}")
     return run
 
 
@@ -169,7 +219,7 @@ def shown(ui: UI, key: str, value: str) -> str:
 async def check_config(request: Request, ui: UI) -> dict[str, Any]:
     settings = settings_of(await body(request))
     checked = form.check_settings(settings, ui.roots)
-    return {"problems": checked.problems, "toml": form.toml_of(form.settings_to_raw(settings))}
+    return {"problems": checked.problems, "toml": form.toml_of(checked.raw)}
 
 
 async def parse_config(request: Request, ui: UI) -> dict[str, Any]:
@@ -211,6 +261,18 @@ async def new_run(request: Request, ui: UI) -> Response:
     return JSONResponse({"id": run.id})
 
 
+def confined_config(ui: UI, raw: Any, source: Path) -> dict[str, Any]:
+    """A run folder's config (`source`), every path it names resolved inside the roots,
+    relative to the folder the run's process starts in; refused whole if one lies outside."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: not a config (expected a table of settings)")
+    problems = form.confine(raw, ui.roots, source.parent)
+    if problems:
+        key, problem = next(iter(problems.items()))
+        raise OutsideRoots(f"{source}: {key}: {problem}")
+    return raw
+
+
 async def import_run(request: Request, ui: UI) -> dict[str, Any]:
     """A run folder the CLI wrote: its config.json becomes config.toml, and the run can be
     resumed here."""
@@ -218,11 +280,18 @@ async def import_run(request: Request, ui: UI) -> dict[str, Any]:
     resolved = folder / "config.json"
     if not resolved.is_file():
         raise UserError(f"{folder}: no config.json; is this a stylelora run folder?")
-    raw = drop_none(json.loads(resolved.read_text(encoding="utf-8")))
-    raw.pop("preset", None)  # config.json holds the preset's values already
-    raw["output_dir"] = str(folder)
+    try:
+        raw = drop_none(json.loads(resolved.read_text(encoding="utf-8")))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{resolved}: not valid JSON; is this a stylelora run folder?") from None
+    if isinstance(raw, dict):
+        raw.pop("preset", None)  # config.json holds the preset's values already
+        raw["output_dir"] = str(folder)
+    raw = confined_config(ui, raw, resolved)
     config_path = folder / RUN_CONFIG
-    if not config_path.exists():
+    if config_path.exists():
+        confined_config(ui, _read_toml(config_path), config_path)
+    else:
         with atomic_path(config_path) as tmp:
             tmp.write_text(form.toml_of(raw), encoding="utf-8")
     run = ui.store.add(str(raw.get("name", folder.name)), config_path, folder)
@@ -309,18 +378,20 @@ def message(data: dict[str, Any]) -> str:
 
 async def stop_run(request: Request, ui: UI) -> dict[str, Any]:
     run = get_run(ui, request.path_params["id"])
-    if run.status not in ("queued", "running"):
-        raise UserError(f"run {run.id} is {run.status}: nothing to stop")
-    ui.runner.stop(run)
+    await asyncio.to_thread(ui.runner.stop, run.id)
     return {"status": ui.store.get(run.id).status}
 
 
 async def resume_run(request: Request, ui: UI) -> dict[str, Any]:
     run = get_run(ui, request.path_params["id"])
-    if run.status in ("queued", *ACTIVE):
-        raise UserError(f"run {run.id} is {run.status} already")
+    # the file the run will read, checked as a new run's settings are (it may have come
+    # from an imported folder, or been edited since)
+    config = Path(run.config)
+    if not config.is_file():
+        raise UserError(f"{config}: the run's config file is gone")
+    confined_config(ui, _read_toml(config), config)
     has_checkpoint = any((run.folder / "checkpoints").glob("step-*"))
-    ui.runner.queue(run, resume=has_checkpoint)
+    await asyncio.to_thread(ui.runner.queue, run.id, has_checkpoint)
     await asyncio.to_thread(ui.runner.poll)
     return {"status": ui.store.get(run.id).status}
 
@@ -407,7 +478,7 @@ async def caption(request: Request, ui: UI) -> dict[str, Any]:
     data = await body(request)
     image = ui.roots.resolve(str(data.get("path", "")))
     extension = str(data.get("caption_extension", ".txt"))
-    written = write_caption(image, str(data.get("caption", "")), extension)
+    written = write_caption(image, str(data.get("caption", "")), extension, ui.roots)
     return {"written": ui.roots.relative(written)}
 
 
@@ -420,11 +491,9 @@ async def try_adapter(request: Request, ui: UI) -> dict[str, Any]:
     adapter = ui.roots.resolve(str(data.get("adapter", "")))
     if not adapter.exists():
         raise UserError(f"{data.get('adapter')}: no such adapter file")
-    model = str(data.get("model", "")).strip()
-    if not model:
+    if not str(data.get("model", "")).strip():
         raise UserError("model: choose the base model the adapter was trained on")
-    if Path(model).is_absolute() or Path(ui.roots.home / model).exists():
-        model = str(ui.roots.resolve(model))
+    model = ui.roots.model(str(data["model"]))
     name = f"try-{int(time.time() * 1000)}.png"
     out = ui.data / "try" / name
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -453,8 +522,8 @@ def number(value: Any, name: str, kind: type):
 
 
 async def try_image(request: Request, ui: UI) -> Response:
-    name = Path(request.path_params["name"]).name
+    name = request.path_params["name"]
     path = ui.data / "try" / name
-    if not path.is_file():
-        raise UserError(f"{name}: no such image")
+    if not TRY_IMAGE.fullmatch(name) or not path.is_file():
+        raise NotFound(f"{name[:60]}: no such image")
     return FileResponse(path)

@@ -13,12 +13,13 @@ from pydantic import ValidationError
 from stylelora.config import DataConfig, describe_validation_error
 from stylelora.data.dataset import ImageCaptionDataset
 from stylelora.data.report import collect_dataset, data_options, describe, problem_lines
-from stylelora.data.scan import IMAGE_EXTENSIONS
-from stylelora.errors import UserError
+from stylelora.data.scan import IMAGE_EXTENSIONS, ScanResult
+from stylelora.errors import UserError, first_line
 from stylelora.export.atomic import atomic_path
 from stylelora.ui.roots import Roots
 
 THUMB_SIDE = 160
+CAPTION_SUFFIXES = (".txt", ".caption")  # kohya's two; `.tags.txt` ends as one
 
 
 def dataset_listing(folder: Path, roots: Roots, resolution: int = 512,
@@ -28,7 +29,7 @@ def dataset_listing(folder: Path, roots: Roots, resolution: int = 512,
         data = DataConfig(dir=folder, resolution=resolution, caption_extension=caption_extension)
     except ValidationError as exc:
         raise UserError(describe_validation_error(exc)) from None
-    scan = collect_dataset(data)
+    scan = without_links_out(collect_dataset(data), roots, data.caption_extension)
     dataset = ImageCaptionDataset(scan.records, data_options(data, 0))
     items = [
         {
@@ -49,6 +50,22 @@ def dataset_listing(folder: Path, roots: Roots, resolution: int = 512,
             "report": lines}  # fmt: skip
 
 
+def without_links_out(scan: ScanResult, roots: Roots, caption_extension: str) -> ScanResult:
+    """The scan without the images whose file, caption or metadata.jsonl is a link out of the
+    roots (each listed as a problem instead): the UI shows nothing from outside them."""
+    records = []
+    for record in scan.records:
+        files = (record.path, record.path.with_suffix(caption_extension),
+                 record.path.parent / "metadata.jsonl")  # fmt: skip
+        outside = [path for path in files if path.exists() and not roots.holds(path.resolve())]
+        if outside:
+            scan.problems.append((outside[0], "a link out of the folders this UI may use"))
+        else:
+            records.append(record)
+    scan.records = records
+    return scan
+
+
 def subfolders(folder: Path, roots: Roots) -> list[dict[str, Any]]:
     """The folders in `folder` (not hidden), each with how many images it holds."""
     result = []
@@ -64,12 +81,25 @@ def subfolders(folder: Path, roots: Roots) -> list[dict[str, Any]]:
     return result
 
 
-def write_caption(image: Path, text: str, caption_extension: str = ".txt") -> Path:
-    """The caption beside `image`, replaced in one rename (a crash leaves the old one)."""
+def write_caption(image: Path, text: str, caption_extension: str, roots: Roots) -> Path:
+    """The caption beside `image`, replaced in one rename (a crash leaves the old one); only
+    ever a text file (`CAPTION_SUFFIXES`), never an image or a file a link points elsewhere."""
     if image.suffix.lower() not in IMAGE_EXTENSIONS or not image.is_file():
         raise UserError(f"{image}: not an image file")
-    caption = image.with_suffix(caption_extension if caption_extension.startswith(".") else
-                                f".{caption_extension}")  # fmt: skip
+    try:
+        extension = DataConfig.model_validate(
+            {"dir": image.parent, "caption_extension": caption_extension}
+        ).caption_extension
+    except ValidationError as exc:
+        raise UserError(describe_validation_error(exc)) from None
+    if not extension.lower().endswith(CAPTION_SUFFIXES):
+        raise UserError(
+            f"caption_extension {caption_extension!r}: the UI writes captions to "
+            f"{' or '.join(CAPTION_SUFFIXES)} files only"
+        )
+    caption = image.with_suffix(extension)
+    if caption.is_symlink() or (caption.exists() and not caption.is_file()):
+        raise UserError(f"{roots.relative(caption)}: not a plain file; edit it by hand")
     with atomic_path(caption) as tmp:
         tmp.write_text(text.strip() + "\n", encoding="utf-8")
     return caption
@@ -84,6 +114,6 @@ def thumbnail(image: Path, side: int = THUMB_SIDE) -> bytes:
             img.thumbnail((side, side))
             out = io.BytesIO()
             img.convert("RGBA" if img.mode in ("RGBA", "LA", "P") else "RGB").save(out, "PNG")
-    except OSError as exc:
-        raise UserError(f"{image}: cannot read the image ({exc})") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UserError(f"{image}: cannot read the image ({first_line(exc)})") from None
     return out.getvalue()

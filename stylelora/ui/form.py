@@ -9,6 +9,7 @@ that hold text or paths. Unset keys take the preset's or the model's default, sh
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import types
 import typing
@@ -24,7 +25,6 @@ from stylelora.config import (
     Config,
     _layer_preset,
     _parse_value,
-    _resolve_paths,
     preset_names,
     tomllib,
     validation_problem,
@@ -196,6 +196,8 @@ def inline_toml(value: Any) -> str:
     a form field cannot hold)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, (datetime.date, datetime.time)):  # a TOML date: the setting refuses it
+        return value.isoformat()
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, (str, Path)):
@@ -222,6 +224,8 @@ def settings_to_raw(settings: dict[str, str]) -> dict[str, Any]:
         target = raw
         for part in parents:
             target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise UserError(f"{key}: {part} is a setting, not a section")
         target[leaf] = value
     return raw
 
@@ -257,35 +261,57 @@ class Checked:
 
 def check_settings(settings: dict[str, str], roots: Roots) -> Checked:
     """What `stylelora train` would say of these settings, every problem with its key; and
-    every path kept under the roots."""
-    raw = settings_to_raw(settings)
-    _resolve_paths(raw, roots.home)
-    problems = {}
-    for key in PATH_KEYS:
-        path = lookup(raw, key)
-        if isinstance(path, str):
-            try:
-                roots.resolve(path)
-            except UserError as exc:
-                problems[key] = str(exc)
-    model = raw.get("model")
-    if isinstance(model, str) and Path(model).is_absolute():
-        try:
-            roots.resolve(model)
-        except UserError as exc:
-            problems["model"] = str(exc)
+    every path, the preset's included, resolved inside the roots (relative to the first)."""
     try:
-        layered = _layer_preset(copy.deepcopy(raw), roots.home)
-        config = Config.model_validate(layered)
+        raw = settings_to_raw(settings)
     except UserError as exc:
-        problems.setdefault("preset", str(exc).removeprefix("preset: "))
-        config = None
-    except ValidationError as exc:
-        for error in exc.errors():
-            key, message = validation_problem(error)
-            problems.setdefault(key, message)
-        config = None
+        key = str(exc).split(":", 1)[0]
+        return Checked({}, None, {key: str(exc).removeprefix(f"{key}: ")})
+    problems = confine(raw, roots, roots.home)
+    config = None
+    if "preset" not in problems:
+        try:
+            layered = _layer_preset(copy.deepcopy(raw), roots.home)
+            for key, problem in confine(layered, roots, roots.home).items():
+                problems.setdefault(key, f"from the preset: {problem}")
+            config = Config.model_validate(layered)
+        except UserError as exc:
+            problems.setdefault("preset", str(exc).removeprefix("preset: "))
+        except ValidationError as exc:
+            for error in exc.errors():
+                key, message = validation_problem(error)
+                problems.setdefault(key, message)
     return Checked(raw, None if problems else config, problems)
+
+
+def confine(raw: dict[str, Any], roots: Roots, base: Path) -> dict[str, str]:
+    """Every path a config names (the preset file, the data and output folders, the prompts
+    file, the model and its parts) resolved in place, relative to `base` (the folder the run's
+    process reads it from), symlinks followed; the ones outside the roots as problems."""
+    problems = {}
+    for key in ("preset", *PATH_KEYS, "model"):
+        value = lookup(raw, key)
+        if not isinstance(value, str):
+            continue
+        if key == "preset" and (value in preset_names() or not value.endswith(".toml")):
+            continue  # a preset by name: the package's own file
+        try:
+            if key == "model":
+                resolved = roots.model(value, base)
+            else:
+                resolved = str(roots.resolve(value, base))
+        except UserError as exc:
+            problems[key] = str(exc)
+            continue
+        *parents, leaf = key.split(".")
+        lookup_section(raw, parents)[leaf] = resolved
+    return problems
+
+
+def lookup_section(raw: dict[str, Any], parents: list[str]) -> dict[str, Any]:
+    for part in parents:
+        raw = raw[part]
+    return raw
 
 
 def lookup(raw: dict[str, Any], key: str) -> Any:

@@ -12,9 +12,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+from stylelora.errors import UserError
 from stylelora.train.progress import PROGRESS_FILE, read_events
 from stylelora.ui.store import ACTIVE, Run, Store
 
@@ -37,13 +39,21 @@ def gpu_slots() -> list[str | None]:
 
 
 class Runner:
+    """Starts, stops and watches the runs. Every change of a run's state goes through one lock
+    (the requests' threads and the watcher poll at once) and a conditional update in the
+    store, so a run is never started twice."""
+
     def __init__(self, store: Store, slots: list[str | None]) -> None:
         self.store, self.slots = store, slots
         self.children: dict[int, subprocess.Popen] = {}
+        self.lock = threading.Lock()
 
     # --- starting and stopping -----------------------------------------------------------
 
     def start(self, run: Run, slot: int) -> None:
+        """Start a queued run on `slot` (with the lock held)."""
+        if not self.store.claim(run.id, ("queued",), status="running", slot=slot, pid=None):
+            return  # another UI over the same folder took it
         folder = run.folder
         folder.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -52,32 +62,47 @@ class Runner:
         with open(folder / LOG_FILE, "ab") as log:
             log.write(f"$ {' '.join(train_command(run))}\n".encode())
             log.flush()
-            process = subprocess.Popen(
-                train_command(run),
-                cwd=folder,  # not the repository: its datasets/ folder would shadow the package
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # Ctrl-C on the UI's terminal does not reach the run
-            )
+            # SIGINT held until the trainer's Python can take it (stylelora/__main__.py)
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                process = subprocess.Popen(
+                    train_command(run),
+                    cwd=folder,  # not the repository: its datasets/ would shadow the package
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,  # Ctrl-C on the UI's terminal does not reach it
+                )
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
         self.children[run.id] = process
         self.store.update(
             run.id, status="running", pid=process.pid, slot=slot, started_at=time.time(),
             ended_at=None, returncode=None, message="",
         )  # fmt: skip
 
-    def stop(self, run: Run) -> None:
+    def stop(self, run_id: int) -> None:
         """SIGINT: the trainer writes a checkpoint and exits; a queued run just leaves the queue."""
-        if run.status == "queued":
-            self.store.update(run.id, status="stopped", message="taken out of the queue")
-            return
-        if run.status == "running" and run.pid and self.alive(run):
-            os.kill(run.pid, signal.SIGINT)
-            self.store.update(run.id, status="stopping")
+        with self.lock:
+            run = self.store.get(run_id)
+            if run.status == "queued":
+                self.store.update(run.id, status="stopped", message="taken out of the queue")
+            elif run.status == "running" and self.alive(run):
+                os.kill(run.pid, signal.SIGINT)
+                self.store.update(run.id, status="stopping")
+            elif run.status == "running":
+                self.ended(run)  # it ended since the last poll: record how
+            else:
+                raise UserError(f"run {run.id} is {run.status}: nothing to stop")
 
-    def queue(self, run: Run, resume: bool) -> None:
-        self.store.update(run.id, status="queued", resume=int(resume), queued_at=time.time())
+    def queue(self, run_id: int, resume: bool) -> None:
+        """Queue an ended run again; refused while it is queued or running."""
+        with self.lock:
+            ended = ("finished", "failed", "stopped", "interrupted")
+            if not self.store.claim(run_id, ended, status="queued", resume=int(resume),
+                                    queued_at=time.time()):  # fmt: skip
+                raise UserError(f"run {run_id} is {self.store.get(run_id).status} already")
 
     # --- watching ------------------------------------------------------------------------
 
@@ -89,6 +114,10 @@ class Runner:
 
     def poll(self) -> None:
         """Record the runs that ended, then start queued runs on the free slots."""
+        with self.lock:
+            self.poll_locked()
+
+    def poll_locked(self) -> None:
         for run in self.store.with_status(*ACTIVE):
             if not self.alive(run):
                 self.ended(run)
@@ -159,8 +188,8 @@ def outcome(folder: Path, code: int | None) -> tuple[str, str]:
     last_line = last_log_line(folder / LOG_FILE)
     if code == 0 or (code is None and last_status == "finished"):
         return "finished", last_status or "finished"
-    if code == STOPPED or last_status.startswith("interrupted"):
-        return "stopped", last_status or last_line
+    if code in (STOPPED, -signal.SIGINT) or last_status.startswith("interrupted"):
+        return "stopped", last_status or last_line or "stopped while starting"
     if code == USER_ERROR or last_line.startswith("stylelora: error"):
         return "failed", last_line
     why = f"exit status {code}" if code is not None else "the process is gone"

@@ -11,6 +11,7 @@ site open in the same browser cannot start, stop or delete a run.
 from __future__ import annotations
 
 import hmac
+import re
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qs, urlsplit
 
@@ -21,6 +22,7 @@ HEADER = "x-stylelora-token"
 COOKIE = "stylelora_token"
 LOCAL_NAMES = {"127.0.0.1", "localhost", "::1", "[::1]"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+PORT = re.compile(r"(:[0-9]{1,5})?")
 
 
 class Guard:
@@ -82,7 +84,14 @@ class Guard:
 
 
 def hostname(host: str) -> str:
-    """'127.0.0.1:7870' -> '127.0.0.1'; '[::1]:7870' -> '[::1]'."""
+    """'127.0.0.1:7870' -> '127.0.0.1'; '[::1]:7870' -> '[::1]'; anything after the name but a
+    port number keeps the whole header (`[::1]evil.example` is no local name)."""
     if host.startswith("["):
-        return host.split("]")[0] + "]"
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        name, bracket, rest = host.partition("]")
+        name += bracket
+    elif host.count(":") == 1:
+        name, _, port = host.partition(":")
+        rest = f":{port}"
+    else:
+        name, rest = host, ""
+    return name if PORT.fullmatch(rest) else host

@@ -83,6 +83,8 @@ class Store:
         return self.get(run_id)
 
     def get(self, run_id: int) -> Run | None:
+        if not 0 < run_id < 2**63:  # SQLite's integers: a larger id names no run
+            return None
         with self.connect() as db:
             row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         return Run(**{**dict(row), "resume": bool(row["resume"])}) if row else None
@@ -100,12 +102,29 @@ class Store:
         return min(queued, key=lambda run: (run.queued_at or 0, run.id)) if queued else None
 
     def update(self, run_id: int, **values) -> None:
-        for key in values:
-            if key not in Run.__dataclass_fields__ or key == "id":
-                raise KeyError(key)
+        self.check_columns(values)
         assignments = ", ".join(f"{key} = ?" for key in values)
         with self.connect() as db:
             db.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*values.values(), run_id))
+
+    @staticmethod
+    def check_columns(values: dict) -> None:
+        for key in values:
+            if key not in Run.__dataclass_fields__ or key == "id":
+                raise KeyError(key)
+
+    def claim(self, run_id: int, statuses: tuple[str, ...], **values) -> bool:
+        """Set `values` only if the run's status is one of `statuses`, in one statement, so
+        two callers (threads, or two UIs over one folder) cannot both start or queue it."""
+        self.check_columns(values)
+        assignments = ", ".join(f"{key} = ?" for key in values)
+        marks = ", ".join("?" for _ in statuses)
+        with self.connect() as db:
+            cursor = db.execute(
+                f"UPDATE runs SET {assignments} WHERE id = ? AND status IN ({marks})",
+                (*values.values(), run_id, *statuses),
+            )
+            return cursor.rowcount == 1
 
     def remove(self, run_id: int) -> None:
         with self.connect() as db:
