@@ -14,10 +14,11 @@ from safetensors import SafetensorError, safe_open
 from stylelora.errors import UserError, first_line
 from stylelora.families.base import ModelFamily
 from stylelora.families.demo import demo_model_path
-from stylelora.families.registry import FAMILIES, declared_options, owner_titles
+from stylelora.families.registry import FAMILIES, declared_options, model_names, owner_titles
 from stylelora.families.tiny import tiny_model_path
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+BUILT_IN = ("tiny:", "demo:")  # the tiny random and the shipped demo models
 
 
 def load_pipeline(
@@ -31,6 +32,7 @@ def load_pipeline(
     diffusers folder of component configs, default the family's skeleton; `parts`: the files
     the family keeps apart from it, by config key), or a hub id."""
     parts = {key: path for key, path in (parts or {}).items() if path is not None}
+    check_model_name(model)
     if model.startswith("tiny:"):
         source = str(tiny_model_path(model.removeprefix("tiny:")))
     elif model.startswith("demo:"):
@@ -46,10 +48,6 @@ def load_pipeline(
             if not (path / "model_index.json").exists():
                 raise UserError(f"{model}: not a diffusers model folder (no model_index.json)")
             source = str(path)
-        elif model.startswith((".", "/", "~")) or model.endswith(SINGLE_FILE_SUFFIXES):
-            raise UserError(f"{model}: model file or folder not found")
-        elif not is_hub_id(model):
-            raise UserError(f"model {model!r}: no such file or folder, and not a hub id (org/name)")
     refuse_parts(parts, None, f"{model} is not a single file")
     try:
         pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
@@ -59,6 +57,22 @@ def load_pipeline(
         ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_model_name(model: str) -> None:
+    """That `model` names a built-in model, a file or folder that exists, or a valid hub id:
+    what `load_pipeline` checks before it loads anything."""
+    if model.startswith(BUILT_IN):
+        if model not in model_names():
+            known = ", ".join(model_names())
+            raise UserError(f"model {model!r}: no such built-in model (known: {known})")
+        return
+    if Path(model).expanduser().exists():
+        return
+    if model.startswith((".", "/", "~")) or model.endswith(SINGLE_FILE_SUFFIXES):
+        raise UserError(f"{model}: model file or folder not found")
+    if not is_hub_id(model):
+        raise UserError(f"model {model!r}: no such file or folder, and not a hub id (org/name)")
 
 
 def is_hub_id(text: str) -> bool:

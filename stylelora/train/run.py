@@ -38,6 +38,7 @@ from stylelora.errors import UserError
 from stylelora.export.atomic import atomic_path, remove_stale_temporaries
 from stylelora.families import load_family
 from stylelora.families.base import ModelFamily
+from stylelora.families.loading import check_model_name
 from stylelora.families.objective import Objective
 from stylelora.sample.prompts import SamplePrompt, on_size_grid, parse_prompt_file
 from stylelora.train.cache import (
@@ -52,6 +53,7 @@ from stylelora.train.loss import draw_noise, training_loss
 from stylelora.train.optim import (
     build_lr_scheduler,
     build_optimizer,
+    check_one_rate,
     check_optimizer,
     parameter_groups,
 )
@@ -321,13 +323,44 @@ def fit_batch(cfg: Config, dataset: ImageCaptionDataset, processes: int) -> str 
     return note
 
 
-def check_platform(accelerator: Accelerator, cfg: Config) -> None:
-    """Refuse, in one line each, what this machine or launch cannot do."""
-    if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+def preflight(cfg: Config) -> dict[str, str]:
+    """What `build_run` would refuse before it loads the model, each problem by its key: for
+    the UI to say before a run is queued, not when its turn comes."""
+    checks = {
+        "model": lambda: check_model_name(cfg.model),
+        "data.dir": lambda: split_records(scan_dataset(cfg.data).records, cfg),
+        "data.reg_dir": lambda: scan_regularisation(cfg.data),
+        "sample.prompts_file": lambda: read_sample_prompts(cfg),
+        "train.optimizer": lambda: check_optimizer(cfg.train),
+        "train.mixed_precision": lambda: check_precision(cfg, on_cpu=not has_accelerator()),
+        "train.loraplus_lr_ratio": lambda: check_one_rate(loraplus_rates(cfg), cfg.train),
+    }
+    problems = {}
+    for key, check in checks.items():
+        try:
+            check()
+        except UserError as exc:
+            problems[key] = str(exc)
+    return problems
+
+
+def loraplus_rates(cfg: Config) -> list[dict[str, float]]:
+    """The learning rates LoRA+ gives the down and up matrices, as parameter groups."""
+    rate = cfg.train.learning_rate
+    return [{"lr": rate}, {"lr": rate * (cfg.train.loraplus_lr_ratio or 1.0)}]
+
+
+def check_precision(cfg: Config, on_cpu: bool) -> None:
+    if cfg.train.mixed_precision == "fp16" and on_cpu:
         raise UserError(
             "train.mixed_precision = 'fp16' needs a GPU (its loss scaling runs there); "
             "use 'bf16' or 'no' on the CPU"
         )
+
+
+def check_platform(accelerator: Accelerator, cfg: Config) -> None:
+    """Refuse, in one line each, what this machine or launch cannot do."""
+    check_precision(cfg, on_cpu=accelerator.device.type == "cpu")
     if cfg.train.prior_preservation and accelerator.num_processes > 1:
         raise UserError(
             "train.prior_preservation: one process only for now (its extra passes through the "

@@ -23,11 +23,12 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from stylelora.config import _read_toml
+from stylelora.config import Config, _read_toml
 from stylelora.errors import UserError, first_line
 from stylelora.export.atomic import atomic_path
 from stylelora.families.registry import model_names
 from stylelora.train.progress import PROGRESS_FILE, read_events
+from stylelora.train.run import preflight
 from stylelora.ui import form
 from stylelora.ui.datasets import dataset_listing, subfolders, thumbnail, write_caption
 from stylelora.ui.roots import OutsideRoots, Roots
@@ -242,15 +243,10 @@ async def new_run(request: Request, ui: UI) -> Response:
     checked = form.check_settings(settings, ui.roots)
     cfg = checked.config
     if cfg is not None:
-        adapter = cfg.output_dir / f"{cfg.name}.safetensors"
-        if adapter.exists():
-            checked.problems["output_dir"] = (
-                f"{adapter} holds an earlier run's adapter: choose another output_dir or name"
-            )
-        busy = [run for run in ui.store.with_status("queued", *ACTIVE)
-                if Path(run.output_dir) == cfg.output_dir]  # fmt: skip
-        if busy:
-            checked.problems["output_dir"] = f"run {busy[0].id} already trains into this folder"
+        problems = await asyncio.to_thread(preflight, cfg)  # what train says before its 1st step
+        if folder_problem := another_runs_folder(ui, cfg):
+            problems["output_dir"] = folder_problem
+        checked.problems.update(problems)
     if checked.problems:
         return JSONResponse({"problems": checked.problems}, status_code=400)
     config_path = cfg.output_dir / RUN_CONFIG
@@ -259,6 +255,28 @@ async def new_run(request: Request, ui: UI) -> Response:
     run = ui.store.add(cfg.name, config_path, cfg.output_dir)
     await asyncio.to_thread(ui.runner.poll)
     return JSONResponse({"id": run.id})
+
+
+def another_runs_folder(ui: UI, cfg: Config) -> str | None:
+    """Why `cfg.output_dir` is not free for a new run: another run of the UI's, or the command
+    line's, wrote into it (its config, progress and log would be mixed with the new run's)."""
+    folder = cfg.output_dir.resolve()
+    earlier = [run for run in ui.store.all() if run.folder.resolve() == folder]
+    if earlier:
+        run = earlier[0]
+        return (
+            f"run {run.id} ({run.name}, {run.status}) used this folder: choose another "
+            "output_dir, or resume or remove that run"
+        )
+    adapter = folder / f"{cfg.name}.safetensors"
+    if adapter.exists():
+        return f"{adapter} holds an earlier run's adapter: choose another output_dir or name"
+    if (folder / PROGRESS_FILE).exists():
+        return (
+            "holds a run the command line started: import it from the Runs page, or choose "
+            "another output_dir"
+        )
+    return None
 
 
 def confined_config(ui: UI, raw: Any, source: Path) -> dict[str, Any]:

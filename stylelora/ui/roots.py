@@ -7,8 +7,7 @@ import os
 from pathlib import Path
 
 from stylelora.errors import UserError
-from stylelora.families.loading import is_hub_id
-from stylelora.families.registry import model_names
+from stylelora.families.loading import BUILT_IN, check_model_name, is_hub_id
 
 
 class OutsideRoots(UserError):
@@ -55,7 +54,8 @@ class Roots:
         text = value.strip()
         if not text:
             raise UserError("model: choose a base model")
-        if text in model_names():
+        if text.startswith(BUILT_IN):
+            check_model_name(text)
             return text
         base = base or self.home
         if "\x00" in text or looks_like_path(text) or exists(base / text):
