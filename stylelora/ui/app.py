@@ -10,6 +10,7 @@ import asyncio
 import json
 import re
 import secrets
+import shutil
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -202,19 +203,39 @@ async def templates(request: Request, ui: UI) -> dict[str, Any]:
     found = {}
     demo = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
     if demo.is_file():
-        raw = _read_toml(demo)
-        found["demo"] = {key: shown(ui, key, value)
-                         for key, value in form.raw_to_settings(raw).items()}  # fmt: skip
+        found["demo"] = await asyncio.to_thread(demo_template, ui, demo)
     for name in form.preset_names():
         found[name] = {"preset": name}
     return {"templates": found, "home": str(ui.roots.home)}
 
 
-def shown(ui: UI, key: str, value: str) -> str:
-    """A path setting relative to the first root where it lies under it."""
-    if key in form.PATH_KEYS and Path(value).is_absolute():
-        return ui.roots.relative(Path(value))
-    return value
+# The demo's files a run reads, and where in the first root the demo template finds its copy.
+DEMO_FILES = {"data.dir": "demo-style", "sample.prompts_file": "demo-prompts.txt"}
+
+
+def demo_template(ui: UI, demo: Path) -> dict[str, str]:
+    """The demo config as a run under the roots: its dataset and prompts copied into the first
+    root on first use (the checkout they ship in lies outside it), its output under runs/."""
+    settings = form.raw_to_settings(_read_toml(demo))
+    for key, name in DEMO_FILES.items():
+        copy_once(Path(settings[key]), ui.roots.home / name)
+        settings[key] = name
+    settings["output_dir"] = f"runs/{settings['name']}"
+    return settings
+
+
+def copy_once(source: Path, target: Path) -> None:
+    """`source` (a file or folder) at `target`, unless something is there: copied beside it,
+    then renamed into place, so a half-copied folder is never taken for the dataset."""
+    if target.exists() or target.is_symlink():
+        return
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    if source.is_dir():
+        shutil.copytree(source, partial, ignore=shutil.ignore_patterns(".*"))
+    else:
+        shutil.copyfile(source, partial)
+    partial.rename(target)
 
 
 async def check_config(request: Request, ui: UI) -> dict[str, Any]:

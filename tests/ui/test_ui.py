@@ -30,14 +30,15 @@ def test_the_demo_starts_from_the_form_and_is_watched_to_its_end(server, page, t
     set_field(page, "train.learning_rate", "-1")
     problem = page.locator("#problem-train\\.learning_rate")
     problem.filter(has_text="greater than 0").wait_for()
-    # the demo template, pointed at this root's copy of the style set, shortened
+    # the demo template runs as loaded: its dataset and prompts copied under the root, no path
+    # retyped; only shortened
     page.select_option("#template", "demo")
     page.click("#load-template")
     page.wait_for_function("document.querySelector('#field-name').value === 'demo-style'")
+    assert page.input_value("#field-data\\.dir") == "demo-style"
+    assert (server.root / "demo-style" / "00-circle.png").is_file()
+    assert (server.root / "demo-prompts.txt").is_file()
     for key, value in {
-        "output_dir": "runs/demo",
-        "data.dir": "style",
-        "sample.prompts_file": "prompts.txt",
         "train.max_steps": "40",
         "sample.every_n_steps": "20",
         "sample.num_inference_steps": "8",
@@ -57,17 +58,17 @@ def test_the_demo_starts_from_the_form_and_is_watched_to_its_end(server, page, t
     )
     page.wait_for_selector("#downloads a:has-text('demo-style.safetensors')")
     screenshot(page, "run", tmp_path)
-    run_dir = server.root / "runs" / "demo"
+    run_dir = server.root / "runs" / "demo-style"
     assert (run_dir / "demo-style.safetensors").stat().st_size > 0
     written = tomllib.loads((run_dir / "config.toml").read_text())
     assert written["train"]["max_steps"] == 40 and written["data"]["dir"] == str(
-        server.root / "style"
+        server.root / "demo-style"
     )
     assert page.errors == []
 
     # the adapter it wrote, tried on the Try page: the base and the adapted image differ
     page.goto(server.url("/try"))
-    page.fill("#adapter", "runs/demo/demo-style.safetensors")
+    page.fill("#adapter", "runs/demo-style/demo-style.safetensors")
     page.fill("#steps", "8")
     page.click("#render")
     page.wait_for_function("document.querySelector('#result').naturalWidth > 0", timeout=120_000)
