@@ -64,8 +64,9 @@ def check_model_name(model: str) -> None:
     what `load_pipeline` checks before it loads anything."""
     if model.startswith(BUILT_IN):
         if model not in model_names():
-            known = ", ".join(model_names())
-            raise UserError(f"model {model!r}: no such built-in model (known: {known})")
+            kind, name = model.split(":", 1)
+            names = [known.split(":", 1)[1] for known in model_names() if known.startswith(kind)]
+            raise UserError(f"{kind} model {name!r}: choose one of {', '.join(names)}")
         return
     if Path(model).expanduser().exists():
         return

@@ -23,7 +23,7 @@ def start(server, settings: dict[str, str]) -> tuple[int, dict]:
     [
         ({"data.dir": "no-such-folder"}, "data.dir", "folder not found"),
         ({"data.dir": "empty"}, "data.dir", "no usable images"),
-        ({"model": "demo:sd16"}, "model", "no such built-in model"),
+        ({"model": "demo:sd16"}, "model", "demo model 'sd16': choose one of sd15, "),
         ({"model": "models/missing.safetensors"}, "model", "not found"),
         ({"sample.prompts_file": "style"}, "sample.prompts_file", "is a folder"),
         ({"train.optimizer": "prodigy", "train.learning_rate": "1.0",
