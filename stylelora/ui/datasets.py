@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps
 from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from stylelora.config import DataConfig, describe_validation_error
 from stylelora.data.dataset import ImageCaptionDataset
@@ -16,10 +20,20 @@ from stylelora.data.report import collect_dataset, data_options, describe, probl
 from stylelora.data.scan import IMAGE_EXTENSIONS, ScanResult
 from stylelora.errors import UserError, first_line
 from stylelora.export.atomic import atomic_path
+from stylelora.ui.http import UI, api, body, number
 from stylelora.ui.roots import Roots
 
 THUMB_SIDE = 160
 CAPTION_SUFFIXES = (".txt", ".caption")  # kohya's two; `.tags.txt` ends as one
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/api/folders", api(folders)),
+        Route("/api/dataset", api(dataset)),
+        Route("/api/thumb", api(thumb)),
+        Route("/api/caption", api(caption), methods=["POST"]),
+    ]
 
 
 def dataset_listing(folder: Path, roots: Roots, resolution: int = 512,
@@ -117,3 +131,39 @@ def thumbnail(image: Path, side: int = THUMB_SIDE) -> bytes:
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UserError(f"{image}: cannot read the image ({first_line(exc)})") from None
     return out.getvalue()
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+
+async def folders(request: Request, ui: UI) -> dict[str, Any]:
+    where = request.query_params.get("path", "")
+    folder = ui.roots.resolve(where) if where else ui.roots.home
+    if not folder.is_dir():
+        raise UserError(f"{where}: not a folder")
+    parent = ui.roots.relative(folder.parent) if folder != ui.roots.home else None
+    return {"folder": ui.roots.relative(folder), "parent": parent,
+            "folders": await asyncio.to_thread(subfolders, folder, ui.roots),
+            "roots": [str(root) for root in ui.roots.folders]}  # fmt: skip
+
+
+async def dataset(request: Request, ui: UI) -> dict[str, Any]:
+    query = request.query_params
+    folder = ui.roots.resolve(query.get("path", ""))
+    resolution = number(query.get("resolution") or 512, "resolution", int)
+    extension = query.get("caption_extension", ".txt") or ".txt"
+    return await asyncio.to_thread(dataset_listing, folder, ui.roots, resolution, extension)
+
+
+async def thumb(request: Request, ui: UI) -> Response:
+    path = ui.roots.resolve(request.query_params.get("path", ""))
+    data = await asyncio.to_thread(thumbnail, path)
+    return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+async def caption(request: Request, ui: UI) -> dict[str, Any]:
+    data = await body(request)
+    image = ui.roots.resolve(str(data.get("path", "")))
+    extension = str(data.get("caption_extension", ".txt"))
+    written = write_caption(image, str(data.get("caption", "")), extension, ui.roots)
+    return {"written": ui.roots.relative(written)}
