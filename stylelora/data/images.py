@@ -55,11 +55,17 @@ def load_rgb_alpha(
         image = ImageOps.exif_transpose(image)
         if image.mode in SIXTEEN_BIT or image.mode == "F":
             image = to_8bit(image)
-        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        if has_transparency(image):
             rgba = image.convert("RGBA")
             canvas = Image.new("RGBA", rgba.size, tuple(background) + (255,))
             return Image.alpha_composite(canvas, rgba).convert("RGB"), rgba.getchannel("A")
         return image.convert("RGB"), None
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """Whether the image has an alpha channel or a transparent colour: training sees it over
+    data.alpha_background (or takes its alpha as the loss mask, data.alpha_mask)."""
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
 
 
 def to_8bit(image: Image.Image) -> Image.Image:

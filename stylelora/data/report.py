@@ -95,8 +95,8 @@ def describe(scan: ScanResult, dataset: ImageCaptionDataset, data: DataConfig) -
     kind = "aspect buckets" if data.enable_buckets else "buckets (bucketing off)"
     lines.append(f"{kind} (width x height: images):")
     lines += bucket_lines(dataset, data)
-    lines += upscale_lines(dataset) + cp1252_lines(scan, data) + problem_lines(scan)
-    return lines
+    lines += upscale_lines(dataset) + cp1252_lines(scan, data) + orphan_lines(scan, data)
+    return lines + problem_lines(scan)
 
 
 def prior_lines(dataset: ImageCaptionDataset, cfg) -> list[str]:
@@ -158,14 +158,19 @@ def shown_path(path: Path, data: DataConfig) -> str:
     return str(path)
 
 
+def upscales(dataset: ImageCaptionDataset) -> list[tuple[int, float]]:
+    """(item, how much it is scaled up to cover its bucket) for each item scaled up."""
+    found = []
+    for index, (record, bucket) in enumerate(zip(dataset.records, dataset.buckets, strict=True)):
+        scale = cover_scale(record.size, bucket) if 0 not in record.size else 1.0
+        if scale > 1:
+            found.append((index, scale))
+    return found
+
+
 def upscale_lines(dataset: ImageCaptionDataset) -> list[str]:
     """'18 images upscaled to fit their bucket (x2.7 to x3.2)', or nothing."""
-    scales = [
-        cover_scale(record.size, bucket)
-        for record, bucket in zip(dataset.records, dataset.buckets, strict=True)
-        if 0 not in record.size
-    ]
-    scales = sorted(scale for scale in scales if scale > 1)
+    scales = sorted(scale for _, scale in upscales(dataset))
     if not scales:
         return []
     low, high = format_scale(scales[0]), format_scale(scales[-1])
@@ -187,6 +192,61 @@ def cp1252_lines(scan: ScanResult, data: DataConfig) -> list[str]:
     count = len(scan.cp1252_files)
     files, were = ("caption file", "was") if count == 1 else ("caption files", "were")
     return [f"{count} {files} {were} not UTF-8 and {were} read as cp1252: {names}"]
+
+
+def orphan_lines(scan: ScanResult, data: DataConfig) -> list[str]:
+    """'1 caption file has no image beside it: old.txt', or nothing."""
+    if not scan.orphan_captions:
+        return []
+    names = ", ".join(str(path.relative_to(data.dir)) for path in scan.orphan_captions)
+    count = len(scan.orphan_captions)
+    words = NO_IMAGE if count == 1 else "caption files have no image beside them"
+    return [f"{count} {words}: {names}"]
+
+
+def file_notes(
+    scan: ScanResult, dataset: ImageCaptionDataset, data: DataConfig
+) -> list[tuple[Path, str]]:
+    """Each file the report's lines count, with what they say of it, in their words: images
+    upscaled, images with no caption, images that skip a resolution, captions read as cp1252,
+    caption files with no image."""
+    return (
+        upscale_notes(dataset, len(data.resolutions) > 1)
+        + [(path, UNCAPTIONED) for path in scan.uncaptioned]
+        + skipped_resolution_notes(dataset, data)
+        + [(path, READ_AS_CP1252) for path in scan.cp1252_files]
+        + [(path, NO_IMAGE) for path in scan.orphan_captions]
+    )
+
+
+UNCAPTIONED = (
+    "has no caption: using its concept name (or the trigger word outside N_concept folders)"
+)
+READ_AS_CP1252 = "caption file was not UTF-8 and was read as cp1252"
+NO_IMAGE = "caption file has no image beside it"
+
+
+def upscale_notes(dataset: ImageCaptionDataset, several: bool) -> list[tuple[Path, str]]:
+    notes = []
+    for index, scale in upscales(dataset):
+        at = f"at {dataset.resolutions[index]} px: " if several else ""
+        path = dataset.records[index].path
+        notes.append((path, f"{at}upscaled to fit its bucket ({format_scale(scale)})"))
+    return notes
+
+
+def skipped_resolution_notes(
+    dataset: ImageCaptionDataset, data: DataConfig
+) -> list[tuple[Path, str]]:
+    smallest, *larger = data.resolutions
+    every = [dataset.records[index].path for index in dataset.at_resolution(smallest)]
+    notes = []
+    for resolution in larger:
+        taking_part = {dataset.records[i].path for i in dataset.at_resolution(resolution)}
+        words = f"at {resolution} px: has fewer pixels than {resolution}x{resolution} and "
+        notes += [(path, words + "trains only below it") for path in every
+                  if path not in taking_part]  # fmt: skip
+    return notes
 
 
 def problem_lines(scan: ScanResult) -> list[str]:

@@ -42,8 +42,13 @@ class ImageRecord:
 class ScanResult:
     records: list[ImageRecord] = field(default_factory=list)
     problems: list[tuple[Path, Problem]] = field(default_factory=list)
-    missing_captions: int = 0
+    uncaptioned: list[Path] = field(default_factory=list)  # usable images with no caption
     cp1252_files: list[Path] = field(default_factory=list)  # captions that were not UTF-8
+    orphan_captions: list[Path] = field(default_factory=list)  # caption files with no image
+
+    @property
+    def missing_captions(self) -> int:
+        return len(self.uncaptioned)
 
 
 def read_text(path: Path, strict: bool) -> tuple[str, bool] | None:
@@ -143,6 +148,19 @@ def image_files(root: Path) -> list[Path]:
     )
 
 
+def orphan_captions(root: Path, caption_extension: str, images: list[Path]) -> list[Path]:
+    """The caption files under `root` (outside hidden folders) with no image beside them: an
+    image renamed or removed, its caption left behind."""
+    captioned = {image.with_suffix(caption_extension) for image in images}
+    return sorted(
+        path
+        for path in root.rglob(f"*{caption_extension}")
+        if path not in captioned
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    )
+
+
 def collect_images(
     root: Path,
     caption_extension: str = ".txt",
@@ -166,7 +184,8 @@ def collect_images(
         raise UserError(f"{key} {root}: folder not found")
     result = ScanResult()
     captions = CaptionReader(caption_extension, strict)
-    for path in image_files(root):
+    images = image_files(root)
+    for path in images:
         size, problem = inspect_image(path)
         if problem is None and min_image_size and min(size) < min_image_size:
             problem = too_small(size, min_image_size)
@@ -180,11 +199,12 @@ def collect_images(
         if caption is None:
             caption = captions.from_metadata(path)
         if caption is None:
-            result.missing_captions += 1
+            result.uncaptioned.append(path)
             in_concept = path.parent != root and REPEATS_FOLDER.match(path.parent.name)
             caption = concept if in_concept or not trigger_word else trigger_word
         result.records.append(ImageRecord(path, caption, times, concept, size))
     result.cp1252_files = captions.cp1252_files
+    result.orphan_captions = orphan_captions(root, caption_extension, images)
     return result
 
 

@@ -18,6 +18,8 @@ from PIL import Image
 from ui_fixtures import ROOT, UIServer, run_settings
 
 from stylelora.ui.app import create_app
+from stylelora.ui.dataset_edits import UPLOAD_LIMIT
+from stylelora.ui.http import MAX_BODY
 
 SECRET = "SECRET-OUTSIDE-THE-ROOT"
 HUGE_ID = "9" * 23
@@ -161,7 +163,8 @@ def test_every_route_answers_hostile_values_with_a_4xx_and_nothing_outside_is_to
                     assert 400 <= status < 500 or template == "/api/config/check", (path, raw)
             asked += 6
             if "{id" not in template:  # (a run's route answers 404 before reading the body)
-                big = json.dumps({"caption": "x" * (2 * 2**20), "path": "style"}).encode()
+                limit = UPLOAD_LIMIT if template == "/api/dataset/upload" else MAX_BODY
+                big = json.dumps({"caption": "x" * (limit + 2**20), "path": "style"}).encode()
                 status, reply = ui.call(method, path, big)
                 assert status == 413, (path, status, reply)
                 asked += 1
