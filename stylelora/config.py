@@ -72,41 +72,119 @@ _CAPTION_EXTENSION = re.compile(r"(\.[\w-]+)+")
 
 class DataConfig(Section):
     dir: Path = Field(description="Folder of images with caption files beside them.")
-    caption_extension: str = ".txt"
+    caption_extension: str = Field(
+        ".txt", description="Extension of the caption file beside each image (`txt` means `.txt`)."
+    )
     # one side, or several: each image then also trains at every larger one it has the pixels for
-    resolution: PositiveInt | list[PositiveInt] = 512
-    center_crop: bool = True
-    flip: bool = False
-    repeats: PositiveInt = 1
-    trigger_word: str = ""
+    resolution: PositiveInt | list[PositiveInt] = Field(
+        512,
+        description="Training side in pixels, or a list of sides to train each image at several "
+        "sizes.",
+    )
+    center_crop: bool = Field(
+        True,
+        description="Crop images to their bucket at the centre (true) or at a random place each "
+        "draw.",
+    )
+    flip: bool = Field(
+        False,
+        description="Mirror images left to right at random (for subjects that look right "
+        "mirrored).",
+    )
+    repeats: PositiveInt = Field(
+        1,
+        description="How often each image is drawn per epoch (a folder named `N_name` sets its "
+        "own N).",
+    )
+    trigger_word: str = Field(
+        "",
+        description="Word put first in every caption that lacks it; use it in prompts to call the "
+        "adapter up.",
+    )
     # auto: none when training on the CPU (a worker would take a core from the step) or when
     # every draw comes from memory; else a few, loading the next batches during the step
-    num_workers: NonNegInt | Literal["auto"] = "auto"
-    strict: bool = False
-    shuffle_caption: bool = False
-    keep_tokens: NonNegInt = 0
-    caption_dropout_rate: Probability = 0.0
-    caption_tag_dropout_rate: Probability = 0.0
-    alpha_background: tuple[ColorByte, ColorByte, ColorByte] = (255, 255, 255)
-    enable_buckets: bool = True
-    bucket_step: PositiveInt = 64
-    min_image_size: PositiveInt | None = None  # skip images whose shorter side is below it
-    min_bucket_side: PositiveInt | None = None
-    max_bucket_side: PositiveInt | None = None
-    bucket_no_upscale: bool = False
+    num_workers: NonNegInt | Literal["auto"] = Field(
+        "auto",
+        description="Processes loading images during the step; auto: none on the CPU or from "
+        "memory, else up to 4.",
+    )
+    strict: bool = Field(
+        False,
+        description="Stop the run on any unusable file or caption that is not UTF-8, instead of "
+        "skipping it.",
+    )
+    shuffle_caption: bool = Field(
+        False, description="Shuffle the comma-separated tags of a caption at each draw."
+    )
+    keep_tokens: NonNegInt = Field(
+        0, description="The first N tags stay in place when tags are shuffled or dropped."
+    )
+    caption_dropout_rate: Probability = Field(
+        0.0, description="How often an image is trained on the empty caption."
+    )
+    caption_tag_dropout_rate: Probability = Field(
+        0.0, description="How often each tag is dropped from a caption."
+    )
+    alpha_background: tuple[ColorByte, ColorByte, ColorByte] = Field(
+        (255, 255, 255), description="RGB colour that transparent pixels are composited onto."
+    )
+    enable_buckets: bool = Field(
+        True,
+        description="Group images by aspect ratio into buckets instead of cropping them all "
+        "square.",
+    )
+    bucket_step: PositiveInt = Field(
+        64, description="Bucket sides are multiples of this many pixels (64; 32 also works)."
+    )
+    # skip images whose shorter side is below it
+    min_image_size: PositiveInt | None = Field(
+        None,
+        description="Skip images whose shorter side is under this many pixels; unset: upscale "
+        "them.",
+    )
+    min_bucket_side: PositiveInt | None = Field(
+        None, description="Smallest bucket side; unset: half the resolution, at most 256."
+    )
+    max_bucket_side: PositiveInt | None = Field(
+        None, description="Largest bucket side; unset: twice the resolution, at most 1024."
+    )
+    bucket_no_upscale: bool = Field(
+        False, description="Never upscale an image to a larger bucket than its own size."
+    )
     # auto: on wherever a cache cannot change what a step trains on (see cache_plan)
-    cache_latents: bool | Literal["auto"] = "auto"
-    cache_text_encoder_outputs: bool | Literal["auto"] = "auto"
-    cache_dir: Path | None = None
+    cache_latents: bool | Literal["auto"] = Field(
+        "auto",
+        description="Encode the images with the VAE once and reuse the latents; auto: when crops "
+        "are fixed.",
+    )
+    cache_text_encoder_outputs: bool | Literal["auto"] = Field(
+        "auto", description="Encode the captions once and reuse them; auto: when they never change."
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="Where the caches are kept; unset: `.stylelora-cache` in the images folder.",
+    )
     # decoded images (or, cached, their latents) stay in memory when all of them fit in this
-    memory_cache_mb: NonNegInt = 2048
+    memory_cache_mb: NonNegInt = Field(
+        2048,
+        description="Keep cached latents or decoded images in memory when they fit in this many "
+        "MB.",
+    )
     # loss masks (train.masked_loss): a folder laid out like the images (kohya's
     # conditioning_data_dir), or each image's transparency (kohya's alpha_mask)
-    mask_dir: Path | None = None
-    alpha_mask: bool = False
+    mask_dir: Path | None = Field(
+        None, description="Folder of loss masks laid out like the images (for train.masked_loss)."
+    )
+    alpha_mask: bool = Field(
+        False, description="Use each image's transparency as its loss mask (for train.masked_loss)."
+    )
     # regularisation (class) images, kohya's reg_data_dir: `N_class` folders, drawn as often as
     # the training images each epoch, their loss weighted by train.prior_loss_weight
-    reg_dir: Path | None = None
+    reg_dir: Path | None = Field(
+        None,
+        description="Folder of regularisation (class) images in `N_class` folders, kohya's "
+        "reg_data_dir.",
+    )
 
     @property
     def caption_randomness(self) -> bool:
@@ -200,31 +278,75 @@ class DataConfig(Section):
 class AdapterConfig(Section):
     # lora: kohya's LoRA (LoCon with `full`); loha, lokr: LyCORIS's Hadamard and Kronecker
     # products (PEFT's LoHa and LoKr), written in LyCORIS's key layout
-    type: Literal["lora", "loha", "lokr"] = "lora"
-    rank: PositiveInt = 16
-    alpha: PositiveFloat = 8.0
-    unet_targets: Literal["cross-attn", "attention", "attn-mlp", "full"] = "cross-attn"
-    text_encoder: bool = False
-    text_encoder_rank: PositiveInt | None = None
-    text_encoder_alpha: PositiveFloat | None = None
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    dropout: Probability = 0.0
-    text_encoder_targets: Literal["attention", "attn-mlp"] = "attention"
-    conv_rank: PositiveInt | None = None  # 3x3 convolutions of the `full` preset; unset: rank
-    conv_alpha: PositiveFloat | None = None  # unset: alpha
-    use_dora: bool = False
-    module_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    type: Literal["lora", "loha", "lokr"] = Field(
+        "lora", description="Adapter kind: lora, or LyCORIS's loha or lokr."
+    )
+    rank: PositiveInt = Field(
+        16,
+        description="Size of the adapter's matrices: higher learns more detail and makes a larger "
+        "file.",
+    )
+    alpha: PositiveFloat = Field(
+        8.0, description="Scales the adapter's output by alpha / rank; lower is gentler."
+    )
+    unet_targets: Literal["cross-attn", "attention", "attn-mlp", "full"] = Field(
+        "cross-attn",
+        description="Which layers of the denoiser get adapters (cross-attn, attention, attn-mlp, "
+        "full).",
+    )
+    text_encoder: bool = Field(False, description="Also train adapters on the text encoder(s).")
+    text_encoder_rank: PositiveInt | None = Field(
+        None, description="Rank of the text encoder's adapters; unset: adapter.rank."
+    )
+    text_encoder_alpha: PositiveFloat | None = Field(
+        None, description="Alpha of the text encoder's adapters; unset: adapter.alpha."
+    )
+    init: Literal["kaiming", "gaussian"] = Field(
+        "kaiming", description="How the down matrices start: kaiming (as kohya) or gaussian."
+    )
+    dropout: Probability = Field(
+        0.0, description="Dropout on the adapter's input while training (PEFT's lora_dropout)."
+    )
+    text_encoder_targets: Literal["attention", "attn-mlp"] = Field(
+        "attention", description="Which text encoder layers get adapters: attention, or attn-mlp."
+    )
+    # 3x3 convolutions of the `full` preset; unset: rank
+    conv_rank: PositiveInt | None = Field(
+        None,
+        description="Rank of the 3x3 convolutions' adapters under `full`; unset: adapter.rank.",
+    )
+    # unset: alpha
+    conv_alpha: PositiveFloat | None = Field(
+        None,
+        description="Alpha of the 3x3 convolutions' adapters under `full`; unset: adapter.alpha.",
+    )
+    use_dora: bool = Field(False, description="Train DoRA (a magnitude per output) on top of LoRA.")
+    module_dropout: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="While training, skip a whole module's adapter with this probability."
+    )
 
     # kohya's block-wise ranks for UNets, one value per block (adapters/blocks.py; 0: none)
-    block_dims: list[NonNegInt] | None = None
-    block_alphas: list[PositiveFloat] | None = None
-    conv_block_dims: list[NonNegInt] | None = None
-    conv_block_alphas: list[PositiveFloat] | None = None
+    block_dims: list[NonNegInt] | None = Field(
+        None, description="Rank per UNet block (kohya's block_dims; 0: no adapter there)."
+    )
+    block_alphas: list[PositiveFloat] | None = Field(
+        None, description="Alpha per UNet block (kohya's block_alphas)."
+    )
+    conv_block_dims: list[NonNegInt] | None = Field(
+        None, description="Convolution rank per UNet block, for `full`."
+    )
+    conv_block_alphas: list[PositiveFloat] | None = Field(
+        None, description="Convolution alpha per UNet block, for `full`."
+    )
     # LoKr (LyCORIS's `factor` and `decompose_both`): each weight is kron(w1, w2) with w1's sides
     # as close to `lokr_factor` as they divide (-1: near the square root); w2 is a rank-`rank`
     # product unless the rank reaches half its side, w1 too with `decompose_both`
-    lokr_factor: Annotated[int, Field(ge=-1)] = -1
-    decompose_both: bool = False
+    lokr_factor: Annotated[int, Field(ge=-1)] = Field(
+        -1, description="LoKr's Kronecker factor (-1: near the square root of each side)."
+    )
+    decompose_both: bool = Field(
+        False, description="LoKr: also decompose the smaller Kronecker factor into a rank product."
+    )
 
     @model_validator(mode="after")
     def _lycoris_takes_its_own_options(self) -> AdapterConfig:
@@ -251,73 +373,186 @@ AdapterConfig = with_family_keys(AdapterConfig, "adapter")
 
 
 class TrainConfig(Section):
-    max_steps: PositiveInt = 1000
-    batch_size: PositiveInt = 1
-    gradient_accumulation_steps: PositiveInt = 1
-    learning_rate: PositiveFloat = 1e-4
-    text_encoder_lr: PositiveFloat | None = None
-    lr_scheduler: Literal["constant", "cosine", "cosine_with_restarts", "linear", "polynomial"] = (
-        "constant"
+    max_steps: PositiveInt = Field(1000, description="How many optimizer steps to train for.")
+    batch_size: PositiveInt = Field(1, description="Images per step on each device.")
+    gradient_accumulation_steps: PositiveInt = Field(
+        1, description="Micro-batches added up into one optimizer step."
     )
-    lr_warmup_steps: NonNegInt = 0
-    lr_cycles: PositiveInt = 1  # cosine_with_restarts: how many hard restarts
-    lr_power: PositiveFloat = 1.0  # polynomial: the decay's power (1: linear)
-    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion8bit"] = "adamw"
-    optimizer_args: dict[str, Any] = Field(default_factory=dict)
-    adam_beta1: Probability = 0.9
-    adam_beta2: Probability = 0.999
-    adam_epsilon: PositiveFloat = 1e-8
-    weight_decay: Annotated[float, Field(ge=0)] = 1e-2
-    max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    attention: Literal["sdpa", "xformers"] = "sdpa"
-    gradient_checkpointing: bool = False
-    quantize_base: Literal["no", "nf4", "int8"] = "no"
+    learning_rate: PositiveFloat = Field(
+        1e-4,
+        description="The optimizer's step size (the text encoders' too, unless "
+        "train.text_encoder_lr is set).",
+    )
+    text_encoder_lr: PositiveFloat | None = Field(
+        None,
+        description="Learning rate of the text encoders' adapters; unset: train.learning_rate.",
+    )
+    lr_scheduler: Literal["constant", "cosine", "cosine_with_restarts", "linear", "polynomial"] = (
+        Field(
+            "constant", description="How the learning rate changes over the run, after the warm-up."
+        )
+    )
+    lr_warmup_steps: NonNegInt = Field(
+        0, description="Steps over which the learning rate rises from 0 at the start."
+    )
+    # cosine_with_restarts: how many hard restarts
+    lr_cycles: PositiveInt = Field(1, description="Hard restarts of cosine_with_restarts.")
+    # polynomial: the decay's power (1: linear)
+    lr_power: PositiveFloat = Field(
+        1.0, description="Power of the polynomial schedule's decay (1: linear)."
+    )
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion8bit"] = Field(
+        "adamw",
+        description="adamw, adamw8bit (less memory), adafactor, prodigy (finds its own rate) or "
+        "lion8bit.",
+    )
+    optimizer_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="A table of the optimizer's own arguments, e.g. { d_coef = 0.5 }.",
+    )
+    adam_beta1: Probability = Field(
+        0.9, description="Adam's first-moment decay, where the optimizer takes it."
+    )
+    adam_beta2: Probability = Field(
+        0.999, description="Adam's second-moment decay, where the optimizer takes it."
+    )
+    adam_epsilon: PositiveFloat = Field(
+        1e-8, description="Adam's epsilon, where the optimizer takes it."
+    )
+    weight_decay: Annotated[float, Field(ge=0)] = Field(
+        1e-2, description="Weight decay, where the optimizer takes it."
+    )
+    max_grad_norm: Annotated[float, Field(ge=0)] = Field(
+        1.0, description="Clip the gradients' norm to this (0: no clipping)."
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="no, fp16 (GPU only) or bf16: the frozen weights' type and autocast."
+    )
+    attention: Literal["sdpa", "xformers"] = Field(
+        "sdpa",
+        description="Attention kernel: sdpa (PyTorch's), or xformers where installed on a CUDA "
+        "GPU.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, slower steps."
+    )
+    quantize_base: Literal["no", "nf4", "int8"] = Field(
+        "no", description="Quantize the frozen base to nf4 or int8 (QLoRA) to save memory."
+    )
     # The denoiser's last N blocks wait on the CPU and visit the device for their forward and
     # its recomputation (kohya's blocks_to_swap; Flux: 19 double then 38 single blocks).
-    blocks_to_swap: NonNegInt = 0
-    min_snr_gamma: PositiveFloat | None = None
-    noise_offset: Annotated[float, Field(ge=0)] = 0.0
-    multires_noise_iterations: NonNegInt = 0
-    multires_noise_discount: Probability = 0.3
-    min_timestep: NonNegInt = 0
-    max_timestep: Annotated[PositiveInt | None, Unsettable] = None
-    loss_type: Literal["l2", "huber", "smooth_l1"] = "l2"
-    huber_c: PositiveFloat = 0.1
+    blocks_to_swap: NonNegInt = Field(
+        0, description="Keep the denoiser's last N blocks on the CPU, moving each in when it runs."
+    )
+    min_snr_gamma: PositiveFloat | None = Field(
+        None, description="Min-SNR loss weighting (5 is usual); unset: off."
+    )
+    noise_offset: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="Offset noise strength (e.g. 0.05) for darker darks and brighter brights."
+    )
+    multires_noise_iterations: NonNegInt = Field(
+        0, description="Multi-resolution (pyramid) noise levels (0: off; 6 is usual)."
+    )
+    multires_noise_discount: Probability = Field(
+        0.3, description="How much each coarser level of multi-resolution noise is weakened."
+    )
+    min_timestep: NonNegInt = Field(
+        0, description="Train only on timesteps from this one on (0 to 1000)."
+    )
+    max_timestep: Annotated[PositiveInt | None, Unsettable] = Field(
+        None, description="Train only on timesteps below this one; unset: up to the model's last."
+    )
+    loss_type: Literal["l2", "huber", "smooth_l1"] = Field(
+        "l2", description="l2, huber or smooth_l1 (kohya's pseudo-Huber with train.huber_c)."
+    )
+    huber_c: PositiveFloat = Field(0.1, description="The Huber losses' constant.")
     # kohya's masked_loss: each pixel's loss weighted by the image's mask; where the mask is
     # black, by `unmasked_weight` (OneTrainer's "unmasked weight"; kohya: 0)
-    masked_loss: bool = False
-    unmasked_weight: Probability = 0.0
+    masked_loss: bool = Field(
+        False,
+        description="Weight each pixel's loss by the image's mask (data.mask_dir or "
+        "data.alpha_mask).",
+    )
+    unmasked_weight: Probability = Field(
+        0.0, description="Loss weight where the mask is black (0: that part does not train)."
+    )
     # kohya's block-wise learning rates for UNets (adapters/blocks.py): weights per block, or a
     # named curve such as "sine+0.5"; a block at or below the threshold is not trained
-    down_lr_weight: list[NonNegFloat] | str | None = None
-    mid_lr_weight: list[NonNegFloat] | NonNegFloat | None = None
-    up_lr_weight: list[NonNegFloat] | str | None = None
-    block_lr_zero_threshold: NonNegFloat = 0.0
+    down_lr_weight: list[NonNegFloat] | str | None = Field(
+        None, description="Learning rate weight per down block, or a curve such as sine+0.5."
+    )
+    mid_lr_weight: list[NonNegFloat] | NonNegFloat | None = Field(
+        None, description="Learning rate weight of the middle block."
+    )
+    up_lr_weight: list[NonNegFloat] | str | None = Field(
+        None, description="Learning rate weight per up block, or a curve such as cosine."
+    )
+    block_lr_zero_threshold: NonNegFloat = Field(
+        0.0, description="Blocks whose weight is at or below this are not trained."
+    )
     # Flow-matching models (Flux): how sigmas are drawn (kohya's --timestep_sampling; "auto" is
     # "shift" for them, uniform timesteps for the DDPM models, which take no other), the
     # logit-normal's mean and spread (kohya's sigmoid_scale), the constant shift, and the loss
     # weighting (diffusers' weighting schemes).
-    timestep_sampling: Literal["auto", "uniform", "logit_normal", "shift", "flux_shift"] = "auto"
-    logit_mean: float = 0.0
-    logit_std: PositiveFloat = 1.0
-    discrete_flow_shift: PositiveFloat = 3.1582  # kohya's advice for Flux.1
-    flow_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    timestep_sampling: Literal["auto", "uniform", "logit_normal", "shift", "flux_shift"] = Field(
+        "auto",
+        description="How sigmas are drawn: auto (shift), uniform, logit_normal, shift or "
+        "flux_shift.",
+    )
+    logit_mean: float = Field(0.0, description="Mean of logit_normal sampling.")
+    logit_std: PositiveFloat = Field(
+        1.0, description="Spread of logit_normal sampling (kohya's sigmoid_scale)."
+    )
+    # kohya's advice for Flux.1
+    discrete_flow_shift: PositiveFloat = Field(
+        3.1582, description="The shift of `shift` sampling (3.1582, as kohya advises)."
+    )
+    flow_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none", description="Loss weighting over sigmas: none, sigma_sqrt or cosmap."
+    )
     # kohya's prior_loss_weight: the loss weight of data.reg_dir's images
-    prior_loss_weight: NonNegFloat = 1.0
+    prior_loss_weight: NonNegFloat = Field(
+        1.0, description="Loss weight of the regularisation images (data.reg_dir)."
+    )
     # prior preservation without class images (ai-toolkit's differential output preservation):
     # each caption with the trigger word replaced by `prior_preservation_class` is trained
     # toward the frozen model's own prediction for it, with this weight
-    prior_preservation: bool = False
-    prior_preservation_weight: PositiveFloat = 1.0
-    prior_preservation_class: str = ""
-    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    ema_export: Literal["beside", "instead"] = "beside"
-    loraplus_lr_ratio: Annotated[PositiveFloat | None, Unsettable] = None
-    checkpoint_every_n_steps: NonNegInt = 500
-    checkpoints_keep: PositiveInt = 2
-    max_nonfinite_steps: PositiveInt = 10
-    log_with: Literal["tensorboard", "none"] = "tensorboard"
+    prior_preservation: bool = Field(
+        False,
+        description="Train each caption with the trigger word replaced toward the base model's "
+        "own prediction.",
+    )
+    prior_preservation_weight: PositiveFloat = Field(
+        1.0, description="Loss weight of prior preservation."
+    )
+    prior_preservation_class: str = Field(
+        "", description="What replaces the trigger word for prior preservation (empty: dropped)."
+    )
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0, description="Keep an exponential moving average of the adapter (e.g. 0.999; 0: off)."
+    )
+    ema_export: Literal["beside", "instead"] = Field(
+        "beside",
+        description="beside: also write NAME-ema.safetensors; instead: NAME.safetensors holds the "
+        "EMA.",
+    )
+    loraplus_lr_ratio: Annotated[PositiveFloat | None, Unsettable] = Field(
+        None,
+        description="LoRA+: train the up matrices at this multiple of the learning rate; unset: "
+        "off.",
+    )
+    checkpoint_every_n_steps: NonNegInt = Field(
+        500, description="Save a checkpoint to resume from every N steps (0: none)."
+    )
+    checkpoints_keep: PositiveInt = Field(
+        2, description="How many checkpoints to keep; older ones are removed."
+    )
+    max_nonfinite_steps: PositiveInt = Field(
+        10, description="Stop after this many skipped (NaN or inf loss) steps in a row."
+    )
+    log_with: Literal["tensorboard", "none"] = Field(
+        "tensorboard", description="tensorboard (logs/ in the run folder) or none."
+    )
 
     @model_validator(mode="after")
     def _timestep_range(self) -> TrainConfig:
@@ -333,25 +568,54 @@ TrainConfig = with_family_keys(TrainConfig, "train")
 
 
 class SampleConfig(Section):
-    prompts: list[str] = Field(default_factory=list)
-    prompts_file: Annotated[Path | None, Unsettable] = None
-    every_n_steps: NonNegInt = 0
-    num_inference_steps: PositiveInt = 20
-    guidance_scale: Annotated[float, Field(ge=0)] = 7.5
-    negative_prompt: str = ""
-    seed: int = 0
-    width: PositiveInt | None = None
-    height: PositiveInt | None = None
-    scheduler: Literal["default", "euler", "euler_a", "ddim", "dpmpp_2m"] = "default"
-    every_n_epochs: NonNegInt = 0
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="Preview prompts written in the config (or use sample.prompts_file).",
+    )
+    prompts_file: Annotated[Path | None, Unsettable] = Field(
+        None,
+        description="Text file of preview prompts, one a line (kohya's format); unset: no "
+        "previews.",
+    )
+    every_n_steps: NonNegInt = Field(
+        0, description="Render previews every N steps (0: only at the end)."
+    )
+    num_inference_steps: PositiveInt = Field(20, description="Sampler steps per preview image.")
+    guidance_scale: Annotated[float, Field(ge=0)] = Field(
+        7.5, description="The pipeline's guidance for previews (classifier-free or embedded)."
+    )
+    negative_prompt: str = Field("", description="Negative prompt of the previews.")
+    seed: int = Field(
+        0, description="Seed of the previews' noise, so each grid compares with the last."
+    )
+    width: PositiveInt | None = Field(
+        None, description="Preview width; unset: the training resolution."
+    )
+    height: PositiveInt | None = Field(
+        None, description="Preview height; unset: the training resolution."
+    )
+    scheduler: Literal["default", "euler", "euler_a", "ddim", "dpmpp_2m"] = Field(
+        "default",
+        description="Preview sampler: default (the model's own), euler, euler_a, ddim or dpmpp_2m.",
+    )
+    every_n_epochs: NonNegInt = Field(
+        0, description="Also render previews every N epochs (0: off)."
+    )
 
 
 class ValidationConfig(Section):
     dir: Path | None = Field(default=None, description="Folder of held-out images and captions.")
-    split: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    every_n_steps: NonNegInt = 100
-    timesteps: list[NonNegInt] = Field(default_factory=lambda: [100, 300, 500, 700, 900])
-    seed: int = 0
+    split: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0,
+        description="Hold out this share of the images for validation (e.g. 0.1), instead of "
+        "validation.dir.",
+    )
+    every_n_steps: NonNegInt = Field(100, description="Compute the validation loss every N steps.")
+    timesteps: list[NonNegInt] = Field(
+        default_factory=lambda: [100, 300, 500, 700, 900],
+        description="The fixed timesteps the held-out images are noised at.",
+    )
+    seed: int = Field(0, description="Seed of the validation noise.")
 
     @property
     def enabled(self) -> bool:
@@ -362,7 +626,9 @@ class Config(Section):
     preset: str | None = Field(
         default=None, description="A VRAM preset (or a TOML path) this file overrides."
     )
-    name: Annotated[str, Field(min_length=1, pattern=r"^[\w.\-]+$")]
+    name: Annotated[str, Field(min_length=1, pattern=r"^[\w.\-]+$")] = Field(
+        description="The run's name: the adapter is written as NAME.safetensors."
+    )
     model: str = Field(
         description="A hub id, a diffusers folder, a single-file checkpoint, demo:FAMILY (a "
         "shipped pretrained demo model) or tiny:FAMILY (random weights)."
@@ -370,8 +636,15 @@ class Config(Section):
     single_file_config: Path | None = Field(
         default=None, description="Diffusers folder of component configs for a single file."
     )
-    output_dir: Path = Path("output")
-    seed: int = 0
+    output_dir: Path = Field(
+        Path("output"),
+        description="Folder the run writes its adapter, checkpoints, previews and log into.",
+    )
+    seed: int = Field(
+        0,
+        description="Seed of all training randomness: the same seed and config give the same "
+        "adapter.",
+    )
     data: DataConfig
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -24,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from pydantic import Field
 
 from stylelora.errors import UserError
+from stylelora.families.objective import DDPMObjective, FlowMatchObjective
 
 if TYPE_CHECKING:  # config builds its models from the families' declarations
     from stylelora.adapters.targets import Targets
@@ -85,6 +86,28 @@ MAX_SEQUENCE_LENGTH = Option(
     flag={"type": int, "help": "LLM text encoders: tokens per prompt (default: the pipeline's)"},
 )
 
+# Keys of the shared config sections that act on something only some denoisers have; a family
+# without it has no use for them (`ModelFamily.unused_keys`).
+BLOCK_WISE_KEYS = (  # kohya's UNet blocks (adapters/blocks.py)
+    "train.down_lr_weight",
+    "train.mid_lr_weight",
+    "train.up_lr_weight",
+    "train.block_lr_zero_threshold",
+    "adapter.block_dims",
+    "adapter.block_alphas",
+    "adapter.conv_block_dims",
+    "adapter.conv_block_alphas",
+)
+TEXT_ENCODER_ADAPTER_KEYS = (  # text encoders that take an adapter
+    "adapter.text_encoder",
+    "adapter.text_encoder_rank",
+    "adapter.text_encoder_alpha",
+    "adapter.text_encoder_targets",
+    "train.text_encoder_lr",
+)
+BLOCK_SWAP_KEYS = ("train.blocks_to_swap",)  # blocks alike enough to swap by count
+SAMPLER_KEYS = ("sample.scheduler",)  # preview samplers to choose from
+
 
 class ModelFamily(ABC):
     """A loaded model of one family, and what its family says about models like it."""
@@ -121,6 +144,12 @@ class ModelFamily(ABC):
     # A demo model (`demo/`) whose folder leaves out parts it shares with another family's:
     # (that family, the pipeline folders it takes from it).
     demo_shares: ClassVar[tuple[str, tuple[str, ...]] | None] = None
+    # The objective class `training_objective` returns, whose `own_keys` only its models use.
+    objective_type: ClassVar[type[Objective]]
+    # Whether the denoiser has kohya's block-wise layout (`kohya_blocks` answers rather than
+    # refuses), and blocks to swap (`swappable_blocks` is not empty).
+    block_wise: ClassVar[bool]
+    swaps_blocks: ClassVar[bool]
 
     def __init__(self, pipe: DiffusionPipeline):
         self.pipe = pipe
@@ -134,6 +163,25 @@ class ModelFamily(ABC):
     def file_prefixes(cls) -> tuple[str, ...]:
         """The name prefixes of its adapter files' modules."""
         return (cls.denoiser_prefix, *(f"{prefix}_" for prefix in cls.text_encoder_attrs))
+
+    @classmethod
+    def unused_keys(cls) -> set[str]:
+        """The shared config keys its models have no use for: the other objectives', and those
+        acting on what its denoiser or text encoders lack. (Other families' parts and options:
+        `registry.keys_not_taken`.)"""
+        unused = {
+            key
+            for objective in (DDPMObjective, FlowMatchObjective)
+            if objective is not cls.objective_type
+            for key in objective.own_keys
+        }
+        lacks = {
+            BLOCK_WISE_KEYS: not cls.block_wise,
+            TEXT_ENCODER_ADAPTER_KEYS: not cls.text_encoder_attrs,
+            BLOCK_SWAP_KEYS: not cls.swaps_blocks,
+            SAMPLER_KEYS: len(cls.sample_schedulers) < 2,
+        }
+        return unused | {key for keys, lacking in lacks.items() if lacking for key in keys}
 
     @classmethod
     def folder(cls) -> Path:

@@ -19,6 +19,7 @@ from stylelora.families.base import (
     no_block_wise,
     no_text_encoder_adapters,
 )
+from stylelora.families.objective import FlowMatchObjective
 
 
 class LLMTransformerFamily(ModelFamily):
@@ -29,6 +30,9 @@ class LLMTransformerFamily(ModelFamily):
     parts = (VAE_FILE, TEXT_ENCODER_FILE)
     options = (MAX_SEQUENCE_LENGTH,)
     native_format = "comfyui"
+    objective_type = FlowMatchObjective
+    block_wise = False
+    swaps_blocks = True
     denoiser_prefix = "diffusion_model."
     # The most LLM tokens the pipeline encodes a prompt in, and how many it takes by default.
     most_tokens: ClassVar[int] = 512

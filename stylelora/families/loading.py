@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
+from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors import SafetensorError, safe_open
 
 from stylelora.errors import UserError, first_line
 from stylelora.families.base import ModelFamily
 from stylelora.families.demo import demo_model_path
-from stylelora.families.registry import FAMILIES, declared_options, model_names, owner_titles
+from stylelora.families.registry import (
+    FAMILIES,
+    declared_options,
+    family_named,
+    model_names,
+    owner_titles,
+    preset_files,
+)
 from stylelora.families.tiny import tiny_model_path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 BUILT_IN = ("tiny:", "demo:")  # the tiny random and the shipped demo models
@@ -123,6 +138,56 @@ def single_file_family(path: Path) -> type[ModelFamily]:
         f"{path}: not a checkpoint of any family stylelora knows ({known}); AUTOMATIC1111 "
         "layout for SD models, a transformer file for the others"
     )
+
+
+def families_of(model: str) -> list[type[ModelFamily]]:
+    """The families `model` may be of, told without loading it: a built-in model's, a
+    .safetensors file's by its tensor names, a diffusers folder's or a hub id's by its pipeline
+    class (from the hub's cache, else from the presets that train it); [] where it cannot be
+    told. Several where a pipeline class serves several families."""
+    if model.startswith(BUILT_IN):
+        family = family_named(model.partition(":")[2])
+        return [family] if family else []
+    path = Path(model).expanduser()
+    if path.suffix == ".safetensors" and path.is_file():
+        try:
+            return [single_file_family(path)]
+        except UserError:
+            return []
+    if path.is_dir():
+        return families_of_index(path / "model_index.json")
+    if not is_hub_id(model):
+        return []
+    cached = try_to_load_from_cache(model, "model_index.json")
+    if isinstance(cached, str):
+        return families_of_index(Path(cached))
+    return [family for family in FAMILIES if model in preset_models(family)]
+
+
+def families_of_index(index: Path) -> list[type[ModelFamily]]:
+    """The families whose pipelines have the class a diffusers `model_index.json` names."""
+    try:
+        pipeline = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [family for family in FAMILIES if pipeline in pipeline_classes(family)]
+
+
+@cache
+def pipeline_classes(family: type[ModelFamily]) -> frozenset[str]:
+    """The pipeline classes of a family's bundled configs (one per variant)."""
+    indexes = family.folder().glob("skeleton*/model_index.json")
+    return frozenset(json.loads(index.read_text())["_class_name"] for index in indexes)
+
+
+@cache
+def preset_models(family: type[ModelFamily]) -> frozenset[str]:
+    """The models the family's presets train."""
+    models = set()
+    for path in preset_files().values():
+        if path.is_relative_to(family.folder()):
+            models.add(tomllib.loads(path.read_text(encoding="utf-8")).get("model"))
+    return frozenset(models)
 
 
 def detect_family(pipe: DiffusionPipeline) -> ModelFamily:

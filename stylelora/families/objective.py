@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,9 @@ class NoisedBatch:
 class Objective(Protocol):
     """What a family's denoiser is trained on."""
 
+    # The `[train]` keys only this objective acts on (another objective refuses or ignores them).
+    own_keys: ClassVar[tuple[str, ...]]
+
     num_timesteps: int
 
     def check(self, options: TrainConfig) -> None:
@@ -68,6 +71,8 @@ class Objective(Protocol):
 class DDPMObjective:
     """The DDPM objective of the Stable Diffusion UNets: noise added by the model's own
     betas, uniform integer timesteps, an epsilon or v target, optional min-SNR-gamma weights."""
+
+    own_keys: ClassVar[tuple[str, ...]] = ("train.min_snr_gamma",)
 
     def __init__(self, scheduler: DDPMScheduler):
         self.scheduler = scheduler
@@ -130,6 +135,13 @@ class FlowMatchObjective:
     """
 
     num_timesteps = 1000  # what train.min_timestep / max_timestep count in
+    own_keys: ClassVar[tuple[str, ...]] = (
+        "train.timestep_sampling",
+        "train.logit_mean",
+        "train.logit_std",
+        "train.discrete_flow_shift",
+        "train.flow_weighting",
+    )
 
     def __init__(self, scheduler_config: dict[str, Any], patch_size: int = 2):
         self.config = scheduler_config

@@ -60,6 +60,21 @@ def owner_titles(key: str) -> str:
     return " and ".join([", ".join(titles[:-1]), titles[-1]] if len(titles) > 1 else titles)
 
 
+def keys_not_taken(families: list[type[ModelFamily]]) -> set[str]:
+    """The config keys no model of `families` uses: other families' parts and options, and the
+    shared keys each has no use for. None when no family is known."""
+    if not families:
+        return set()
+    declared = {*declared_parts(), *declared_options()}
+    return set.intersection(
+        *(
+            (declared - {item.key for item in (*family.parts, *family.options)})
+            | family.unused_keys()
+            for family in families
+        )
+    )
+
+
 def adapter_prefixes() -> tuple[str, ...]:
     """Every module-name prefix of the families' own adapter files."""
     return tuple(dict.fromkeys(p for family in FAMILIES for p in family.file_prefixes()))

@@ -71,6 +71,9 @@ class UNetFamily(ModelFamily):
     native_format = "kohya"
     denoiser_prefix = "lora_unet_"
     sample_schedulers = ("default", "euler", "euler_a", "ddim", "dpmpp_2m")
+    objective_type = DDPMObjective
+    block_wise = True
+    swaps_blocks = False
     # The diffusers pipeline class its models load as (single files too).
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     # A tensor-name prefix only this family's AUTOMATIC1111-layout single files have.

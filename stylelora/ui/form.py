@@ -13,7 +13,7 @@ import datetime
 import json
 import types
 import typing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +30,8 @@ from stylelora.config import (
     validation_problem,
 )
 from stylelora.errors import UserError
+from stylelora.families.loading import families_of
+from stylelora.families.registry import keys_not_taken
 from stylelora.ui.roots import Roots
 
 
@@ -101,6 +103,21 @@ GROUP_ORDER = [
     "[validation]",
 ]
 PATH_KEYS = {".".join(keys) for keys in _PATH_KEYS}
+# What a first run needs, in the order the page asks for it, each with a name in words; the
+# rest of the keys wait under "All settings".
+ESSENTIALS = {
+    "name": "Name",
+    "model": "Base model",
+    "preset": "Preset",
+    "data.dir": "Images folder",
+    "data.trigger_word": "Trigger word",
+    "data.resolution": "Resolution",
+    "train.max_steps": "Steps",
+    "train.learning_rate": "Learning rate",
+    "adapter.rank": "Rank",
+    "sample.prompts_file": "Sample prompts file",
+    "output_dir": "Output folder",
+}
 
 
 @dataclass(frozen=True)
@@ -111,7 +128,9 @@ class FormField:
     choices: list[str]
     default: str  # shown when unset; "" for required keys
     required: bool
-    help: str
+    help: str  # the config model's description of the key
+    label: str  # the key in words where it is one of the essentials, else the key
+    essential: bool
 
 
 def form_fields() -> list[FormField]:
@@ -141,6 +160,8 @@ def section_fields(model: type[BaseModel], prefix: str):
             default=default,
             required=info.is_required(),
             help=info.description or "",
+            label=ESSENTIALS.get(key, key),
+            essential=key in ESSENTIALS,
         )
 
 
@@ -257,6 +278,8 @@ class Checked:
     raw: dict[str, Any]  # relative paths resolved against the first root, as the run's file
     config: Config | None
     problems: dict[str, str]  # key ("config" for the whole) -> what is wrong
+    preset: dict[str, str] = field(default_factory=dict)  # the preset's settings, as the form's
+    not_taken: list[str] = field(default_factory=list)  # keys the model's family has no use for
 
 
 def check_settings(settings: dict[str, str], roots: Roots) -> Checked:
@@ -268,20 +291,34 @@ def check_settings(settings: dict[str, str], roots: Roots) -> Checked:
         key = str(exc).split(":", 1)[0]
         return Checked({}, None, {key: str(exc).removeprefix(f"{key}: ")})
     problems = confine(raw, roots, roots.home)
-    config = None
-    if "preset" not in problems:
-        try:
-            layered = _layer_preset(copy.deepcopy(raw), roots.home)
-            for key, problem in confine(layered, roots, roots.home).items():
-                problems.setdefault(key, f"from the preset: {problem}")
-            config = Config.model_validate(layered)
-        except UserError as exc:
-            problems.setdefault("preset", str(exc).removeprefix("preset: "))
-        except ValidationError as exc:
-            for error in exc.errors():
-                key, message = validation_problem(error)
-                problems.setdefault(key, message)
-    return Checked(raw, None if problems else config, problems)
+    checked = Checked(raw, None, problems)
+    if "preset" in problems:
+        return checked
+    try:
+        checked.preset = preset_settings(raw.get("preset"), roots.home)
+        layered = _layer_preset(copy.deepcopy(raw), roots.home)
+        for key, problem in confine(layered, roots, roots.home).items():
+            problems.setdefault(key, f"from the preset: {problem}")
+        if "model" not in problems and isinstance(layered.get("model"), str):
+            checked.not_taken = sorted(keys_not_taken(families_of(layered["model"])))
+        checked.config = Config.model_validate(layered)
+    except UserError as exc:
+        problems.setdefault("preset", str(exc).removeprefix("preset: "))
+    except ValidationError as exc:
+        for error in exc.errors():
+            key, message = validation_problem(error)
+            problems.setdefault(key, message)
+    if problems:
+        checked.config = None
+    return checked
+
+
+def preset_settings(preset: Any, base: Path) -> dict[str, str]:
+    """The settings a preset lends a config (not its run's name, folder or images), as the
+    form holds them; {} without a preset."""
+    if not isinstance(preset, str):
+        return {}
+    return raw_to_settings(_layer_preset({"preset": preset}, base)) | {"preset": preset}
 
 
 def confine(raw: dict[str, Any], roots: Roots, base: Path) -> dict[str, str]:
@@ -325,6 +362,7 @@ def form_description() -> dict[str, Any]:
     """What the page builds the form from."""
     return {
         "groups": GROUP_ORDER,
+        "essentials": list(ESSENTIALS),
         "fields": [asdict(field) for field in FIELDS.values()],
         "presets": preset_names(),
     }

@@ -4,7 +4,9 @@ checks before its first step)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,8 @@ from stylelora.families.registry import model_names
 from stylelora.train.progress import PROGRESS_FILE
 from stylelora.train.run import preflight
 from stylelora.ui import form
-from stylelora.ui.http import UI, api, body
-from stylelora.ui.roots import Roots
+from stylelora.ui.http import UI, api, body, get_run
+from stylelora.ui.roots import OutsideRoots, Roots
 
 RUN_CONFIG = "config.toml"  # the file a UI run's `stylelora train` reads, in its run folder
 
@@ -33,6 +35,7 @@ def routes() -> list[Route]:
         Route("/api/config/parse", api(parse_config), methods=["POST"]),
         Route("/api/runs", api(new_run), methods=["POST"]),
         Route("/api/models", api(models)),
+        Route("/api/runs/{id:int}/settings", api(run_settings)),
     ]
 
 
@@ -43,7 +46,7 @@ async def templates(request: Request, ui: UI) -> dict[str, Any]:
     if demo.is_file():
         found["demo"] = await asyncio.to_thread(demo_template, ui, demo)
     for name in form.preset_names():
-        found[name] = {"preset": name}
+        found[name] = {"preset": name, **free_run(ui, name, ui.roots.home / "runs", first=1)}
     return {"templates": found, "home": str(ui.roots.home)}
 
 
@@ -58,8 +61,56 @@ def demo_template(ui: UI, demo: Path) -> dict[str, str]:
     for key, name in DEMO_FILES.items():
         copy_once(Path(settings[key]), ui.roots.home / name)
         settings[key] = name
-    settings["output_dir"] = f"runs/{settings['name']}"
+    return settings | free_run(ui, settings["name"], ui.roots.home / "runs", first=1)
+
+
+def free_run(ui: UI, name: str, parent: Path, first: int = 2) -> dict[str, str]:
+    """A name and output folder no run has used: `name`, else `name-2`, `name-3`, ... (from
+    `name-<first>`, any `-N` it ends with replaced), the folder named so in `parent`."""
+    stem = re.sub(r"-\d+$", "", name) if first > 1 else name
+    used = {run.folder.resolve() for run in ui.store.all()}
+    names = (stem if number == 1 else f"{stem}-{number}" for number in count(first))
+    free = next(
+        n for n in names if not (parent / n).exists() and (parent / n).resolve() not in used
+    )
+    return {"name": free, "output_dir": ui.roots.relative(parent / free)}
+
+
+async def run_settings(request: Request, ui: UI) -> dict[str, Any]:
+    """A run's settings to start a new run from (its config.toml, every path in it inside the
+    roots), under a name and folder no run has used; what it failed of, by key where the
+    message names one."""
+    run = get_run(ui, request.path_params["id"])
+    config = Path(run.config)
+    if not config.is_file():
+        raise UserError(f"{config}: the run's config file is gone")
+    raw = _read_toml(ui.roots.resolve(config))
+    if problems := form.confine(raw, ui.roots, config.parent):
+        key, problem = next(iter(problems.items()))
+        raise OutsideRoots(f"{config}: {key}: {problem}")
+    settings = shown_paths(form.raw_to_settings(raw), ui.roots)
+    parent = run.folder.parent if ui.roots.holds(run.folder.resolve()) else ui.roots.home
+    settings |= free_run(ui, settings.get("name", run.name), parent)
+    problems = failure_problems(run.message) if run.status == "failed" else {}
+    return {"settings": settings, "run": {"id": run.id, "name": run.name,
+            "status": run.status, "message": run.message}, "problems": problems}  # fmt: skip
+
+
+def shown_paths(settings: dict[str, str], roots: Roots) -> dict[str, str]:
+    """Absolute paths (as a run's file holds them) shown relative to the first root."""
+    for key in (*form.PATH_KEYS, "model"):
+        if key in settings and Path(settings[key]).is_absolute():
+            settings[key] = roots.relative(Path(settings[key]))
     return settings
+
+
+def failure_problems(message: str) -> dict[str, str]:
+    """A failed run's last words by the key they name (`train.max_timestep 1200: ...`)."""
+    text = re.sub(r"^stylelora: error: (\S+\.toml: )?", "", message)
+    key = re.match(r"[\w.]+", text)
+    if key and key.group().rstrip(".") in form.FIELDS:
+        return {key.group().rstrip("."): text}
+    return {}
 
 
 def copy_once(source: Path, target: Path) -> None:
@@ -78,8 +129,9 @@ def copy_once(source: Path, target: Path) -> None:
 
 async def check_config(request: Request, ui: UI) -> dict[str, Any]:
     settings = settings_of(await body(request))
-    checked = form.check_settings(settings, ui.roots)
-    return {"problems": checked.problems, "toml": form.toml_of(checked.raw)}
+    checked = await asyncio.to_thread(form.check_settings, settings, ui.roots)
+    return {"problems": checked.problems, "toml": form.toml_of(checked.raw),
+            "preset": checked.preset, "not_taken": checked.not_taken}  # fmt: skip
 
 
 async def parse_config(request: Request, ui: UI) -> dict[str, Any]:

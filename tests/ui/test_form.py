@@ -9,6 +9,7 @@ import pytest
 
 from stylelora.config import Config, load_config
 from stylelora.errors import UserError
+from stylelora.families.registry import FAMILIES
 from stylelora.ui import form
 from stylelora.ui.roots import Roots
 
@@ -102,3 +103,51 @@ def test_a_resolution_or_a_list_of_them_round_trips_through_form_and_toml(tmp_pa
         assert checked.problems == {} and checked.config.data.resolutions == sides
     checked = form.check_settings({**base, "data.resolution": "[64, 64]"}, Roots([tmp_path]))
     assert checked.problems == {"data.resolution": "lists 64 twice; give each side once"}
+
+
+def test_every_key_says_what_it_does_in_one_short_sentence():
+    for field in form.FIELDS.values():
+        assert field.help.strip(), field.key
+        assert "\n" not in field.help and len(field.help) <= 160, field.key
+    assert set(form.ESSENTIALS) == {f.key for f in form.FIELDS.values() if f.essential}
+    assert form.FIELDS["train.max_steps"].label == "Steps"
+    assert form.FIELDS["train.batch_size"].label == "train.batch_size"
+
+
+def test_a_preset_lends_its_values_and_the_model_decides_which_keys_apply(tmp_path):
+    (tmp_path / "data").mkdir()
+    base = {"name": "x", "data.dir": "data"}
+    checked = form.check_settings({**base, "preset": "sd15-8gb"}, Roots([tmp_path]))
+    assert checked.problems == {}
+    preset = checked.preset
+    assert preset["train.batch_size"] == "2" and preset["train.optimizer"] == "adamw8bit"
+    assert preset["train.lr_scheduler"] == "cosine" and preset["train.lr_warmup_steps"] == "50"
+    assert not {"name", "output_dir", "data.dir"} & set(preset)  # a preset lends no run
+    # the preset's model is a UNet trained on the DDPM objective
+    assert "train.timestep_sampling" in checked.not_taken
+    assert "train.down_lr_weight" not in checked.not_taken
+    flow = form.check_settings({**base, "model": "tiny:flux"}, Roots([tmp_path]))
+    assert "train.down_lr_weight" in flow.not_taken and "clip_skip" in flow.not_taken
+    assert "train.timestep_sampling" not in flow.not_taken and flow.preset == {}
+    unknown = form.check_settings({**base, "model": "someone/some-model"}, Roots([tmp_path]))
+    assert unknown.not_taken == []
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda family: family.name)
+def test_the_keys_a_family_has_no_use_for_are_what_its_model_lacks(family):
+    """The family's declared answer, against its real architecture (meta device)."""
+    model = family.on_meta_device()
+    assert isinstance(model.training_objective(), family.objective_type)
+    assert bool(model.swappable_blocks()) == family.swaps_blocks
+    try:
+        model.kohya_blocks()
+        block_wise = True
+    except UserError:
+        block_wise = False
+    assert block_wise == family.block_wise
+    unused = family.unused_keys()
+    assert ("train.down_lr_weight" in unused) != block_wise
+    assert ("train.blocks_to_swap" in unused) != family.swaps_blocks
+    assert ("adapter.text_encoder" in unused) == (not family.text_encoder_attrs)
+    assert ("train.min_snr_gamma" in unused) != ("train.flow_weighting" in unused)
+    assert unused <= set(form.FIELDS)

@@ -32,8 +32,8 @@ def test_the_demo_starts_from_the_form_and_is_watched_to_its_end(server, page, t
     problem.filter(has_text="greater than 0").wait_for()
     # the demo template runs as loaded: its dataset and prompts copied under the root, no path
     # retyped; only shortened
+    page.once("dialog", lambda dialog: dialog.accept())  # discard the edit above
     page.select_option("#template", "demo")
-    page.click("#load-template")
     page.wait_for_function("document.querySelector('#field-name').value === 'demo-style'")
     assert page.input_value("#field-data\\.dir") == "demo-style"
     assert (server.root / "demo-style" / "00-circle.png").is_file()
@@ -80,9 +80,13 @@ def test_the_demo_starts_from_the_form_and_is_watched_to_its_end(server, page, t
 
 
 def set_field(page, key: str, value: str) -> None:
-    """Open the field's group, type the value, leave the field (the form checks on change)."""
+    """Open the field's sections, type the value, leave the field (the form checks on change)."""
     selector = "#field-" + key.replace(".", "\\.")
-    page.eval_on_selector(selector, "input => { input.closest('details').open = true; }")
+    page.eval_on_selector(
+        selector,
+        "i => { for (let d = i.closest('details'); d; d = d.parentElement.closest('details'))"
+        " d.open = true; }",
+    )
     page.fill(selector, value)
     page.dispatch_event(selector, "change")
 

@@ -132,6 +132,9 @@ class Flux(ModelFamily):
     native_format = "kohya"
     denoiser_prefix = "lora_unet_"
     fuses_modules = True
+    objective_type = FlowMatchObjective
+    block_wise = False
+    swaps_blocks = True
     demo_shares = ("sd15", ("vae", "text_encoder", "tokenizer"))
     base_versions = ("flux1",)
     base_version_prefix = "flux1"
