@@ -20,7 +20,7 @@ async function pageNew() {
   api("/api/models").then(({ models }) => {
     for (const model of models) $("models").append(el("option", { value: model }));
   }).catch(() => {});
-  api("/api/folders").then(({ folders }) => {
+  api("/api/folders?recursive=1").then(({ folders }) => {
     for (const folder of folders) $("folders").append(el("option", { value: folder.path }));
   }).catch(() => {});
 
