@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", required=True)
     sample.add_argument("--negative", default="", help="negative prompt")
     sample.add_argument("--scale", type=float, default=1.0, help="adapter strength")
+    sample.add_argument(
+        "--scales",
+        type=strengths,
+        metavar="S,S,...",
+        help="several strengths (e.g. 0,0.5,1), rendered left to right in one row; "
+        "instead of --scale",
+    )
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--steps", type=int, default=20)
     sample.add_argument("--guidance", type=float, default=7.5)
@@ -256,12 +263,16 @@ def option_settings(args: argparse.Namespace) -> dict:
 
 def run_sample(args: argparse.Namespace) -> None:
     from stylelora.families import load_family
-    from stylelora.sample.adapter import render_with_adapter
+    from stylelora.sample.adapter import check_adapter_file, render_with_adapter
     from stylelora.sample.prompts import SamplePrompt, on_size_grid
 
     for flag in ("scale", "guidance"):
         if not math.isfinite(getattr(args, flag)):
             raise UserError(f"--{flag} {getattr(args, flag)}: must be a finite number")
+    if args.scales and not args.adapter:
+        raise UserError("--scales needs --adapter")
+    if args.adapter is not None:
+        check_adapter_file(args.adapter)  # before the model loads
     family = load_family(args.model, settings=option_settings(args), **model_source(args))
     for note in family.notes:
         print(note)
@@ -280,8 +291,37 @@ def run_sample(args: argparse.Namespace) -> None:
     )
     if note:
         print(note)
-    render_with_adapter(family, args.adapter, request, args.out, args.scale, args.compare)
+    scales = args.scales or [args.scale]
+    images = len(scales) + (1 if args.compare or args.adapter is None else 0)
+    render_with_adapter(family, args.adapter, request, args.out, scales, args.compare,
+                        step_printer(images))  # fmt: skip
     print(f"wrote {args.out}")
+
+
+def step_printer(images: int):
+    """A line per denoising step, `image 2/3: step 6/20`; redrawn in place on a terminal."""
+    image = 0
+    end = "\r" if sys.stdout.isatty() else "\n"
+
+    def on_step(step: int, steps: int) -> None:
+        nonlocal image
+        image += step == 1
+        print(f"image {image}/{images}: step {step}/{steps}", end=end, flush=True)
+        if end == "\r" and step == steps and image == images:
+            print()
+
+    return on_step
+
+
+def strengths(text: str) -> list[float]:
+    """--scales: finite numbers, comma-separated."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers such as 0,0.5,1") from None
+    if not values or len(values) > 16 or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 1 to 16 finite numbers, e.g. 0,0.5,1")
+    return values
 
 
 def run_dataset_check(args: argparse.Namespace) -> None:

@@ -41,8 +41,11 @@ def unmatched_error(path: str, names: list[str], family: ModelFamily) -> UserErr
 
 
 @torch.no_grad()
-def add_into_weights(family: ModelFamily, adapter: Adapter, strength: float, path: str) -> int:
-    """Add `adapter` at `strength` into `family`'s weights in place; return the modules changed."""
+def add_into_weights(
+    family: ModelFamily, adapter: Adapter, strength: float, path: str, saved: dict | None = None
+) -> int:
+    """Add `adapter` at `strength` into `family`'s weights in place; return the modules changed.
+    `saved`: each layer's weight before the change is kept there (by the layer's id)."""
     targets = family_targets(family)
     unmatched = sorted(name for name in adapter.modules if name not in targets)
     if unmatched:
@@ -59,5 +62,7 @@ def add_into_weights(family: ModelFamily, adapter: Adapter, strength: float, pat
         merged = merged_weight(weight, module, strength)
         rows = [layer.weight.shape[0] for layer in layers]
         for layer, part in zip(layers, merged.split(rows), strict=True):
+            if saved is not None:
+                saved.setdefault(id(layer), (layer, layer.weight.detach().clone()))
             layer.weight.copy_(part.to(layer.weight.dtype))
     return len(adapter.modules)

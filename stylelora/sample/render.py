@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from diffusers import (
@@ -40,11 +41,13 @@ def render(
     prompt: SamplePrompt,
     output_type: str = "pil",
     family: ModelFamily | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ):
     """One image for `prompt`; the seed fixes it whatever the device.
 
     With `family`, the prompt is encoded as that family trains (clip skip included), and the
-    guidance goes to the pipeline argument the family's models take.
+    guidance goes to the pipeline argument the family's models take. `on_step(n, total)` is
+    called after the n-th of the scheduler's `total` denoising steps.
     """
     if family is None:
         text = {"prompt": prompt.prompt, "negative_prompt": prompt.negative_prompt or None}
@@ -54,7 +57,13 @@ def render(
         text = family.pipeline_text_kwargs(prompt.prompt, prompt.negative_prompt, size)
         guidance = family.pipeline_guidance_kwargs(prompt.guidance_scale)
     generator = torch.Generator().manual_seed(prompt.seed)
+    callback = {}
+    if on_step is not None:
+        callback["callback_on_step_end"] = lambda called, index, _t, values: (
+            on_step(index + 1, getattr(called, "num_timesteps", None) or prompt.steps) or values
+        )
     result = pipe(
+        **callback,
         **text,
         **guidance,
         width=prompt.width,

@@ -17,14 +17,15 @@ from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from stylelora.ui import datasets, new_run, runs, trying
+from stylelora.ui import datasets, machine, new_run, queueing, runs, tools, trying
 from stylelora.ui.http import STATIC, UI, page
 from stylelora.ui.roots import Roots
 from stylelora.ui.runner import Runner, gpu_slots
 from stylelora.ui.security import Guard
 from stylelora.ui.store import Store
 
-PAGES = {"/": "index.html", "/new": "new.html", "/datasets": "datasets.html", "/try": "try.html"}
+PAGES = {"/": "index.html", "/new": "new.html", "/datasets": "datasets.html", "/try": "try.html",
+         "/tools": "tools.html"}  # fmt: skip
 POLL_SECONDS = 0.5
 
 
@@ -51,6 +52,7 @@ def create_app(roots: list[Path], data: Path | None = None, token: str | None = 
         *runs.routes(),
         *datasets.routes(),
         *trying.routes(),
+        *[*machine.routes(), *queueing.routes(), *tools.routes()],
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.ui = ui

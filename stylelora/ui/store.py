@@ -17,7 +17,7 @@ CREATE TABLE IF NOT EXISTS runs (
     output_dir TEXT NOT NULL,
     status TEXT NOT NULL,          -- see STATUSES
     resume INTEGER NOT NULL DEFAULT 0,
-    queued_at REAL,
+    queued_at REAL,                -- when it joined the queue: the queue's order (see move)
     started_at REAL,
     ended_at REAL,
     pid INTEGER,
@@ -97,9 +97,35 @@ class Store:
     def with_status(self, *statuses: str) -> list[Run]:
         return [run for run in self.all() if run.status in statuses]
 
+    def queued(self) -> list[Run]:
+        """The queue, first to start first."""
+        return sorted(self.with_status("queued"), key=lambda run: (run.queued_at or 0, run.id))
+
     def next_queued(self) -> Run | None:
-        queued = self.with_status("queued")
-        return min(queued, key=lambda run: (run.queued_at or 0, run.id)) if queued else None
+        queued = self.queued()
+        return queued[0] if queued else None
+
+    def move(self, run_id: int, to: str) -> bool:
+        """Move a queued run `up`, `down` or to the `front` of the queue; False if it is not
+        queued. The queue's times are dealt out again in the new order, in one write
+        transaction, so that two UIs over one folder never interleave their moves."""
+        with self.connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            rows = db.execute(
+                "SELECT id, queued_at FROM runs WHERE status = 'queued' "
+                "ORDER BY COALESCE(queued_at, 0), id"
+            ).fetchall()
+            order = [row["id"] for row in rows]
+            if run_id not in order:
+                return False
+            place = order.index(run_id)
+            order.remove(run_id)
+            order.insert({"up": max(place - 1, 0), "down": place + 1, "front": 0}[to], run_id)
+            times = distinct_increasing([row["queued_at"] or 0.0 for row in rows])
+            db.executemany(
+                "UPDATE runs SET queued_at = ? WHERE id = ?", list(zip(times, order, strict=True))
+            )
+        return True
 
     def update(self, run_id: int, **values) -> None:
         self.check_columns(values)
@@ -129,3 +155,11 @@ class Store:
     def remove(self, run_id: int) -> None:
         with self.connect() as db:
             db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+
+
+def distinct_increasing(times: list[float]) -> list[float]:
+    """`times` (sorted), each made later than the one before it where two are equal."""
+    out: list[float] = []
+    for value in times:
+        out.append(value if not out or value > out[-1] else out[-1] + 1e-3)
+    return out

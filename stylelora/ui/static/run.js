@@ -27,6 +27,10 @@ async function pageRun() {
     $("downloads").replaceChildren(...downloads.map((name) => el("li", {},
       el("a", { href: `/api/runs/${id}/files/${encodeURIComponent(name)}?download=1`, text: name }),
       name.endsWith(".html") ? el("span", {}, " · ", el("a", { href: `/api/runs/${id}/files/${name}`, target: "_blank", text: "open" })) : "")));
+    const { adapters } = await api(`/api/adapters?run=${id}`);  // the final adapter and the checkpoints'
+    $("downloads").append(...adapters.map((a) => el("li", { class: "try" },
+      el("a", { href: `/try?run=${id}${a.step == null ? "" : `&step=${a.step}`}`, text: `try ${a.label}` }),
+      a.step == null ? el("span", {}, " · ", el("a", { href: `/tools?run=${id}`, text: "tools: merge, resize, combine" })) : "")));
   }
   function addPreview(step, path) {
     if (shown.has(path)) return;
