@@ -229,6 +229,11 @@ class Team:
         """`module` with its gradients averaged over the team at each backward pass."""
         return DistributedDataParallel(module) if self.size > 1 else module
 
+    def wait(self) -> None:
+        """Until every process of the team is here."""
+        if self.size > 1:
+            dist.barrier()
+
 
 # --- checkpoints: safetensors for tensors, JSON for the rest (no pickles) ------------------
 
@@ -427,6 +432,9 @@ def train_denoiser(denoiser: torch.nn.Module, modules: dict[str, torch.nn.Module
         if team.leader and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
             save_state(args.work, phase, modules, opt, sched, step + 1, ema)
         if step + 1 == args.stop_after:
+            # A process that stopped first would have the others ended, the leader perhaps
+            # halfway through that checkpoint: each stops once it is written.
+            team.wait()
             raise SystemExit(f"stopped after step {step + 1} (--stop-after); go on with --resume")
     ema.copy_to(params)
     denoiser.eval()

@@ -16,8 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.toml"
 DEMO_DATA = ROOT / "datasets" / "demo-style"
 
-# Set before stylelora is imported anywhere, and inherited by CLI subprocesses.
+# Set before stylelora is imported anywhere, and inherited by CLI subprocesses. Under
+# pytest-xdist the workers inherit the controller's cache (tiny models are built atomically),
+# and each torch process takes one thread: two processes of two threads each on two cores run
+# several times slower than two of one.
 os.environ.setdefault("STYLELORA_CACHE", tempfile.mkdtemp(prefix="stylelora-test-cache-"))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,8 @@ import style_shift  # noqa: E402
 
 # The palette distance of the adapted picture is at most this fraction of the base's; the run is
 # bitwise repeatable on the CPU, so the margin covers other CPUs and library versions only.
-DISTANCE_FRACTION = 0.6  # 300 steps measured 0.45 (80.5 to 35.9)
-STEPS = 300  # the demo's learning rate and batch, fewer steps
+DISTANCE_FRACTION = 0.6  # 150 steps measured 0.51 (80.5 to 41.2); 300 steps, 0.45
+STEPS = 150  # the demo's learning rate and batch, fewer steps
 
 
 @pytest.mark.skipif(
@@ -38,7 +38,7 @@ def test_a_short_lora_moves_an_unseen_subject_toward_the_style_palette(tmp_path:
                                   model=cfg.model)  # fmt: skip
     base, adapted = rows
     assert adapted.distance <= DISTANCE_FRACTION * base.distance, (base, adapted)
-    assert adapted.texture > base.texture  # the style's edges on flat fills (0.81 to 1.16)
+    assert adapted.texture > base.texture  # the style's edges on flat fills (0.81 to 0.97)
     assert adapted.iou >= 0.5  # the ghost is still there (measured 0.71)
 
 
