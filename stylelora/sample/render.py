@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from diffusers import (
@@ -67,8 +68,12 @@ def render(
 
 
 def render_all(
-    pipe: DiffusionPipeline, prompts: list[SamplePrompt], family: ModelFamily | None = None
+    pipe: DiffusionPipeline,
+    prompts: list[SamplePrompt],
+    family: ModelFamily | None = None,
+    rendered: Callable[[int], None] | None = None,
 ) -> list[Image.Image]:
+    """Each prompt's image; `rendered(1)` after each."""
     was_training = {
         name: module.training
         for name, module in pipe.components.items()
@@ -77,7 +82,12 @@ def render_all(
     for name in was_training:
         pipe.components[name].eval()
     try:
-        return [render(pipe, prompt, family=family) for prompt in prompts]
+        images = []
+        for prompt in prompts:
+            images.append(render(pipe, prompt, family=family))
+            if rendered:
+                rendered(1)
+        return images
     finally:
         for name, training in was_training.items():
             pipe.components[name].train(training)

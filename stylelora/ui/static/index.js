@@ -12,7 +12,7 @@ async function pageIndex() {
   function runRow(run) {
     const act = (label, path, method = "POST") => el("button", {
       text: label, "data-action": label.toLowerCase(),
-      onclick: async () => { await api(`/api/runs/${run.id}${path}`, { method }).catch(alert); refresh(); },
+      onclick: async () => { if (method === "DELETE" && !confirm(`Remove run ${run.id} (${run.name}) from the list? Its folder ${run.output_dir} stays on disk.`)) return; await api(`/api/runs/${run.id}${path}`, { method }).catch(alert); refresh(); },
     });
     const actions = el("td", {});
     if (["queued", "running"].includes(run.status)) actions.append(act("Stop", "/stop"));
