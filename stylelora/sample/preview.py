@@ -7,7 +7,7 @@ so they are rendered once and reused.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from PIL import Image
@@ -63,8 +63,14 @@ class Previewer:
         self.scheduler = scheduler
         self.base: list[Image.Image] | None = None
 
-    def render(self) -> Image.Image:
-        """One row per prompt: without the adapter on the left, with it on the right.
+    @property
+    def images_due(self) -> int:
+        """How many images the next `render` draws (the left column only the first time)."""
+        return len(self.prompts) * (1 if self.base is not None else 2)
+
+    def render(self, rendered: Callable[[int], None] | None = None) -> Image.Image:
+        """One row per prompt: without the adapter on the left, with it on the right;
+        `rendered(1)` after each image.
 
         Rendering draws from its own seeded generators; the training RNG states are set aside
         so a run with previews trains exactly as one without.
@@ -75,7 +81,7 @@ class Previewer:
         with torch.random.fork_rng(devices=devices), latents_in_model_dtype(family):
             if self.base is None:
                 with adapters_disabled([family.unet, *family.text_encoders().values()]):
-                    self.base = render_all(pipe, self.prompts, family)
-            tuned = render_all(pipe, self.prompts, family)
+                    self.base = render_all(pipe, self.prompts, family, rendered)
+            tuned = render_all(pipe, self.prompts, family, rendered)
         pairs = [image for row in zip(self.base, tuned, strict=True) for image in row]
         return grid(pairs, columns=2)

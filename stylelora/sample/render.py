@@ -76,8 +76,12 @@ def render(
 
 
 def render_all(
-    pipe: DiffusionPipeline, prompts: list[SamplePrompt], family: ModelFamily | None = None
+    pipe: DiffusionPipeline,
+    prompts: list[SamplePrompt],
+    family: ModelFamily | None = None,
+    rendered: Callable[[int], None] | None = None,
 ) -> list[Image.Image]:
+    """Each prompt's image; `rendered(1)` after each."""
     was_training = {
         name: module.training
         for name, module in pipe.components.items()
@@ -86,7 +90,12 @@ def render_all(
     for name in was_training:
         pipe.components[name].eval()
     try:
-        return [render(pipe, prompt, family=family) for prompt in prompts]
+        images = []
+        for prompt in prompts:
+            images.append(render(pipe, prompt, family=family))
+            if rendered:
+                rendered(1)
+        return images
     finally:
         for name, training in was_training.items():
             pipe.components[name].train(training)

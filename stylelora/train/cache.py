@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from stylelora.errors import UserError
 from stylelora.export.atomic import save_tensors
 from stylelora.families.base import ModelFamily
 from stylelora.train.loss import mask_on_latents
+from stylelora.train.progress import ProgressLog
 
 Entry = tuple[int, bool]  # (index into the dataset, flipped)
 
@@ -128,9 +130,11 @@ def cache_latents(
     cache_dir: Path,
     batch_size: int,
     show_progress: bool = True,
+    events: ProgressLog | None = None,
 ) -> CacheStats:
     """Encode what the cache lacks, in batches of one bucket, then hand every entry to
-    `dataset.cache`, which from then on serves latents instead of pixels."""
+    `dataset.cache`, which from then on serves latents instead of pixels. `events`: where the
+    phase and its progress are written."""
     vae_id = vae_identity(family.vae)
     flips = (False, True) if dataset.options.flip else (False,)
     files = {
@@ -140,7 +144,11 @@ def cache_latents(
     }
     missing = [entry for entry, path in files.items() if not path.is_file()]
     stats = CacheStats(encoded=len(missing), reused=len(files) - len(missing))
-    with tqdm(total=len(missing), desc="caching latents", disable=not show_progress) as progress:
+    phase = (
+        events.phase("caching latents", len(missing)) if events else nullcontext(lambda count: None)
+    )
+    bar = tqdm(total=len(missing), desc="caching latents", disable=not show_progress)
+    with bar as progress, phase as advance:
         for batch in bucket_batches(dataset, missing, batch_size):
             try:
                 encode_and_save(family, dataset, batch, files)
@@ -149,6 +157,7 @@ def cache_latents(
                     f"{exc}; free some space there, or set data.cache_dir to a disk with room"
                 ) from None
             progress.update(len(batch))
+            advance(len(batch))
     dataset.cache = CachedEntries(files)
     return stats
 

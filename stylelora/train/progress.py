@@ -1,14 +1,21 @@
-"""`progress.jsonl` in the run folder: one JSON line per step, validation, preview and status.
+"""`progress.jsonl` in the run folder: one JSON line per step, validation, preview, phase and
+status.
 
 The web UI (and any script) follows a run through it while it trains, without parsing the
 progress bar or TensorBoard's event files. A resumed run appends to the same file; a reader
 keeps the last line of each step.
+
+A phase (caching latents, validating, rendering previews, saving a checkpoint, exporting) is
+a `phase` line when it starts (`done` 0 of `total`), one as it advances, and one with `ended`
+when it ends, failed or not; between phases the run trains.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,23 @@ class ProgressLog:
         if self.handle is not None:
             line = json.dumps({"event": event, "time": round(time.time(), 3), **values})
             self.handle.write(line + "\n")
+
+    @contextmanager
+    def phase(self, name: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
+        """Writes the phase's start and end; the block calls what it gets with how many of
+        `total` more are done."""
+        done = 0
+
+        def advance(count: int = 1) -> None:
+            nonlocal done
+            done += count
+            self.write("phase", phase=name, done=done, total=total)
+
+        self.write("phase", phase=name, done=0, total=total)
+        try:
+            yield advance
+        finally:
+            self.write("phase", phase=name, done=done, total=total, ended=True)
 
     def close(self) -> None:
         if self.handle is not None:

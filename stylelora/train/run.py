@@ -11,7 +11,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ from stylelora.train.placement import (
 )
 from stylelora.train.prior import class_captions, preservation_loss
 from stylelora.train.profile import phase
+from stylelora.train.progress import ProgressLog
 from stylelora.train.swap import check_block_swapping, swap_blocks
 from stylelora.train.validation import (
     FixedSet,
@@ -453,10 +454,16 @@ def prepare_caches(
     if plan.latents:
         folder = latents_cache_dir(cfg)
         # the others then find the entries written
-        with accelerator.main_process_first(), visiting([family.vae], accelerator.device):
+        events = ProgressLog(cfg.output_dir, enabled=accelerator.is_main_process)
+        with (
+            accelerator.main_process_first(),
+            visiting([family.vae], accelerator.device),
+            closing(events),
+        ):
             stats = cache_latents(
-                family, dataset, folder, cfg.train.batch_size, accelerator.is_local_main_process
-            )
+                family, dataset, folder, cfg.train.batch_size,
+                accelerator.is_local_main_process, events,
+            )  # fmt: skip
         say(f"latents cache {folder}: {stats.encoded} encoded, {stats.reused} reused")
     keep_data_in_memory(dataset, cfg.data.memory_cache_mb, say)
     if not plan.text:

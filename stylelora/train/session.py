@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,9 +276,10 @@ class Session:
             self.progress.set_postfix(postfix)
 
     def validate(self) -> None:
-        loss = validation_loss(
-            self.run.family, self.run.unet, self.run.objective, self.run.validation
-        )
+        with self.events.phase("validating"):
+            loss = validation_loss(
+                self.run.family, self.run.unet, self.run.objective, self.run.validation
+            )
         self.state.validation.append((self.state.step, loss))
         self.run.accelerator.log({"validation_loss": loss}, step=self.state.step)
         self.events.write("validation", step=self.state.step, loss=loss)
@@ -292,11 +293,17 @@ class Session:
             self.state.previews.append((step, relative))
         if self.main:
             with self.side_task(f"the preview at step {step}"):
-                with visiting(self.run.idle, self.run.accelerator.device):
-                    sheet = self.previewer.render()
+                due_images = self.previewer.images_due
+                with (
+                    self.events.phase("rendering previews", due_images) as rendered,
+                    visiting(self.run.idle, self.run.accelerator.device),
+                ):
+                    sheet = self.previewer.render(rendered)
                 with atomic_path(self.run.cfg.output_dir / relative) as tmp:
                     sheet.save(tmp, format="PNG")
-                self.events.write("preview", step=step, path=relative)
+                # the grid's rows, top to bottom: without the adapter left, with it right
+                prompts = [prompt.prompt for prompt in self.previewer.prompts]
+                self.events.write("preview", step=step, path=relative, prompts=prompts)
                 self.log_image(sheet)
             self.report("running")
         self.run.accelerator.wait_for_everyone()
@@ -316,11 +323,23 @@ class Session:
     def checkpoint(self) -> Path:
         state = self.state
         state.seconds = self.seconds_trained()
-        folder = self.checkpointer.save(
-            state, self.run.lr_scheduler.state_dict(), self.run.cfg.model_dump(mode="json")
-        )
+        with self.events.phase("saving a checkpoint"):
+            folder = self.checkpointer.save(
+                state, self.run.lr_scheduler.state_dict(), self.run.cfg.model_dump(mode="json")
+            )
+            self.write_checkpoint_adapter(folder)
         self.say(f"checkpoint: step {state.step} saved to {folder}")
         return folder
+
+    def write_checkpoint_adapter(self, folder: Path) -> None:
+        """The adapter as the export would write it now, beside the checkpoint's state (which
+        only a resume reads): a file to try or to use at that step."""
+        path = folder / checkpoint_adapter_name(self.run.cfg.name, self.state.step)
+        with full_adapter_weights(self.run.accelerator, self.run.unet):
+            if self.main:
+                with self.side_task(f"the adapter file of step {self.state.step}"):
+                    with_ema = bool(self.ema) and self.run.cfg.train.ema_export == "instead"
+                    self.write_adapter_file(path, self.file_metadata(), with_ema)
 
     # --- the end -----------------------------------------------------------------------
 
@@ -358,24 +377,29 @@ class Session:
         ema_path = None
         if self.ema and self.run.cfg.train.ema_export == "beside":
             ema_path = adapter_path.with_name(f"{adapter_path.stem}-ema.safetensors")
-        with full_adapter_weights(self.run.accelerator, self.run.unet):
+        with (
+            self.events.phase("exporting"),
+            full_adapter_weights(self.run.accelerator, self.run.unet),
+        ):
             if self.main:
                 self.write_adapters(adapter_path, ema_path)
         return ema_path
 
     def write_adapters(self, adapter_path: Path, ema_path: Path | None) -> None:
         inject_fault("term-in-export", self.state.step)
-        epochs = self.state.epoch + (1 if self.state.position else 0)  # begun ones
-        metadata = self.metadata(self.state.step, epochs)
-        if self.ema and not ema_path:
-            with self.ema.swapped_in():
-                save_lora_file(adapter_path, self.run.family, self.run.adapted, metadata)
-        else:
-            save_lora_file(adapter_path, self.run.family, self.run.adapted, metadata)
+        metadata = self.file_metadata()
+        self.write_adapter_file(adapter_path, metadata, with_ema=bool(self.ema) and not ema_path)
         if ema_path:
-            with self.ema.swapped_in():
-                save_lora_file(ema_path, self.run.family, self.run.adapted, metadata)
+            self.write_adapter_file(ema_path, metadata, with_ema=True)
         self.say(f"saved {adapter_path}" + (f" and {ema_path}" if ema_path else ""))
+
+    def file_metadata(self) -> dict[str, str]:
+        epochs = self.state.epoch + (1 if self.state.position else 0)  # begun ones
+        return self.metadata(self.state.step, epochs)
+
+    def write_adapter_file(self, path: Path, metadata: dict[str, str], with_ema: bool) -> None:
+        with self.ema.swapped_in() if with_ema else nullcontext():
+            save_lora_file(path, self.run.family, self.run.adapted, metadata)
 
     def report(self, status: str) -> None:
         if not self.main:
@@ -432,6 +456,11 @@ class Session:
             self.progress.close()
             self.progress = None
         self.run.accelerator.end_training()
+
+
+def checkpoint_adapter_name(name: str, step: int) -> str:
+    """The adapter file in a checkpoint's folder (`checkpoints/step-NNNNNN/`)."""
+    return f"{name}-step-{step:06d}.safetensors"
 
 
 def due(step: int, every: int, last: int | None = None) -> bool:

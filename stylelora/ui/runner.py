@@ -8,6 +8,7 @@ and exits, exactly as Ctrl-C does on the command line; resume runs the same comm
 
 from __future__ import annotations
 
+import codecs
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from stylelora.errors import UserError
 from stylelora.train.progress import PROGRESS_FILE, read_events
@@ -212,7 +214,58 @@ def log_tail(path: Path, size: int = 65536) -> str:
             text = handle.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
-    lines = text.replace("\r\n", "\n").split("\n")
-    return "\n".join(
-        ([part for part in line.split("\r") if part.strip()] or [""])[-1] for line in lines
-    )
+    return "\n".join(last_drawn(line) for line in text.replace("\r\n", "\n").split("\n"))
+
+
+def last_drawn(line: str) -> str:
+    """A line as it was last drawn: of a progress bar's redraws (\\r), the last that is not
+    blank (tqdm blanks its bar before a line is written above it)."""
+    return ([part for part in line.split("\r") if part.strip()] or [""])[-1]
+
+
+class LogFollower:
+    """Follows a run's log from its start, reading only what was written since the last read:
+    the lines completed since, and the line being written, each as last drawn."""
+
+    CHUNK = 4 * 2**20
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.restart()
+
+    def restart(self) -> None:
+        self.offset = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""  # the line being written, cut to its last drawn state and what follows
+
+    def read(self) -> dict[str, Any] | None:
+        """{"lines", "partial", "restarted"}; None when nothing was written since."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return None
+        restarted = size < self.offset  # the file was replaced: follow the new one
+        if restarted:
+            self.restart()
+        if size == self.offset and not restarted:
+            return None
+        lines: list[str] = []
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            while chunk := handle.read(self.CHUNK):
+                self.offset += len(chunk)
+                lines += self.take(self.decoder.decode(chunk))
+        return {"lines": lines, "partial": last_drawn(self.pending), "restarted": restarted}
+
+    def take(self, text: str) -> list[str]:
+        *complete, pending = (self.pending + text).replace("\r\n", "\n").split("\n")
+        parts = pending.split("\r")
+        # a progress bar redrawn for hours is one long line: keep only its last state
+        self.pending = "\r".join([last_drawn("\r".join(parts[:-1])), parts[-1]])
+        return [last_drawn(line) for line in complete]
+
+
+def whole_log(path: Path) -> str:
+    """The whole log, each line as last drawn."""
+    read = LogFollower(path).read() or {"lines": [], "partial": ""}
+    return "\n".join([*read["lines"], read["partial"]])

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Route
 
 from stylelora.config import _read_toml
@@ -19,10 +26,10 @@ from stylelora.errors import UserError
 from stylelora.export.atomic import atomic_path
 from stylelora.train.progress import PROGRESS_FILE, read_events
 from stylelora.ui import form
-from stylelora.ui.http import UI, api, body, get_run
+from stylelora.ui.http import UI, NotFound, api, body, get_run
 from stylelora.ui.new_run import RUN_CONFIG
 from stylelora.ui.roots import OutsideRoots
-from stylelora.ui.runner import LOG_FILE, log_tail
+from stylelora.ui.runner import LOG_FILE, LogFollower, whole_log
 from stylelora.ui.store import ACTIVE, Run
 
 POLL_SECONDS = 0.5
@@ -38,6 +45,7 @@ def routes() -> list[Route]:
         Route("/api/runs/{id:int}/resume", api(resume_run), methods=["POST"]),
         Route("/api/runs/{id:int}", api(remove_run), methods=["DELETE"]),
         Route("/api/runs/{id:int}/files/{path:path}", api(run_file)),
+        Route("/api/runs/{id:int}/log", api(run_log)),
     ]
 
 
@@ -87,7 +95,13 @@ def drop_none(value: Any) -> Any:
     return value
 
 
-def run_summary(run: Run) -> dict[str, Any]:
+def queue_places(ui: UI) -> dict[int, int]:
+    """Each queued run's place in the queue (1: it starts next)."""
+    queued = sorted(ui.store.with_status("queued"), key=lambda run: (run.queued_at or 0, run.id))
+    return {run.id: place for place, run in enumerate(queued, start=1)}
+
+
+def run_summary(run: Run, places: dict[int, int] | None = None) -> dict[str, Any]:
     events, _ = read_events(run.folder / PROGRESS_FILE)
     steps = [event for event in events if event.get("event") == "step"]
     last = steps[-1] if steps else {}
@@ -97,13 +111,15 @@ def run_summary(run: Run) -> dict[str, Any]:
         "max_steps": last.get("max_steps")
         or next((e.get("max_steps") for e in events if e.get("event") == "start"), None),
         "loss": last.get("loss"),
+        "queue_place": (places or {}).get(run.id),
         "can_resume": run.status in ("stopped", "interrupted", "failed")
         and any((run.folder / "checkpoints").glob("step-*")),
     }
 
 
 async def list_runs(request: Request, ui: UI) -> dict[str, Any]:
-    return {"runs": [run_summary(run) for run in ui.store.all()]}
+    places = queue_places(ui)
+    return {"runs": [run_summary(run, places) for run in ui.store.all()]}
 
 
 async def run_detail(request: Request, ui: UI) -> dict[str, Any]:
@@ -116,40 +132,71 @@ async def run_detail(request: Request, ui: UI) -> dict[str, Any]:
     config = Path(run.config).read_text(encoding="utf-8") if Path(run.config).is_file() else ""
     resolved = run.folder / "config.json"
     return {
-        **run_summary(run),
+        **run_summary(run, queue_places(ui)),
         "config_text": config,
         "resolved": resolved.read_text(encoding="utf-8") if resolved.is_file() else "",
         "downloads": downloads,
+        "checkpoints": checkpoint_adapters(run.folder),
+        "has_log": (run.folder / LOG_FILE).is_file(),
         "resume_command": f"stylelora train {run.config} --resume latest",
     }
 
 
+def exported_adapter(checkpoint: Path) -> Path | None:
+    """The adapter file a checkpoint holds as the run exports its own (`NAME-step-N`), if any."""
+    return next(iter(sorted(checkpoint.glob("*-step-*.safetensors"))), None)
+
+
+def checkpoint_adapters(folder: Path) -> list[dict[str, Any]]:
+    """Each complete checkpoint (its manifest is written last) with its adapter file, newest
+    first; `adapter` is None in a checkpoint written before checkpoints held one."""
+    found = []
+    for manifest in folder.glob("checkpoints/step-*/checkpoint.json"):
+        step = manifest.parent.name.removeprefix("step-")
+        adapter = exported_adapter(manifest.parent)
+        if step.isdigit():
+            path = adapter.relative_to(folder).as_posix() if adapter else None
+            found.append({"step": int(step), "adapter": path})
+    return sorted(found, key=lambda checkpoint: -checkpoint["step"])
+
+
 async def run_events(request: Request) -> Response:
-    """Server-sent events: the run's progress lines as they are written, its status, and the
-    log's tail when it changed."""
+    """Server-sent events: the run's progress lines as they are written, its status and place
+    in the queue, and the log's lines: all of them first, then those written since."""
     ui: UI = request.app.state.ui
     run_id = request.path_params["id"]
-    if ui.store.get(run_id) is None:
+    run = ui.store.get(run_id)
+    if run is None:
         return JSONResponse({"error": f"no run {run_id}"}, status_code=404)
+    log = followed_log(ui, run)
 
     async def stream():
-        offset, last_log, last_state = 0, None, None
+        offset, last_state = 0, None
         while not await request.is_disconnected():
             run = ui.store.get(run_id)
             if run is None:
                 yield message({"removed": True})
                 return
             events, offset = read_events(run.folder / PROGRESS_FILE, offset)
-            log = log_tail(run.folder / LOG_FILE, 16384)
-            state = (run.status, run.message)
-            if events or log != last_log or state != last_state:
+            new_log = await asyncio.to_thread(log.read) if log else None
+            place = queue_places(ui).get(run_id) if run.status == "queued" else None
+            state = (run.status, run.message, place)
+            if events or new_log or state != last_state:
                 yield message({"events": events, "status": run.status, "message": run.message,
-                               "log": log if log != last_log else None})  # fmt: skip
-                last_log, last_state = log, state
+                               "queue_place": place, "log": new_log})  # fmt: skip
+                last_state = state
             await asyncio.sleep(POLL_SECONDS)
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store"})  # fmt: skip
+
+
+def followed_log(ui: UI, run: Run) -> LogFollower | None:
+    """The run's log, followed; None if it links out of the roots."""
+    try:
+        return LogFollower(ui.roots.resolve(run.folder / LOG_FILE))
+    except UserError:
+        return None
 
 
 def message(data: dict[str, Any]) -> str:
@@ -182,6 +229,18 @@ async def remove_run(request: Request, ui: UI) -> dict[str, Any]:
         raise UserError(f"run {run.id} is {run.status}: stop it first")
     ui.store.remove(run.id)
     return {"removed": run.id, "kept": str(run.folder)}
+
+
+async def run_log(request: Request, ui: UI) -> Response:
+    """The whole log to download, each progress bar as last drawn."""
+    run = get_run(ui, request.path_params["id"])
+    path = ui.roots.resolve(run.folder / LOG_FILE)
+    if not path.is_file():
+        raise NotFound(f"run {run.id} has no log yet")
+    text = await asyncio.to_thread(whole_log, path)
+    filename = re.sub(r"[^\w.-]", "_", run.name)
+    headers = {"Content-Disposition": f'attachment; filename="{filename}.log"'}
+    return PlainTextResponse(text, headers=headers)
 
 
 async def run_file(request: Request, ui: UI) -> Response:

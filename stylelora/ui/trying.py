@@ -20,6 +20,7 @@ from stylelora.errors import UserError
 from stylelora.train.checkpoint import ADAPTER, checkpoints_dir, complete_checkpoints
 from stylelora.ui.http import UI, NotFound, api, body, get_run, number
 from stylelora.ui.jobs import Job, Jobs, cli
+from stylelora.ui.runs import exported_adapter
 from stylelora.ui.store import Run
 
 TRY_IMAGE = re.compile(r"try-[0-9]{1,20}\.png")  # what /api/try writes and serves
@@ -86,7 +87,10 @@ def run_adapters(ui: UI, run: Run) -> list[dict[str, Any]]:
     if checkpoints_dir(run.folder).is_dir():
         for folder in reversed(complete_checkpoints(run.folder)):
             step = int(folder.name.removeprefix("step-"))
-            found.append({**common, "step": step, "path": ui.roots.relative(folder / ADAPTER),
+            # a checkpoint from before checkpoints held an exported adapter: sample converts
+            # its training state
+            adapter = exported_adapter(folder) or folder / ADAPTER
+            found.append({**common, "step": step, "path": ui.roots.relative(adapter),
                           "label": f"{run.name} step {step}"})  # fmt: skip
     return found
 

@@ -51,8 +51,10 @@ def runs(ui) -> dict[str, int]:
     return {"tiny": reply["id"], "ghost": imported["id"]}
 
 
-def checkpoint(ui, step: int) -> Path:
-    return ui.root / "runs" / RUN / "checkpoints" / f"step-{step:06d}" / "adapter.safetensors"
+def checkpoint(ui, step: int, exported: bool = True) -> Path:
+    """A checkpoint's adapter as the run exported it, or its training state's adapter."""
+    name = f"{RUN}-step-{step:06d}.safetensors" if exported else "adapter.safetensors"
+    return ui.root / "runs" / RUN / "checkpoints" / f"step-{step:06d}" / name
 
 
 def test_the_list_holds_the_adapters_there_are_each_with_its_model(ui, page, runs):
@@ -72,7 +74,7 @@ def test_the_list_holds_the_adapters_there_are_each_with_its_model(ui, page, run
 
 def test_a_checkpoint_from_its_run_page_renders_a_labelled_strength_sweep(ui, page, runs):
     page.goto(ui.url(f"/runs/{runs['tiny']}"))
-    page.click("a:has-text('try tiny-try step 5')")
+    page.click("#checkpoints li[data-step='5'] a:has-text('try it')")
     page.wait_for_url(re.compile(rf"/try\?run={runs['tiny']}&step=5$"))
     page.wait_for_function("document.querySelector('#adapter').value")
     assert ui.root / page.input_value("#adapter") == checkpoint(ui, 5)
@@ -130,7 +132,10 @@ def test_sample_renders_a_checkpoint_as_its_run_would_have_exported_it(ui, runs,
     """The checkpoint of the last step renders what the run's final adapter renders."""
     common = ["sample", "--model", "tiny:sd15", "--prompt", "a fish, zqxstyle", "--steps", "4"]
     final = ui.root / "runs" / RUN / f"{RUN}.safetensors"
-    for adapter, out in ((checkpoint(ui, 10), "checkpoint.png"), (final, "final.png")):
+    for adapter, out in (
+        (checkpoint(ui, 10, exported=False), "checkpoint.png"),
+        (final, "final.png"),
+    ):
         assert main([*common, "--adapter", str(adapter), "--out", str(tmp_path / out)]) == 0
     images = [
         np.asarray(Image.open(tmp_path / name), float) for name in ("checkpoint.png", "final.png")

@@ -10,6 +10,7 @@ async function pageIndex() {
     $("empty").hidden = runs.length > 0;
   }
   async function act(run, path, method = "POST", body = undefined) {
+    if (method === "DELETE" && !confirm(`Remove run ${run.id} (${run.name}) from the list? Its folder ${run.output_dir} stays on disk.`)) return;
     try { await api(`/api/runs/${run.id}${path}`, { method, body }); } catch (error) { alert(error.message); }
     refresh();
   }
