@@ -6,6 +6,7 @@ would take the name `conftest` that other tests import their helpers by."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -63,14 +64,19 @@ class UIServer:
                 time.sleep(0.3)
         raise RuntimeError(f"the UI did not start: {self.log.read_text()}")
 
-    def stop(self) -> None:
-        """As Ctrl-C on its terminal would."""
+    def stop(self, end_runs: bool = True) -> None:
+        """As Ctrl-C on its terminal would; then, unless told otherwise, the runs it started,
+        which outlive it by design, are ended too (a test's long run would go on using the
+        cores)."""
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+        for pid in processes_under(self.root) if end_runs else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -102,6 +108,19 @@ class UIServer:
             time.sleep(0.3)
         log = (Path(run["output_dir"]) / "train.log").read_text(errors="replace")[-2000:]
         raise AssertionError(f"run {run_id} never got there: {run}\n{log}")
+
+
+def processes_under(root: Path) -> list[int]:
+    """The `stylelora` processes (runs, renders, tools) whose command names a path in `root`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "stylelora" in args and any(arg.startswith(f"{root}/") for arg in args):
+            found.append(int(cmdline.parent.name))
+    return found
 
 
 def reply_of(data: bytes) -> dict:
