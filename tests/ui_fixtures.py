@@ -111,14 +111,16 @@ class UIServer:
 
 
 def processes_under(root: Path) -> list[int]:
-    """The `stylelora` processes (runs, renders, tools) whose command names a path in `root`."""
+    """The `stylelora` processes (runs, renders, tools; not a UI, which another test may be
+    using over the same root) whose command names a path in `root`."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             args = cmdline.read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if "stylelora" in args and any(arg.startswith(f"{root}/") for arg in args):
+        command = args[args.index("stylelora") + 1 :] if "stylelora" in args else ["ui"]
+        if command[:1] != ["ui"] and any(arg.startswith(f"{root}/") for arg in command):
             found.append(int(cmdline.parent.name))
     return found
 
@@ -130,6 +132,15 @@ def reply_of(data: bytes) -> dict:
     except ValueError:
         return {"bytes": data}
     return reply if isinstance(reply, dict) else {"json": reply}
+
+
+def server_over_demo_style(tmp_path_factory, name: str) -> UIServer:
+    """A started UI (its token `t`) over a fresh root that holds a copy of the demo's style
+    set as `style/`."""
+    root = tmp_path_factory.mktemp(name)
+    shutil.copytree(ROOT / "datasets" / "demo-style", root / "style",
+                    ignore=shutil.ignore_patterns(".*"))  # fmt: skip
+    return UIServer(root, root / ".ui", token="t").start()
 
 
 @pytest.fixture(scope="session")

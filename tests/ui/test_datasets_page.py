@@ -356,6 +356,9 @@ def test_data_dir_suggestions_reach_folders_with_images_a_few_levels_down(ui, pa
     status, reply = ui.call("GET", "/api/folders?recursive=1")
     assert status == 200
     assert {f["path"]: f["images"] for f in reply["folders"]}["kohya"] == 1
+    # the New run page's data.dir offers the same folders
+    page.goto(ui.url("/new"))
+    page.wait_for_selector("#folders option[value='deep/er/still/set']", state="attached")
 
 
 @pytest.mark.parametrize("width", [800, 1600])

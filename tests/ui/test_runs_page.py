@@ -5,13 +5,12 @@ finished run's adapter: merge, resize, combine."""
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 import time
 
 import pytest
 from safetensors import safe_open
-from ui_fixtures import ROOT, UIServer, run_settings
+from ui_fixtures import run_settings, server_over_demo_style
 
 from stylelora.ui.store import Store
 
@@ -24,10 +23,7 @@ def tiny_settings(name: str, steps: int) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs-root")
-    shutil.copytree(ROOT / "datasets" / "demo-style", root / "style",
-                    ignore=shutil.ignore_patterns(".*"))  # fmt: skip
-    server = UIServer(root, root / ".ui", token="t").start()
+    server = server_over_demo_style(tmp_path_factory, "runs-root")
     yield server
     server.stop()
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from ui_fixtures import ROOT, UIServer, run_settings
+from ui_fixtures import run_settings, server_over_demo_style
 
 from stylelora.cli import main
 
@@ -25,10 +24,7 @@ RUN = "tiny-try"
 
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
-    root = tmp_path_factory.mktemp("try-root")
-    shutil.copytree(ROOT / "datasets" / "demo-style", root / "style",
-                    ignore=shutil.ignore_patterns(".*"))  # fmt: skip
-    server = UIServer(root, root / ".ui", token="t").start()
+    server = server_over_demo_style(tmp_path_factory, "try-root")
     yield server
     server.stop()
 

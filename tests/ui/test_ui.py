@@ -33,7 +33,7 @@ def test_a_first_time_user_trains_the_demo_tries_it_and_downloads_it(server, pag
     page.wait_for_url(re.compile(r"/new$"))
     # the demo loads by itself: every path already inside the root, the rest of the config
     # closed under All settings
-    page.wait_for_function("document.querySelector('#field-name').value === 'demo-style'")
+    page.wait_for_function("document.querySelector('#field-name')?.value === 'demo-style'")
     assert page.is_visible("#essentials") and not page.eval_on_selector(
         "#all-settings", "d => d.open"
     )
