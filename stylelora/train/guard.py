@@ -81,6 +81,8 @@ class StopRequest:
         if _in_main_thread():
             for number in self.SIGNALS:
                 self.previous[number] = signal.signal(number, self._handle)
+            # a Stop the UI sent while the run started was held until here (__main__.py)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
         return self
 
     def __exit__(self, *exc: object) -> None:

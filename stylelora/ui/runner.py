@@ -64,7 +64,7 @@ class Runner:
         with open(folder / LOG_FILE, "ab") as log:
             log.write(f"$ {' '.join(train_command(run))}\n".encode())
             log.flush()
-            # SIGINT held until the trainer's Python can take it (stylelora/__main__.py)
+            # SIGINT held until the trainer's loop can take it (stylelora/__main__.py)
             held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
                 process = subprocess.Popen(

@@ -363,8 +363,11 @@ def test_a_run_is_never_started_twice_by_concurrent_starts_and_resumes(ui, place
     assert len(headers) == 4  # the start and three resumes, each once
 
 
-@pytest.mark.parametrize("delay", [0.0, 2.0])
+@pytest.mark.parametrize("delay", [0.0, 1.0, 2.0])
 def test_a_stop_during_start_up_is_a_clean_stop(ui, places, delay):
+    """A Stop while the run's Python loads its libraries (at 1.4 s a KeyboardInterrupt once
+    went through pybind11 and aborted the process) waits for the loop: one step, a checkpoint,
+    stopped."""
     name = f"early-{delay:g}"
     status, reply = ui.call("POST", "/api/runs", {"settings": run_settings(name, 400)})
     assert status == 200, reply
