@@ -78,3 +78,11 @@ def training_config(tmp_path: Path, model, data: Path, *overrides: str):
     cfg = demo_config(tmp_path, f"model={str(model)!r}", f"data.dir={str(data)!r}", *overrides)
     cfg.sample.prompts_file = None
     return cfg
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The web UI's test files first: they are the longest, and under pytest-xdist a long file
+    handed out last keeps one worker busy while the other has nothing left."""
+    items.sort(
+        key=lambda item: "tests/ui/" not in item.nodeid and not item.nodeid.startswith("ui/")
+    )

@@ -141,6 +141,7 @@ function showState(run, message) {
   $("phase").hidden = !phase;
   $("phase").textContent = phase;
   document.body.dataset.phase = run.phase ? run.phase.phase : phase ? "training" : "";
+  $("speed-box").hidden = $("left-box").hidden = status !== "running";
   document.body.dataset.status = status;
   $("stop").hidden = !(queued || status === "running");
   $("stop").textContent = queued ? "Remove from queue" : "Stop";
