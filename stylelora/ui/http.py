@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from stylelora.errors import UserError, first_line
+from stylelora.ui.jobs import Jobs
 from stylelora.ui.roots import OutsideRoots, Roots
 from stylelora.ui.runner import Runner
 from stylelora.ui.store import Run, Store
@@ -29,6 +30,7 @@ class UI:
     data: Path  # the UI's own folder: the database and rendered comparisons
     store: Store
     runner: Runner
+    jobs: Jobs = field(default_factory=Jobs)  # the Try page's render and the Tools page's tool
 
 
 def page(name: str):

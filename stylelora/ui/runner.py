@@ -152,7 +152,7 @@ class Runner:
 def finished_elsewhere(run: Run) -> bool:
     """Whether the run was resumed outside the UI (`stylelora train ... --resume latest`) and
     finished there since the UI saw it end."""
-    adapter = run.folder / f"{run.name}.safetensors"
+    adapter = run.adapter
     if not run.ended_at or not adapter.exists() or adapter.stat().st_mtime < run.ended_at:
         return False
     events, _ = read_events(run.folder / PROGRESS_FILE)

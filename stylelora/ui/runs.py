@@ -83,7 +83,7 @@ async def import_run(request: Request, ui: UI) -> dict[str, Any]:
         with atomic_path(config_path) as tmp:
             tmp.write_text(form.toml_of(raw), encoding="utf-8")
     run = ui.store.add(str(raw.get("name", folder.name)), config_path, folder)
-    finished = (folder / f"{run.name}.safetensors").exists()
+    finished = run.adapter.exists()
     ui.store.update(run.id, status="finished" if finished else "stopped", resume=1,
                     message="imported from the command line", ended_at=time.time())  # fmt: skip
     return {"id": run.id}
@@ -97,8 +97,7 @@ def drop_none(value: Any) -> Any:
 
 def queue_places(ui: UI) -> dict[int, int]:
     """Each queued run's place in the queue (1: it starts next)."""
-    queued = sorted(ui.store.with_status("queued"), key=lambda run: (run.queued_at or 0, run.id))
-    return {run.id: place for place, run in enumerate(queued, start=1)}
+    return {run.id: place for place, run in enumerate(ui.store.queued(), start=1)}
 
 
 def run_summary(run: Run, places: dict[int, int] | None = None) -> dict[str, Any]:

@@ -53,6 +53,11 @@ class Run:
     def folder(self) -> Path:
         return Path(self.output_dir)
 
+    @property
+    def adapter(self) -> Path:
+        """The adapter the run exports when it finishes."""
+        return self.folder / f"{self.name}.safetensors"
+
 
 class Store:
     def __init__(self, path: Path) -> None:

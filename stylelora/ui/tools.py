@@ -16,7 +16,7 @@ from stylelora.errors import UserError
 from stylelora.ui.http import UI, api, body, get_run, number
 from stylelora.ui.jobs import Job, cli
 from stylelora.ui.store import Run
-from stylelora.ui.trying import jobs, run_adapters, run_settings
+from stylelora.ui.trying import run_adapters, run_settings
 
 TOOLS_DIR = "tools"
 DTYPES = ("fp16", "bf16", "fp32")
@@ -35,7 +35,7 @@ def routes() -> list[Route]:
 
 
 def final_adapter(run: Run) -> Path:
-    path = run.folder / f"{run.name}.safetensors"
+    path = run.adapter
     if not path.is_file():
         raise UserError(
             f"run {run.id} ({run.name}) has no adapter yet ({run.status}): the tools take a "
@@ -67,7 +67,7 @@ def result(ui: UI, run: Run, path: Path) -> dict[str, Any]:
 async def run_tools(request: Request, ui: UI) -> dict[str, Any]:
     run = get_run(ui, request.path_params["id"])
     settings = run_settings(run)
-    adapter = run.folder / f"{run.name}.safetensors"
+    adapter = run.adapter
     written = [
         {"path": item["path"], "label": item["name"]}
         for item in results(ui, run)
@@ -114,7 +114,7 @@ async def start(request: Request, ui: UI, run: Run, what: str, args: list[str], 
     out.parent.mkdir(parents=True, exist_ok=True)
     info = {"what": what, "run": run.id, "result": result(ui, run, out)}
     job = Job(cli(*args, "--out", str(out)), out, ui.data / "tools" / "tool.log", info)
-    await asyncio.to_thread(jobs(request).start, "tools", job, ui.data)
+    await asyncio.to_thread(ui.jobs.start, "tools", job, ui.data)
     return job.summary()
 
 
@@ -166,10 +166,10 @@ async def combine(request: Request, ui: UI) -> dict[str, Any]:
 
 
 async def tool_status(request: Request, ui: UI) -> dict[str, Any]:
-    job = jobs(request).get("tools")
+    job = ui.jobs.get("tools")
     return job.summary() if job else {"state": "idle"}
 
 
 async def cancel_tool(request: Request, ui: UI) -> dict[str, Any]:
     await body(request)  # nothing in it, but read: a request is answered whole
-    return (await asyncio.to_thread(jobs(request).cancel, "tools")).summary()
+    return (await asyncio.to_thread(ui.jobs.cancel, "tools")).summary()

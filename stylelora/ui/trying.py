@@ -19,7 +19,7 @@ from stylelora.config import _read_toml
 from stylelora.errors import UserError
 from stylelora.train.checkpoint import ADAPTER, checkpoints_dir, complete_checkpoints
 from stylelora.ui.http import UI, NotFound, api, body, get_run, number
-from stylelora.ui.jobs import Job, Jobs, cli
+from stylelora.ui.jobs import Job, cli
 from stylelora.ui.runs import exported_adapter
 from stylelora.ui.store import Run
 
@@ -37,14 +37,6 @@ def routes() -> list[Route]:
         Route("/api/try/cancel", api(cancel_try), methods=["POST"]),
         Route("/api/try/{name}", api(try_image)),
     ]
-
-
-def jobs(request: Request) -> Jobs:
-    """The UI's jobs (renders and tools), made on first use."""
-    state = request.app.state
-    if not hasattr(state, "jobs"):
-        state.jobs = Jobs()
-    return state.jobs
 
 
 # --- the adapters there are ------------------------------------------------------------------
@@ -80,7 +72,7 @@ def run_adapters(ui: UI, run: Run) -> list[dict[str, Any]]:
         "resolution": run_resolution(settings),
     }
     found = []
-    final = run.folder / f"{run.name}.safetensors"
+    final = run.adapter
     if final.is_file():
         found.append({**common, "step": None, "path": ui.roots.relative(final),
                       "label": f"{run.name} (final)"})  # fmt: skip
@@ -170,18 +162,18 @@ async def try_adapter(request: Request, ui: UI) -> dict[str, Any]:
     info = {"image": f"/api/try/{name}", "labels": labels, "what": "rendering"}
     job = Job(command, out, ui.data / "try" / "sample.log", info)
     out.parent.mkdir(parents=True, exist_ok=True)
-    await asyncio.to_thread(jobs(request).start, "try", job, ui.data)
+    await asyncio.to_thread(ui.jobs.start, "try", job, ui.data)
     return job.summary()
 
 
 async def try_status(request: Request, ui: UI) -> dict[str, Any]:
-    job = jobs(request).get("try")
+    job = ui.jobs.get("try")
     return job.summary() if job else {"state": "idle"}
 
 
 async def cancel_try(request: Request, ui: UI) -> dict[str, Any]:
     await body(request)  # nothing in it, but read: a request is answered whole
-    return (await asyncio.to_thread(jobs(request).cancel, "try")).summary()
+    return (await asyncio.to_thread(ui.jobs.cancel, "try")).summary()
 
 
 async def try_image(request: Request, ui: UI) -> Response:
