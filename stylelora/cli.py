@@ -14,6 +14,7 @@ from stylelora.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from stylelora.caption.command import add_caption_command
     from stylelora.families.registry import family_names
 
     parser = argparse.ArgumentParser(
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("folder", type=Path)
     tiny.set_defaults(run=run_make_tiny_model)
     add_tool_commands(commands)
+    add_caption_command(commands)
     add_ui_command(commands)
     return parser
 
@@ -403,14 +405,24 @@ def quiet_libraries() -> None:
     logging.getLogger("accelerate").setLevel(logging.ERROR)
 
 
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    if argv[:1] == ["caption"]:  # it needs neither diffusers nor the families: a quick start
+        from stylelora.caption.command import add_caption_command
+
+        parser = argparse.ArgumentParser(prog="stylelora")
+        add_caption_command(parser.add_subparsers(dest="command", required=True))
+        return parser.parse_args(argv)
+    quiet_libraries()
+    # after it: the parser's flags come from the families, which import the libraries
+    return build_parser().parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     from stylelora.versions import check_installed, refusal
 
     try:
         check_installed()
-        quiet_libraries()
-        # after both: the parser's flags come from the families, which import the libraries
-        args = build_parser().parse_args(argv)
+        args = parse_arguments(sys.argv[1:] if argv is None else argv)
         status = args.run(args)
     except UserError as exc:
         print(f"stylelora: error: {exc}", file=sys.stderr)

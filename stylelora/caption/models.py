@@ -3,7 +3,7 @@
 A model is a local folder or a hub id already in the local Hugging Face cache: captioning never
 downloads. The folder's files say which kind of captioner it is: a WD tagger ships
 `selected_tags.csv` beside `model.onnx`; a vision-language model has a transformers
-`config.json` whose `model_type` is one `vlm.VLM_TYPES` names.
+`config.json` whose `model_type` is one of `VLM_NAMES`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,23 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
 from PIL import Image
 
 from stylelora.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+# The vision-language models' transformers `model_type`s, with the names users know them by
+VLM_NAMES = {
+    "florence2": "Florence-2",
+    "qwen2_5_vl": "Qwen2.5-VL",
+    "qwen3_vl": "Qwen3-VL",
+    "llava": "JoyCaption (LLaVA)",
+}
+TAGGER = "wd-tagger"
 
 
 class Captioner(Protocol):
@@ -36,7 +47,7 @@ class Captioner(Protocol):
 class CaptionOptions:
     """The command's options that a captioner reads."""
 
-    style: str = "natural"  # "natural" sentences or "tags"
+    style: str = ""  # "natural" sentences, "tags", or "": what the model writes
     prompt: str | None = None  # the instruction; None: the captioner's default
     max_tokens: int = 256
     batch_size: int = 1
@@ -52,7 +63,7 @@ class Device:
     support), else the CPU in fp32."""
 
     name: str
-    dtype: torch.dtype
+    dtype: torch.dtype | Any
 
     @property
     def is_cpu(self) -> bool:
@@ -60,6 +71,8 @@ class Device:
 
 
 def caption_device() -> Device:
+    import torch  # here: the taggers run without it
+
     if torch.cuda.is_available():
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return Device("cuda", dtype)
@@ -92,9 +105,9 @@ def local_model_folder(model: str) -> Path:
 
 
 def model_type(folder: Path) -> str:
-    """The kind of captioner in `folder`: "wd-tagger" or a transformers `model_type`."""
+    """The kind of captioner in `folder`: TAGGER or a transformers `model_type`."""
     if (folder / "selected_tags.csv").is_file():
-        return "wd-tagger"
+        return TAGGER
     config = folder / "config.json"
     if not config.is_file():
         raise UserError(
@@ -104,23 +117,61 @@ def model_type(folder: Path) -> str:
     try:
         kind = json.loads(config.read_text(encoding="utf-8")).get("model_type", "")
     except (OSError, ValueError, AttributeError):
-        raise UserError(f"stylelora caption: {config} is no JSON object; download it again") from None
+        raise UserError(
+            f"stylelora caption: {config} is no JSON object; download it again"
+        ) from None
     return str(kind)
+
+
+def find_captioner(model: str) -> tuple[Path, str]:
+    """(`model`'s folder, its kind: TAGGER or a `VLM_NAMES` key), or a UserError that says
+    what is supported. Quick: reads no weights."""
+    folder = local_model_folder(model)
+    kind = model_type(folder)
+    if kind != TAGGER and kind not in VLM_NAMES:
+        supported = ", ".join(VLM_NAMES.values()) + ", WD v3 taggers"
+        raise UserError(
+            f"stylelora caption: {model} is a {kind or 'model without model_type'}; "
+            f"supported captioners: {supported}"
+        )
+    return folder, kind
 
 
 def load_captioner(model: str, options: CaptionOptions, device: Device | None = None) -> Captioner:
     """The captioner `model` names, loaded on `device` (by default the best one here)."""
-    from stylelora.caption import tagger, vlm
-
-    folder = local_model_folder(model)
-    kind = model_type(folder)
+    folder, kind = find_captioner(model)
     device = device or caption_device()
-    if kind == "wd-tagger":
-        return tagger.load_tagger(folder, model, options, device)
-    if kind in vlm.VLM_TYPES:
-        return vlm.load_vlm(folder, model, kind, options, device)
-    supported = ", ".join(sorted(vlm.VLM_TYPES.values())) + ", WD taggers"
-    raise UserError(
-        f"stylelora caption: {model} is a {kind or 'model without model_type'}; "
-        f"supported captioners: {supported}"
-    )
+    if kind == TAGGER:
+        from stylelora.caption.tagger import load_tagger
+
+        return load_tagger(folder, model, options, device)
+    from transformers.utils import logging as transformers_logging
+
+    from stylelora.caption.vlm import load_vlm  # transformers: imported for the VLMs only
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    return load_vlm(folder, model, kind, options, device)
+
+
+def cached_captioners() -> list[dict[str, str]]:
+    """The supported captioners in the local Hugging Face cache: [{"model", "kind"}]."""
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        repos = scan_cache_dir().repos
+    except Exception:  # no cache yet, or one that cannot be read: nothing cached to offer
+        return []
+    found = []
+    for repo in sorted(repos, key=lambda r: r.repo_id.lower()):
+        if repo.repo_type != "model" or not repo.revisions:
+            continue
+        newest = max(repo.revisions, key=lambda revision: revision.last_modified)
+        try:
+            kind = model_type(Path(newest.snapshot_path))
+        except UserError:
+            continue
+        name = "WD v3 tagger" if kind == TAGGER else VLM_NAMES.get(kind)
+        if name:
+            found.append({"model": repo.repo_id, "kind": name})
+    return found

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from stylelora.caption.record import author_lines
 from stylelora.config import DataConfig
 from stylelora.data.buckets import Size, cover_scale, format_histogram, histogram, make_buckets
 from stylelora.data.captions import CaptionOptions
@@ -87,6 +88,7 @@ def describe(scan: ScanResult, dataset: ImageCaptionDataset, data: DataConfig) -
         lines.append(f"  concept {concept!r}: {count} images x {repeats} repeats")
     captioned = len(records) - scan.missing_captions
     lines.append(f"captions: {captioned}/{len(records)} images have one")
+    lines += author_lines(data.dir, caption_files(scan, data.caption_extension))
     if scan.missing_captions:
         lines.append(
             f"  {scan.missing_captions} images have no caption: "
@@ -117,6 +119,12 @@ def prior_lines(dataset: ImageCaptionDataset, cfg) -> list[str]:
     return [line] + (
         [f"  {unused} of them are not drawn: more than the training draws"] if unused else []
     )
+
+
+def caption_files(scan: ScanResult, extension: str) -> list[Path]:
+    """The caption files beside the usable images."""
+    files = (record.path.with_suffix(extension) for record in scan.records)
+    return [path for path in files if path.is_file()]
 
 
 def bucket_lines(dataset: ImageCaptionDataset, data: DataConfig) -> list[str]:

@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from stylelora.ui import datasets, machine, new_run, queueing, runs, tools, trying
+from stylelora.ui import captioning, datasets, machine, new_run, queueing, runs, tools, trying
 from stylelora.ui.http import STATIC, UI, page
 from stylelora.ui.roots import Roots
 from stylelora.ui.runner import Runner, gpu_slots
@@ -51,6 +51,7 @@ def create_app(roots: list[Path], data: Path | None = None, token: str | None = 
         *new_run.routes(),
         *runs.routes(),
         *datasets.routes(),
+        *captioning.routes(),
         *trying.routes(),
         *[*machine.routes(), *queueing.routes(), *tools.routes()],
     ]

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from stylelora.caption.record import EDITED, ELSEWHERE, author, read_record
 from stylelora.config import DataConfig, _layer_preset, _read_toml, describe_validation_error
 from stylelora.data.dataset import ImageCaptionDataset
 from stylelora.data.images import has_transparency, load_rgb
@@ -175,6 +176,11 @@ def dataset_listing(folder: Path, roots: Roots, settings: dict[str, Any]) -> dic
         notes.setdefault(path, []).append(note)
     buckets = buckets_by_image(dataset)
     items = [listing_item(r, buckets[r.path], data, roots, notes) for r in scan.records]
+    authors = read_record(folder)
+    for record, item in zip(scan.records, items, strict=True):
+        caption_file = record.path.with_suffix(data.caption_extension)
+        written_by = author(caption_file, folder, authors) if item["has_caption_file"] else ""
+        item["author"] = author_note(written_by)
     problems = [{"path": roots.relative(path), "problem": str(why)} for path, why in scan.problems]
     unplaced = [
         {"path": roots.relative(path), "note": note}
@@ -197,6 +203,15 @@ def dataset_listing(folder: Path, roots: Roots, settings: dict[str, Any]) -> dic
             "alpha_mask": data.alpha_mask,
         },
     }
+
+
+def author_note(written_by: str) -> str:
+    """A card's line on who wrote its caption file; none for a file no captioner wrote."""
+    if written_by in ("", ELSEWHERE):
+        return ""
+    if written_by == EDITED:
+        return "captioned by a model, edited by hand since"
+    return f"captioned by {written_by}"
 
 
 def buckets_by_image(dataset: ImageCaptionDataset) -> dict[Path, list[dict[str, Any]]]:

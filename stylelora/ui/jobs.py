@@ -18,7 +18,7 @@ from stylelora.errors import UserError
 from stylelora.ui.runner import last_log_line
 
 CANCEL_GRACE_SECONDS = 5.0
-NOUNS = {"try": "render", "tools": "tool"}
+NOUNS = {"try": "render", "tools": "tool", "caption": "captioning"}
 
 
 class Busy(UserError):

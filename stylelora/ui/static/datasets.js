@@ -58,6 +58,7 @@ async function pageDatasets() {
     $("report").textContent = listing.report.join("\n");
     $("report-box").hidden = $("tools").hidden = false;
     if (!$("trigger").value) $("trigger").value = listing.settings.trigger_word;
+    if (!$("cap-trigger").value) $("cap-trigger").value = listing.settings.trigger_word;
     selectionChanged();
     showUndo();
   }
@@ -134,6 +135,7 @@ async function pageDatasets() {
     }
     box.append(image,
       el("div", { class: "muted", text: `${item.path.split("/").pop()} · ${item.size.join("x")} → ${buckets}` }),
+      ...(item.author ? [el("div", { class: "muted author", text: item.author })] : []),
       ...(notes.length ? [el("ul", { class: "notes" }, ...notes.map((n) => el("li", { text: n })))] : []),
       text, el("div", { class: "row" }, save, state), row);
     return box;
@@ -216,6 +218,50 @@ async function pageDatasets() {
     e.preventDefault();
     upload(e.dataTransfer.files);
   });
+
+  // --- captioning with a model: `stylelora caption` in its own process ---------------------------
+
+  api("/api/captioners").then(({ captioners, defaults }) => {
+    $("captioners").replaceChildren(...captioners.map((c) => el("option", { value: c.model, label: c.kind })));
+    if (!$("cap-model").value && captioners.length) $("cap-model").value = captioners[0].model;
+    $("captioners-note").textContent = captioners.length
+      ? `${captioners.length} captioner${captioners.length === 1 ? "" : "s"} in the local model cache; a folder holding one works too.`
+      : `No captioner in the local model cache: download one (e.g. ${defaults.natural} or ${defaults.tags}) or give its folder.`;
+  }).catch(() => {});
+  function showCaptioning(job) {
+    const running = job.state === "running";
+    $("caption-start").disabled = running;
+    $("caption-cancel").hidden = !running;
+    if (running) say("caption-state", `${job.what}: ${job.progress || "starting"}`);
+    else if (job.state === "failed") say("caption-state", job.error, true);
+    else if (job.state !== "idle") say("caption-state", `${job.state}: ${job.said || ""}`);
+    return running;
+  }
+  // `followed`: true right after a start, which a quick job may outrun
+  async function followCaptioning(followed = false) {
+    let job = await api("/api/caption/status");
+    while (showCaptioning(job)) {
+      followed = true;
+      await new Promise((r) => setTimeout(r, 500));
+      job = await api("/api/caption/status");
+    }
+    if (followed && job.path === params.get("path")) await reopen(); // the new captions, to edit
+  }
+  $("caption-start").onclick = async () => {
+    if (!listing || !keepEdits()) return;
+    const overwrite = $("cap-all").checked;
+    if (overwrite && !confirm("Replace every caption in this folder with the captioner's?")) return;
+    unsaved.clear();
+    try {
+      await api("/api/caption/start", { method: "POST", body: {
+        path: params.get("path"), model: $("cap-model").value.trim(), style: $("cap-style").value,
+        trigger: $("cap-trigger").value, overwrite, caption_extension: listing.settings.caption_extension,
+      } });
+      await followCaptioning(true);
+    } catch (e) { say("caption-state", e.message, true); }
+  };
+  $("caption-cancel").onclick = () => api("/api/caption/cancel", { method: "POST", body: {} }).catch((e) => say("caption-state", e.message, true));
+  followCaptioning().catch(() => {});
 
   window.addEventListener("beforeunload", (e) => {
     if (unsaved.size) { e.preventDefault(); e.returnValue = ""; }
