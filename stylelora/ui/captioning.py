@@ -55,7 +55,9 @@ def captioner_source(ui: UI, text: str) -> str:
 
 
 def caption_arguments(ui: UI, data: dict[str, Any]) -> tuple[Path, list[str]]:
-    folder = ui.roots.resolve(str(data.get("path") or ""))
+    if not str(data.get("path") or "").strip():
+        raise UserError("path: open the folder to caption")
+    folder = ui.roots.resolve(str(data["path"]))
     if not folder.is_dir():
         raise UserError(f"{data.get('path', '')}: not a folder")
     style = str(data.get("style") or "")

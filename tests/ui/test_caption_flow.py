@@ -101,6 +101,7 @@ def test_a_folder_is_captioned_from_the_page_and_the_captions_are_edited(server,
         ({"style": "poetry"}, 400, "style: natural, tags"),
         ({"caption_extension": ".png"}, 400, "caption_extension"),
         ({"path": "../.."}, 403, "outside"),
+        ({"path": ""}, 400, "path: open the folder"),
     ],
 )
 def test_hostile_caption_requests_get_one_line(server, change, status, said):
