@@ -110,12 +110,14 @@ def model_type(folder: Path) -> str:
 
 def load_captioner(model: str, options: CaptionOptions, device: Device | None = None) -> Captioner:
     """The captioner `model` names, loaded on `device` (by default the best one here)."""
-    from stylelora.caption import tagger, vlm
+    from stylelora.caption import vlm
 
     folder = local_model_folder(model)
     kind = model_type(folder)
     device = device or caption_device()
     if kind == "wd-tagger":
+        from stylelora.caption import tagger  # onnxruntime's import only where a tagger is used
+
         return tagger.load_tagger(folder, model, options, device)
     if kind in vlm.VLM_TYPES:
         return vlm.load_vlm(folder, model, kind, options, device)
