@@ -104,7 +104,9 @@ def model_type(folder: Path) -> str:
     try:
         kind = json.loads(config.read_text(encoding="utf-8")).get("model_type", "")
     except (OSError, ValueError, AttributeError):
-        raise UserError(f"stylelora caption: {config} is no JSON object; download it again") from None
+        raise UserError(
+            f"stylelora caption: {config} is no JSON object; download it again"
+        ) from None
     return str(kind)
 
 

@@ -44,6 +44,10 @@ TAGS_PROMPT = (
 # the system turn JoyCaption's model card uses
 JOYCAPTION_SYSTEM = "You are a helpful image captioner."
 
+# a tokenizer's files in any of the layouts transformers reads, and an image processor's
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
 # Qwen's processors keep up to ~12.8 MP per image, thousands of tokens; a caption needs fewer
 MAX_SIDE = 1536
 
@@ -72,18 +76,28 @@ class VLMCaptioner:
     def _generate(self, images: list[Image.Image]) -> list[str]:
         images = [_prepared(image) for image in images]
         if self.kind == "florence2":
-            inputs = self.processor(text=[self.prompt] * len(images), images=images, return_tensors="pt")
+            inputs = self.processor(
+                text=[self.prompt] * len(images), images=images, return_tensors="pt"
+            )
         else:
             text = _chat_text(self.processor, self.kind, self.prompt)
+            # a template that writes the BOS token itself: the tokenizer must not add a second
+            bos = self.processor.tokenizer.bos_token
             inputs = self.processor(
-                text=[text] * len(images), images=images, padding=True, return_tensors="pt"
+                text=[text] * len(images),
+                images=images,
+                padding=True,
+                return_tensors="pt",
+                add_special_tokens=not (bos and text.startswith(bos)),
             )
         inputs = inputs.to(self.model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         with torch.inference_mode():
             output = self.model.generate(**inputs, generation_config=self._greedy())
         if not self.model.config.is_encoder_decoder:
-            output = output[:, inputs["input_ids"].shape[1] :]  # a decoder-only model echoes its input
+            output = output[
+                :, inputs["input_ids"].shape[1] :
+            ]  # a decoder-only model echoes its input
         texts = self.processor.batch_decode(output, skip_special_tokens=True)
         return [_one_line(text, self.prompt) for text in texts]
 
@@ -101,7 +115,9 @@ class VLMCaptioner:
         return config
 
 
-def load_vlm(folder: Path, model: str, kind: str, options: CaptionOptions, device: Device) -> VLMCaptioner:
+def load_vlm(
+    folder: Path, model: str, kind: str, options: CaptionOptions, device: Device
+) -> VLMCaptioner:
     """The vision-language model in `folder` (`model` as the user named it), ready to caption."""
     name = VLM_TYPES[kind]
     _refuse_remote_code(_config(folder, model), model, kind)
@@ -153,9 +169,13 @@ def _config(folder: Path, model: str) -> dict:
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise UserError(f"stylelora caption: {model}'s config.json is unreadable; download it again") from None
+        raise UserError(
+            f"stylelora caption: {model}'s config.json is unreadable; download it again"
+        ) from None
     if not isinstance(config, dict):
-        raise UserError(f"stylelora caption: {model}'s config.json is no JSON object; download it again")
+        raise UserError(
+            f"stylelora caption: {model}'s config.json is no JSON object; download it again"
+        )
     return config
 
 
@@ -177,12 +197,15 @@ def _load_processor(folder: Path, model: str, kind: str):
     """The model's processor: tokenizer, image processor and chat template."""
     from transformers import AutoProcessor
 
+    _check_processor_files(folder, model)
     loader = _images_only(kind) or AutoProcessor
     try:
         processor = loader.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
         raise _missing_processor(model, first_line(error)) from None
-    missing = [part for part in ("tokenizer", "image_processor") if getattr(processor, part, None) is None]
+    missing = [
+        part for part in ("tokenizer", "image_processor") if getattr(processor, part, None) is None
+    ]
     if missing:
         raise _missing_processor(model, f"no {' and no '.join(missing)}")
     if kind != "florence2":
@@ -190,6 +213,21 @@ def _load_processor(folder: Path, model: str, kind: str):
     if kind != "florence2" and not processor.chat_template:
         raise _missing_processor(model, "no chat template")
     return processor
+
+
+def _check_processor_files(folder: Path, model: str) -> None:
+    """Written by hand because transformers makes an empty tokenizer when its files are
+    missing, and says nothing."""
+    missing = []
+    if not any(all((folder / name).is_file() for name in names) for names in TOKENIZER_FILES):
+        missing.append("tokenizer.json")
+    if not any((folder / name).is_file() for name in IMAGE_PROCESSOR_FILES):
+        missing.append("preprocessor_config.json")
+    if missing:
+        raise UserError(
+            f"stylelora caption: {model} lacks {' and '.join(missing)}; "
+            "download the whole model folder again"
+        )
 
 
 def _missing_processor(model: str, why: str) -> UserError:
@@ -220,7 +258,9 @@ def _images_only(kind: str):
     return ImagesOnly
 
 
-def _load_model(folder: Path, model: str, options: CaptionOptions, device: Device) -> torch.nn.Module:
+def _load_model(
+    folder: Path, model: str, options: CaptionOptions, device: Device
+) -> torch.nn.Module:
     from transformers import AutoModelForImageTextToText
 
     kwargs: dict = {"local_files_only": True, "dtype": device.dtype}
@@ -288,7 +328,8 @@ def _prepared(image: Image.Image) -> Image.Image:
 
 def _one_line(text: str, prompt: str) -> str:
     """The caption without the instruction (should a model repeat it), on one line."""
-    text = " ".join(text.split())
+    # a caption file is text: no control characters, one line
+    text = " ".join("".join(c for c in text if c.isprintable() or c.isspace()).split())
     if text.startswith(prompt):
         text = text[len(prompt) :].strip()
     return text

@@ -31,7 +31,9 @@ def _save(model: torch.nn.Module, processor, folder: Path) -> Path:
     return folder
 
 
-def _generation(folder: Path, vocab: dict[str, int], specials: list[str], ends: list[str], **kwargs) -> None:
+def _generation(
+    folder: Path, vocab: dict[str, int], specials: list[str], ends: list[str], **kwargs
+) -> None:
     """A generation config for a random model: it could end at once or write only special
     tokens, which decode to an empty caption; here it writes a few ordinary tokens first."""
     from transformers import GenerationConfig
@@ -64,7 +66,9 @@ def tiny_florence2(folder: Path) -> Path:
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>", "<image>"]
     vocab = byte_vocab(specials)
-    tokenizer = BartTokenizer(vocab=vocab, merges=[], extra_special_tokens={"image_token": "<image>"})
+    tokenizer = BartTokenizer(
+        vocab=vocab, merges=[], extra_special_tokens={"image_token": "<image>"}
+    )
     text = BartConfig(
         vocab_size=len(vocab),
         d_model=32,
