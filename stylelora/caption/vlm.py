@@ -74,32 +74,30 @@ class VLMCaptioner:
         return captions
 
     def _generate(self, images: list[Image.Image]) -> list[str]:
-        images = [_prepared(image) for image in images]
-        if self.kind == "florence2":
-            inputs = self.processor(
-                text=[self.prompt] * len(images), images=images, return_tensors="pt"
-            )
-        else:
-            text = _chat_text(self.processor, self.kind, self.prompt)
-            # a template that writes the BOS token itself: the tokenizer must not add a second
-            bos = self.processor.tokenizer.bos_token
-            inputs = self.processor(
-                text=[text] * len(images),
-                images=images,
-                padding=True,
-                return_tensors="pt",
-                add_special_tokens=not (bos and text.startswith(bos)),
-            )
-        inputs = inputs.to(self.model.device)
+        inputs = self._inputs([_prepared(image) for image in images]).to(self.model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         with torch.inference_mode():
             output = self.model.generate(**inputs, generation_config=self._greedy())
         if not self.model.config.is_encoder_decoder:
-            output = output[
-                :, inputs["input_ids"].shape[1] :
-            ]  # a decoder-only model echoes its input
+            # a decoder-only model returns its input before the answer
+            output = output[:, inputs["input_ids"].shape[1] :]
         texts = self.processor.batch_decode(output, skip_special_tokens=True)
         return [_one_line(text, self.prompt) for text in texts]
+
+    def _inputs(self, images: list[Image.Image]):
+        if self.kind == "florence2":
+            prompts = [self.prompt] * len(images)
+            return self.processor(text=prompts, images=images, return_tensors="pt")
+        text = _chat_text(self.processor, self.kind, self.prompt)
+        # a template that writes the BOS token itself: the tokenizer must not add a second
+        bos = self.processor.tokenizer.bos_token
+        return self.processor(
+            text=[text] * len(images),
+            images=images,
+            padding=True,
+            return_tensors="pt",
+            add_special_tokens=not (bos and text.startswith(bos)),
+        )
 
     def _greedy(self):
         config = copy.deepcopy(self.model.generation_config)
@@ -269,6 +267,11 @@ def _load_model(
         kwargs["device_map"] = {"": device.name}
     try:
         network = AutoModelForImageTextToText.from_pretrained(folder, **kwargs)
+    except torch.OutOfMemoryError:
+        raise UserError(
+            f"stylelora caption: {model} does not fit in the GPU's memory; "
+            "add --4bit, or pick a smaller model"
+        ) from None
     except ImportError as error:
         raise UserError(f"stylelora caption: {model}: {first_line(error)}") from None
     except Exception as error:  # safetensors, torch and transformers each raise their own types

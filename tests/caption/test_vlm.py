@@ -194,3 +194,11 @@ def test_four_bit_loading(tiny_vlm):
     assert any(isinstance(module, Linear4bit) for module in captioner.model.modules())
     assert captioner.settings["load_in_4bit"] is True
     assert len(captioner.caption(images()[:2])) == 2
+
+
+def test_missing_chat_template(tiny_vlm, tmp_path):
+    folder = shutil.copytree(tiny_vlm("qwen2_5_vl"), tmp_path / "no-template")
+    (folder / "chat_template.jinja").unlink()
+    with pytest.raises(UserError) as excinfo:
+        load(folder)
+    assert "(no chat template); download the whole model folder" in one_line_error(excinfo)
