@@ -44,6 +44,15 @@ TAGS_PROMPT = (
 # the system turn JoyCaption's model card uses
 JOYCAPTION_SYSTEM = "You are a helpful image captioner."
 
+# what --4bit leaves in the device's precision: vision towers, projectors, the output layer
+# (patterns matched from the start of a module's name, as transformers matches them)
+FULL_PRECISION_MODULES = (
+    r".*\.vision_tower",
+    r".*\.multi_modal_projector",
+    r".*\.visual",
+    "lm_head",
+)
+
 # a tokenizer's files in any of the layouts transformers reads, and an image processor's
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
@@ -285,7 +294,7 @@ def _load_model(
 
 
 def _four_bit(model: str, device: Device):
-    """nf4 weights, computing in the device's precision."""
+    """nf4 weights for the language model, computing in the device's precision."""
     from transformers import BitsAndBytesConfig
 
     try:
@@ -300,6 +309,8 @@ def _four_bit(model: str, device: Device):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=device.dtype,
         bnb_4bit_use_double_quant=True,
+        # the vision towers are small and lose the most from 4 bits: only the language model
+        llm_int8_skip_modules=list(FULL_PRECISION_MODULES),
     )
 
 

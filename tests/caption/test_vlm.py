@@ -191,7 +191,11 @@ def test_four_bit_loading(tiny_vlm):
     from bitsandbytes.nn import Linear4bit
 
     captioner = load(tiny_vlm("qwen3_vl"), load_in_4bit=True)
-    assert any(isinstance(module, Linear4bit) for module in captioner.model.modules())
+    four_bit = [
+        name for name, module in captioner.model.named_modules() if isinstance(module, Linear4bit)
+    ]
+    assert any(".language_model." in name for name in four_bit)
+    assert not any(".visual." in name or "lm_head" in name for name in four_bit)
     assert captioner.settings["load_in_4bit"] is True
     assert len(captioner.caption(images()[:2])) == 2
 
