@@ -86,10 +86,10 @@ def local_model_folder(model: str) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise UserError(f"stylelora caption: {model} is a file; give the model's folder")
+        raise UserError(f"{model} is a file; give the model's folder")
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise UserError(
-            f"stylelora caption: {model} is no folder and no hub id (OWNER/NAME); "
+            f"{model} is no folder and no hub id (OWNER/NAME); "
             "give the folder that holds the model's files"
         )
     from huggingface_hub import snapshot_download
@@ -98,7 +98,7 @@ def local_model_folder(model: str) -> Path:
         return Path(snapshot_download(model, local_files_only=True))
     except Exception:  # the hub raises several types for "not cached"; each means the same here
         raise UserError(
-            f"stylelora caption: {model} is not in the local cache; download it with "
+            f"{model} is not in the local cache; download it with "
             f"`hf download {model}` on a machine with network (and copy the cache folder "
             "~/.cache/huggingface/hub over), or give a folder"
         ) from None
@@ -111,15 +111,13 @@ def model_type(folder: Path) -> str:
     config = folder / "config.json"
     if not config.is_file():
         raise UserError(
-            f"stylelora caption: {folder} holds neither a transformers config.json nor a WD "
+            f"{folder} holds neither a transformers config.json nor a WD "
             "tagger's selected_tags.csv; give a supported captioner's folder"
         )
     try:
         kind = json.loads(config.read_text(encoding="utf-8")).get("model_type", "")
     except (OSError, ValueError, AttributeError):
-        raise UserError(
-            f"stylelora caption: {config} is no JSON object; download it again"
-        ) from None
+        raise UserError(f"{config} is no JSON object; download it again") from None
     return str(kind)
 
 
@@ -131,8 +129,7 @@ def find_captioner(model: str) -> tuple[Path, str]:
     if kind != TAGGER and kind not in VLM_NAMES:
         supported = ", ".join(VLM_NAMES.values()) + ", WD v3 taggers"
         raise UserError(
-            f"stylelora caption: {model} is a {kind or 'model without model_type'}; "
-            f"supported captioners: {supported}"
+            f"{model} is a {kind or 'model without model_type'}; supported captioners: {supported}"
         )
     return folder, kind
 

@@ -72,10 +72,10 @@ def has_caption(image: Path, extension: str) -> bool:
 def images_to_caption(folder: Path, extension: str, overwrite: bool) -> tuple[list[Path], int]:
     """(the images to caption, how many are skipped because they have a caption)."""
     if not folder.is_dir():
-        raise UserError(f"stylelora caption: {folder}: folder not found")
+        raise UserError(f"{folder}: folder not found")
     images = image_files(folder)
     if not images:
-        raise UserError(f"stylelora caption: {folder}: no images (.png, .jpg, .webp, .bmp) in it")
+        raise UserError(f"{folder}: no images (.png, .jpg, .webp, .bmp) in it")
     todo = [image for image in images if overwrite or not has_caption(image, extension)]
     return todo, len(images) - len(todo)
 

@@ -39,7 +39,7 @@ def read_tags(path: Path) -> list[Tag]:
             return [Tag(row["name"], int(row["category"])) for row in csv.DictReader(handle)]
     except (OSError, KeyError, TypeError, ValueError):
         raise UserError(
-            f"stylelora caption: {path} is not a WD tagger's tag list (columns name, category); "
+            f"{path} is not a WD tagger's tag list (columns name, category); "
             "download the tagger again"
         ) from None
 
@@ -116,28 +116,26 @@ def load_tagger(folder: Path, model: str, options: CaptionOptions, device: Devic
         import onnxruntime
     except ImportError:
         raise UserError(
-            "stylelora caption: the WD taggers run with onnxruntime; pip install onnxruntime "
+            "the WD taggers run with onnxruntime; pip install onnxruntime "
             "(onnxruntime-gpu on a CUDA machine)"
         ) from None
     if options.style == "natural":
         raise UserError(
-            f"stylelora caption: {model} is a tagger and writes tags; use --style tags, or a "
+            f"{model} is a tagger and writes tags; use --style tags, or a "
             "vision-language model for natural captions"
         )
     onnx_file = folder / "model.onnx"
     if not onnx_file.is_file():
-        raise UserError(f"stylelora caption: {folder} has no model.onnx; download the tagger again")
+        raise UserError(f"{folder} has no model.onnx; download the tagger again")
     tags = read_tags(folder / "selected_tags.csv")
     try:
         session = onnxruntime.InferenceSession(str(onnx_file), providers=providers(device))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise UserError(
-            f"stylelora caption: {onnx_file}: not a loadable ONNX model ({first_line(exc)})"
-        ) from None
+        raise UserError(f"{onnx_file}: not a loadable ONNX model ({first_line(exc)})") from None
     outputs = session.get_outputs()[0].shape[-1]
     if isinstance(outputs, int) and outputs != len(tags):
         raise UserError(
-            f"stylelora caption: {folder}: the model gives {outputs} tags but "
+            f"{folder}: the model gives {outputs} tags but "
             f"selected_tags.csv lists {len(tags)}; download the tagger again"
         )
     return WDTagger(session, tags, f"WD tagger ({model})", options)

@@ -12,7 +12,7 @@ from PIL import Image
 from tiny_tagger import expected_probabilities, write_tiny_tagger
 
 from stylelora.caption.command import stop_on_sigterm
-from stylelora.caption.models import CaptionOptions, load_captioner
+from stylelora.caption.models import VLM_NAMES, CaptionOptions, load_captioner
 from stylelora.caption.record import EDITED, ELSEWHERE, RECORD_FILE
 from stylelora.caption.run import caption_images, images_to_caption
 from stylelora.cli import main
@@ -153,6 +153,24 @@ def test_dataset_check_counts_captions_by_captioner_and_edits(tmp_path, tagger, 
     assert "  caption files by author:" in out
     assert f"    2 WD tagger ({tagger})" in out
     assert f"    1 {EDITED}" in out and f"    1 {ELSEWHERE}" in out
+
+
+@pytest.mark.parametrize("kind", ["florence2", "qwen2_5_vl", "qwen3_vl", "llava"])
+def test_the_whole_command_with_each_vision_language_model(tmp_path, tiny_vlm, kind):
+    solid(tmp_path, "a.png", RED, (40, 24))
+    solid(tmp_path, "b.png", BLUE)
+    solid(tmp_path, "c.png", RED)
+    args = ("--trigger", "zqxstyle", "--suffix", "flat", "--max-tokens", "6", "--batch-size", "2")
+    assert caption(tmp_path, "--model", tiny_vlm(kind), *args) == 0
+    record = json.loads((tmp_path / RECORD_FILE).read_text())["files"]
+    assert sorted(record) == ["a.txt", "b.txt", "c.txt"]
+    for name in record:
+        lines = (tmp_path / name).read_text().splitlines()
+        # one line: the trigger word, whatever the random model wrote, the suffix
+        assert len(lines) == 1 and lines[0].startswith("zqxstyle, ") and lines[0].endswith(", flat")
+        assert len(lines[0]) > len("zqxstyle, , flat")
+        assert record[name]["captioner"] == f"{VLM_NAMES[kind]} ({tiny_vlm(kind)})"
+        assert record[name]["settings"]["max_tokens"] == 6
 
 
 @pytest.mark.parametrize(
