@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-# the web UI's fixtures (a server, headless Chromium) for tests/ui
-pytest_plugins = ["ui_fixtures"]
+# the web UI's fixtures (a server, headless Chromium) for tests/ui; the tiny captioners
+pytest_plugins = ["ui_fixtures", "caption_fixtures"]
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.toml"

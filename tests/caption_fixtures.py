@@ -1,4 +1,7 @@
-"""Fixtures for the captioner tests: tiny random vision-language models, built once a session."""
+"""The captioner tests' fixtures: tiny random vision-language models, built once a session.
+
+A plugin of the suite (`pytest_plugins` in conftest.py), as `ui_fixtures` is: a second
+conftest.py would take the module name `conftest` that other tests import their helpers by."""
 
 from __future__ import annotations
 
