@@ -8,7 +8,8 @@ each of its down blocks is one layer of features:
   Gatys et al.'s Gram matrices reduced to their diagonal and first moment, as in Huang and
   Belongie's AdaIN and IntroStyle's denoiser-feature statistics). A render's style distance is
   the mean relative distance of its statistics to each training image's; `style` is the part of
-  the base render's distance the adapter takes away (0: none, 1: as close as the training set).
+  the base renders' distance the adapter takes away (0: none; the training images' own distance
+  to the others, `Reference.floor`, is as far as it can go).
 - content: how much of the base render's layout the adapted render keeps: the correlation of the
   two renders' self-similarity matrices (the cosine between every pair of positions' centred
   feature vectors, as in Tumanyan et al.'s Splice), which a change of colours or texture alone
@@ -114,14 +115,27 @@ def style_statistics(layers: Layers) -> Layers:
     return stats
 
 
-def style_distances(stats: Layers, reference: Layers) -> torch.Tensor:
-    """(n,) each image's mean distance to the reference images' statistics, each layer's
-    relative to the size of the reference's, averaged over the layers."""
+def distance_matrix(stats: Layers, reference: Layers) -> torch.Tensor:
+    """(n, references): the distances between statistics, each layer's relative to the size
+    of the reference's, averaged over the layers."""
     per_layer = []
     for mine, theirs in zip(stats, reference, strict=True):
         scale = theirs.norm(dim=1).mean().clamp_min(1e-8)
-        per_layer.append(torch.cdist(mine, theirs).mean(1) / scale)
+        per_layer.append(torch.cdist(mine, theirs) / scale)
     return torch.stack(per_layer).mean(0)
+
+
+def style_distances(stats: Layers, reference: Layers) -> torch.Tensor:
+    """(n,) each image's mean distance to the reference images' statistics."""
+    return distance_matrix(stats, reference).mean(1)
+
+
+def style_floor(reference: Layers) -> float:
+    """The reference images' own mean distance to the others: where a render whose style is
+    the training set's lands."""
+    matrix = distance_matrix(reference, reference)
+    count = matrix.shape[0]
+    return float(matrix.sum() / (count * (count - 1))) if count > 1 else 0.0
 
 
 # --- content ------------------------------------------------------------------------------
@@ -179,6 +193,7 @@ class Reference:
     train_descriptors: Layers
     base_layers: Layers
     base_distance: torch.Tensor
+    floor: float  # the training images' own style distance to the others
     base_copying: torch.Tensor
 
 
@@ -217,6 +232,7 @@ def reference(
         train_descriptors=train_descriptors,
         base_layers=base_layers,
         base_distance=style_distances(style_statistics(base_layers), train_stats),
+        floor=style_floor(train_stats),
         base_copying=copying,
     )
 
