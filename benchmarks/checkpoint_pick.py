@@ -2,7 +2,8 @@
 palette distance and the silhouette IoU of `style_shift.py` are ground truths of style and
 content, they are compared across many adapters: the checkpoints of a long, deliberately
 overfitting demo run (constant learning rate, every timestep, a checkpoint every 100 steps) and
-short runs of the option table's variants.
+short runs of the option table's variants, and the default variant and the last checkpoint at
+lower strengths (whose style and content lie between the base's and the full adapter's).
 
 Each adapter renders the same prompts (`a SUBJECT, zqxstyle`, every fourth subject in the style
 set and out of it, one seed) at 64 px; the measures (stylelora/sample/measures.py, against the
@@ -10,7 +11,7 @@ style images) and the ground truths are taken of the very same renders. Printed:
 adapter, the rank correlation (Spearman) of style with the palette ratio's fall (1 - adapted /
 base distance) and of content with the silhouette IoU, the checkpoint the rule of
 stylelora/sample/pick.py picks from the measures and the one it picks from the ground truths,
-and the run's own pick (made while it trained, on its held-out prompts).
+and what `stylelora pick` picks on the run's own held-out prompts.
 
 Targets: both correlations at least 0.8; the two picks at most one checkpoint apart.
 
@@ -96,7 +97,7 @@ def ground_truth(images, base, palette: np.ndarray) -> dict[str, float]:
     return {"palette_fall": float(1 - distance / base_distance), "iou": float(kept)}
 
 
-def evaluate(adapters: dict[str, Path], seeds: list[int]) -> list[dict]:
+def evaluate(adapters: dict[str, tuple[Path, float]], seeds: list[int]) -> list[dict]:
     """Measures and ground truths of each adapter's renders of the benchmark's prompts."""
     from stylelora.families import load_family
     from stylelora.sample.measures import measure, reference
@@ -111,9 +112,9 @@ def evaluate(adapters: dict[str, Path], seeds: list[int]) -> list[dict]:
     base = render_all(family.pipe, requests, family)
     ref = reference(family, training, base)
     rows = []
-    for label, path in adapters.items():
+    for label, (path, scale) in adapters.items():
         started = time.perf_counter()
-        images = adapter_renders(family, path, requests)
+        images = adapter_renders(family, path, requests, scale)
         row = {"label": label, **measure(family, ref, images).as_dict()}
         row |= ground_truth(images, base, palette)
         row["seconds"] = time.perf_counter() - started
@@ -130,17 +131,15 @@ def checkpoint_adapters(run: Path) -> dict[str, Path]:
     from stylelora.sample.pick_run import step_adapters
 
     name = json.loads((run / "config.json").read_text())["name"]
-    return {f"step {step}": path for step, path in step_adapters(run, name).items()}
+    return {f"step {step}": (path, 1.0) for step, path in step_adapters(run, name).items()}
 
 
-def run_pick(run: Path) -> int | None:
-    """The step the run itself picked while it trained (progress.jsonl's `pick`)."""
-    picked = None
-    for line in (run / "progress.jsonl").read_text().splitlines():
-        event = json.loads(line)
-        if event.get("event") == "pick":
-            picked = event["step"]
-    return picked
+def run_pick(run: Path) -> int:
+    """The step `stylelora pick` picks from the run's own held-out prompts."""
+    from stylelora.sample.pick_run import pick_run
+
+    pick_run(run, say=lambda line: None)
+    return json.loads((run / "measures" / "pick.json").read_text())["step"]
 
 
 def picks(rows: list[dict]) -> tuple[int, int]:
@@ -169,13 +168,23 @@ def main() -> None:
     parser.add_argument("--variant-steps", type=int, default=500, help="each variant's steps")
     parser.add_argument("--variants", nargs="*", default=VARIANTS, help="option-table names")
     parser.add_argument("--seeds", default="0", help="seeds of the benchmark's renders")
+    parser.add_argument(
+        "--strengths",
+        type=lambda text: [float(v) for v in text.split(",")],
+        default=[0.25, 0.5, 0.75],
+        help="the default variant and the last checkpoint at these strengths too",
+    )
     parser.add_argument("--run", type=Path, help="an overfitting run already trained")
-    parser.add_argument("--keep", type=Path, help="train into this folder (kept)")
+    parser.add_argument(
+        "--keep", type=Path, help="train into this folder (kept; a later call reuses its runs)"
+    )
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         run = args.run
+        if run is None and args.keep and (args.keep / "overfit" / "config.json").is_file():
+            run = args.keep / "overfit"  # trained by an earlier call with --keep
         if run is None:
             run = work / "overfit"
             overrides = [
@@ -187,30 +196,43 @@ def main() -> None:
             _, seconds = train_adapter(run, overrides, CONFIG)
             print(f"overfitting run: {args.steps} steps in {seconds:.0f} s", flush=True)
         adapters = checkpoint_adapters(run)
+        last = list(adapters.values())[-1][0]
         for index, name in enumerate(args.variants):
             out = work / f"variant-{index}"
-            overrides = [*OPTIONS[name], f"train.max_steps={args.variant_steps}"]
-            adapters[name], seconds = train_adapter(out, overrides, CONFIG)
-            print(f"variant {name}: {seconds:.0f} s", flush=True)
+            if not (out / "demo-style.safetensors").is_file():
+                overrides = [*OPTIONS[name], f"train.max_steps={args.variant_steps}"]
+                _, seconds = train_adapter(out, overrides, CONFIG)
+                print(f"variant {name}: {seconds:.0f} s", flush=True)
+            adapters[name] = (out / "demo-style.safetensors", 1.0)
+        weaker = {"the default": adapters[args.variants[0]][0], "the last checkpoint": last}
+        for what, path in weaker.items() if args.variants else ():
+            for scale in args.strengths:
+                adapters[f"{what} at strength {scale}"] = (path, scale)
         print("| adapter | style | palette fall | content | silhouette IoU | copying |")
         print("|---|---|---|---|---|---|")
         rows = evaluate(adapters, seeds)
         report(rows, run)
 
 
-def report(rows: list[dict], run: Path) -> None:
+def correlations(rows: list[dict], what: str) -> None:
     style = spearman([r["style"] for r in rows], [r["palette_fall"] for r in rows])
     content = spearman([r["content"] for r in rows], [r["iou"] for r in rows])
-    print(f"\n{len(rows)} adapters")
-    print(f"rank correlation, style vs palette fall: {style:.3f} (target >= 0.8)")
-    print(f"rank correlation, content vs silhouette IoU: {content:.3f} (target >= 0.8)")
+    print(f"{what} ({len(rows)}): rank correlation of style with the palette fall {style:.3f}, "
+          f"of content with the silhouette IoU {content:.3f} (targets >= 0.8)")  # fmt: skip
+
+
+def report(rows: list[dict], run: Path) -> None:
+    print()
+    correlations(rows, "all adapters")
+    correlations([r for r in rows if "strength" not in r["label"]], "without the weaker ones")
+    correlations([r for r in rows if r["label"].startswith("step ")], "the checkpoints alone")
     checkpoints = [r for r in rows if r["label"].startswith("step ")]
     measured, truth = picks(checkpoints)
     steps = [int(r["label"].split()[1]) for r in checkpoints]
     apart = abs(steps.index(measured) - steps.index(truth))
     print(f"picked from the measures: step {measured}; from the ground truths: step {truth} "
           f"({apart} checkpoint(s) apart, target <= 1)")  # fmt: skip
-    print(f"picked by the run while it trained: step {run_pick(run)}")
+    print(f"picked by `stylelora pick` (the run's own 4 held-out prompts): step {run_pick(run)}")
     per_adapter = np.mean([r["seconds"] for r in rows])
     print(f"{per_adapter:.1f} s per adapter ({len(bench_prompts([0]))} renders per seed)")
 

@@ -4,18 +4,20 @@ encoder: no download, any family.
 The images (renders and training images) go through the family's VAE encoder, and the output of
 each of its down blocks is one layer of features:
 
-- style: each layer's per-channel mean and standard deviation (the feature statistics of
-  Gatys et al.'s Gram matrices reduced to their diagonal and first moment, as in Huang and
-  Belongie's AdaIN and IntroStyle's denoiser-feature statistics). A render's style distance is
-  the mean relative distance of its statistics to each training image's; `style` is the part of
-  the base renders' distance the adapter takes away (0: none; the training images' own distance
-  to the others, `Reference.floor`, is as far as it can go).
-- content: how much of the base render's layout the adapted render keeps: the correlation of the
-  two renders' self-similarity matrices (the cosine between every pair of positions' centred
-  feature vectors, as in Tumanyan et al.'s Splice), which a change of colours or texture alone
-  leaves mostly as it is (1: the same layout).
-- copying: the cosine between a render's whole (pooled) feature maps and those of its nearest
-  training image (1: a training image).
+- style: each layer's per-channel standard deviation over the picture (the diagonal of Gatys et
+  al.'s Gram matrix of the centred features; AdaIN's and IntroStyle's second statistic). A
+  render's style distance is its mean distance to the NEAREST training images' statistics (a
+  style set holds several palettes and subjects: the nearest few, not the average of all);
+  `style` is the part of the base renders' distance the adapter takes away (0: none; the
+  training images' own distance to their nearest others, `Reference.floor`, is about as far as
+  it goes).
+- content: how much of the base render's layout the adapted render keeps: in the finer layers,
+  each position's distance from the picture's surroundings (the median feature of its border)
+  is a map of where the subject stands out; `content` is the correlation of the base render's
+  map with the adapted render's (1: the subject stands where, and as, it stood), which a change
+  of palette or texture alone moves less than a redrawn subject.
+- copying: the cosine between a render's (pooled, centred) feature maps and those of its
+  nearest training image (1: a training image).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from stylelora.families.base import ModelFamily
 # many positions a side: the cost stays that of a small encoder pass whatever the model.
 MAX_SIDE = 256
 MAX_POSITIONS = 16
+NEAREST = 3  # training images a render's style is compared with
 
 Layers = list[torch.Tensor]  # one (images, channels, height, width) tensor per layer
 
@@ -107,12 +110,10 @@ def pooled(layer: torch.Tensor) -> torch.Tensor:
 
 
 def style_statistics(layers: Layers) -> Layers:
-    """Per layer, each image's channel means and standard deviations: (n, 2 * channels)."""
-    stats = []
-    for layer in layers:
-        flat = layer.flatten(2)
-        stats.append(torch.cat([flat.mean(2), flat.std(2, correction=0)], dim=1))
-    return stats
+    """Per layer, each image's channel standard deviations: (n, channels). (The channel means
+    follow how much of the picture the subject covers: with them the measure tracked the demo's
+    palette distance worse, benchmarks/checkpoint_pick.py.)"""
+    return [layer.flatten(2).std(2, correction=0) for layer in layers]
 
 
 def distance_matrix(stats: Layers, reference: Layers) -> torch.Tensor:
@@ -126,37 +127,48 @@ def distance_matrix(stats: Layers, reference: Layers) -> torch.Tensor:
 
 
 def style_distances(stats: Layers, reference: Layers) -> torch.Tensor:
-    """(n,) each image's mean distance to the reference images' statistics."""
-    return distance_matrix(stats, reference).mean(1)
+    """(n,) each image's mean distance to its NEAREST reference images' statistics."""
+    matrix = distance_matrix(stats, reference)
+    return matrix.topk(min(NEAREST, matrix.shape[1]), dim=1, largest=False).values.mean(1)
 
 
 def style_floor(reference: Layers) -> float:
-    """The reference images' own mean distance to the others: where a render whose style is
-    the training set's lands."""
+    """The reference images' own distance to their nearest others: about where a render whose
+    style is the training set's lands."""
     matrix = distance_matrix(reference, reference)
-    count = matrix.shape[0]
-    return float(matrix.sum() / (count * (count - 1))) if count > 1 else 0.0
+    if matrix.shape[0] < 2:
+        return 0.0
+    matrix.fill_diagonal_(float("inf"))  # each image's distance to itself
+    nearest = matrix.topk(min(NEAREST, matrix.shape[1] - 1), dim=1, largest=False).values
+    return float(nearest.mean())
 
 
 # --- content ------------------------------------------------------------------------------
 
 
-def self_similarity(layer: torch.Tensor) -> torch.Tensor:
-    """(n, positions, positions): the cosine between the centred features of every two
-    positions."""
-    flat = pooled(layer).flatten(2)
-    flat = flat - flat.mean(2, keepdim=True)
-    flat = F.normalize(flat, dim=1)
-    return flat.transpose(1, 2) @ flat
+def layout_map(layer: torch.Tensor) -> torch.Tensor:
+    """(n, positions): how far each position's features are (cosine distance) from the picture's
+    surroundings, the median feature of its border: where the subject stands out, and how much."""
+    features = pooled(layer)
+    border = torch.zeros(features.shape[-2:], dtype=torch.bool)
+    border[0], border[-1], border[:, 0], border[:, -1] = True, True, True, True
+    surroundings = features[:, :, border].median(2).values[:, :, None, None]
+    distance = 1 - F.cosine_similarity(features, surroundings.expand_as(features), dim=1)
+    return distance.flatten(1)
+
+
+def fine_layers(layers: Layers) -> Layers:
+    """The layers at least half as fine as the finest: the layout, not what the subject is."""
+    finest = max(layer.shape[-1] for layer in layers)
+    return [layer for layer in layers if 2 * layer.shape[-1] >= finest]
 
 
 def content_kept(base: Layers, adapted: Layers) -> torch.Tensor:
-    """(n,) the correlation of each pair's self-similarity matrices, averaged over the layers
-    (1: the same layout)."""
+    """(n,) the correlation of each pair's layout maps over the fine layers, averaged (1: the
+    subject stands where, and as, it stood)."""
     per_layer = []
-    for one, other in zip(base, adapted, strict=True):
-        a = self_similarity(one).flatten(1)
-        b = self_similarity(other).flatten(1)
+    for one, other in zip(fine_layers(base), fine_layers(adapted), strict=True):
+        a, b = layout_map(one), layout_map(other)
         a = a - a.mean(1, keepdim=True)
         b = b - b.mean(1, keepdim=True)
         per_layer.append(F.cosine_similarity(a, b, dim=1, eps=1e-8))
@@ -167,8 +179,14 @@ def content_kept(base: Layers, adapted: Layers) -> torch.Tensor:
 
 
 def copy_descriptors(layers: Layers) -> Layers:
-    """Per layer, each image's pooled feature map as one unit vector."""
-    return [F.normalize(pooled(layer).flatten(1), dim=1) for layer in layers]
+    """Per layer, each image's pooled feature map, each channel less its mean over the picture
+    (what is where, not the overall colour that the style shares), as one unit vector."""
+    descriptors = []
+    for layer in layers:
+        flat = pooled(layer).flatten(2)
+        flat = flat - flat.mean(2, keepdim=True)
+        descriptors.append(F.normalize(flat.flatten(1), dim=1))
+    return descriptors
 
 
 def nearest_copy(descriptors: Layers, training: Layers) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,14 +52,14 @@ def step_adapters(run_dir: Path, name: str) -> dict[int, Path]:
 
 
 def adapter_renders(
-    family: ModelFamily, path: Path, prompts: list[SamplePrompt]
+    family: ModelFamily, path: Path, prompts: list[SamplePrompt], scale: float = 1.0
 ) -> list[Image.Image]:
-    """`prompts` rendered with the adapter file at strength 1; the model as it was after."""
+    """`prompts` rendered with the adapter file at strength `scale`; the model as it was after."""
     saved: dict = {}
-    loaded = attach_adapter(family, path, 1.0, ADAPTER_NAME, None, saved)
+    loaded = attach_adapter(family, path, scale, ADAPTER_NAME, None, saved)
     try:
         if loaded:
-            weigh_adapter(family, path, 1.0)
+            weigh_adapter(family, path, scale)
         return render_all(family.pipe, prompts, family)
     finally:
         if loaded:

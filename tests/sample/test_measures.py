@@ -70,8 +70,9 @@ def test_painting_every_render_in_the_style_palette_raises_style_and_lowers_cont
     quantised = Image.fromarray(mosaic).quantize(colors=6, kmeans=6)
     palette = np.array(quantised.getpalette(), np.float32).reshape(-1, 3)[:6]
     painted = measure(demo, measurer.reference, [in_palette(i, palette) for i in measurer.base])
-    assert painted.style > 0.02  # toward the training images' statistics (0.04 measured)
-    assert painted.content < 0.9  # the layout's own features change with the colours (0.41)
+    assert painted.style > 0.2  # toward the training images' statistics (0.50 measured)
+    assert painted.content < 0.9  # the subject no longer stands out as it did (0.43)
+    assert painted.copying < 0.9  # a palette is no copy of a training image (0.45, base 0.45)
 
 
 def test_a_render_equal_to_a_training_image_scores_full_copying(demo, training, base) -> None:
