@@ -232,6 +232,13 @@ def report(rows: list[dict], run: Path) -> None:
     apart = abs(steps.index(measured) - steps.index(truth))
     print(f"picked from the measures: step {measured}; from the ground truths: step {truth} "
           f"({apart} checkpoint(s) apart, target <= 1)")  # fmt: skip
+    import stylelora.sample.pick as rule
+
+    chosen = rule.ENOUGH_STYLE
+    for fraction in (0.8, 0.85, 0.95):  # how much the agreement owes to the rule's 90 %
+        rule.ENOUGH_STYLE = fraction
+        print(f"  with {fraction:.0%} instead: " + " and ".join(map(str, picks(checkpoints))))
+    rule.ENOUGH_STYLE = chosen
     print(f"picked by `stylelora pick` (the run's own 4 held-out prompts): step {run_pick(run)}")
     per_adapter = np.mean([r["seconds"] for r in rows])
     print(f"{per_adapter:.1f} s per adapter ({len(bench_prompts([0]))} renders per seed)")

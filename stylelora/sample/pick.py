@@ -1,9 +1,9 @@
 """Which measured step to keep, and `NAME-best.safetensors`: the adapter of that step, its
 header saying which step and why.
 
-The rule: among the measured steps whose style reaches ENOUGH_STYLE of the highest style any
-step reached (past them the style gains little), the one that keeps most of the base's content
-less what it adds in copying of the training images.
+The rule: the first measured step whose style (averaged with the steps beside it, so that one
+noisy measurement does not decide) reaches ENOUGH_STYLE of the highest: past it the style gains
+little, while the adapter goes on copying the training images and redrawing the subject.
 """
 
 from __future__ import annotations
@@ -19,29 +19,37 @@ from stylelora.export.atomic import atomic_path, save_tensors
 ENOUGH_STYLE = 0.9
 
 
-def score(record: dict) -> float:
-    """What the rule maximises among the steps with enough style."""
-    return record["content"] - max(record["copying"] - record["base_copying"], 0.0)
+def beside(values: list[float]) -> list[float]:
+    """Each value averaged with its neighbours (one on each side, where there is one)."""
+    return [
+        sum(values[max(0, i - 1) : i + 2]) / len(values[max(0, i - 1) : i + 2])
+        for i in range(len(values))
+    ]
 
 
 def pick(records: list[dict]) -> tuple[dict, str]:
-    """The measured step to keep (a record of `measure` events: step, style, content, copying,
+    """The measured step to keep (of `measure` records: step, style, content, copying,
     base_copying) and the reason, in one line."""
     if not records:
         raise ValueError("no measured steps to pick from")
-    highest = max(record["style"] for record in records)
+    records = sorted(records, key=lambda record: record["step"])
+    style = beside([record["style"] for record in records])
+    highest = max(style)
     if highest <= 0:
-        chosen = max(records, key=score)
-        return chosen, "no measured step moved the style toward the training images"
-    candidates = [r for r in records if r["style"] >= ENOUGH_STYLE * highest]
-    chosen = max(candidates, key=score)
-    steps = ", ".join(str(r["step"]) for r in candidates)
+        return records[-1], "no measured step moved the style toward the training images"
+    index = next(i for i, value in enumerate(style) if value >= ENOUGH_STYLE * highest)
+    chosen, later = records[index], records[index + 1 :]
     reason = (
-        f"style {chosen['style']:.2f} is at least {ENOUGH_STYLE:.0%} of the highest "
-        f"({highest:.2f}); of the steps that reach it ({steps}) it keeps the most content "
-        f"({chosen['content']:.2f}) for its copying ({chosen['copying']:.2f}, base "
-        f"{chosen['base_copying']:.2f})"
+        f"the first measured step whose style ({style[index]:.2f}, with the steps beside it) "
+        f"reaches {ENOUGH_STYLE:.0%} of the highest ({highest:.2f})"
     )
+    if later:
+        reason += (
+            f"; later steps gain at most {max(style[index + 1 :]) - style[index]:.2f} style "
+            f"while copying goes from {chosen['copying']:.2f} up to "
+            f"{max(r['copying'] for r in later):.2f} and content from {chosen['content']:.2f} "
+            f"down to {min(r['content'] for r in later):.2f}"
+        )
     return chosen, reason
 
 
