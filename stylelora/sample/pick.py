@@ -9,12 +9,11 @@ little, while the adapter goes on copying the training images and redrawing the 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from stylelora.adapters.state import read_tensors
 from stylelora.errors import UserError
-from stylelora.export.atomic import atomic_path, save_tensors
+from stylelora.export.atomic import save_tensors
 
 ENOUGH_STYLE = 0.9
 
@@ -71,12 +70,6 @@ def write_best(source: Path, out: Path, record: dict, reason: str) -> Path:
         "stylelora_best_source": source.name,
     }
     return save_tensors(tensors, out, header)
-
-
-def copy_file(source: Path, out: Path) -> None:
-    """`source` copied onto `out` atomically."""
-    with atomic_path(out) as tmp:
-        shutil.copyfile(source, tmp)
 
 
 def no_measures(folder: Path) -> UserError:
