@@ -43,11 +43,13 @@ def pick(records: list[dict]) -> tuple[dict, str]:
         f"reaches {ENOUGH_STYLE:.0%} of the highest ({highest:.2f})"
     )
     if later:
+        copying = [r["copying"] for r in later]
+        content = [r["content"] for r in later]
         reason += (
-            f"; later steps gain at most {max(style[index + 1 :]) - style[index]:.2f} style "
-            f"while copying goes from {chosen['copying']:.2f} up to "
-            f"{max(r['copying'] for r in later):.2f} and content from {chosen['content']:.2f} "
-            f"down to {min(r['content'] for r in later):.2f}"
+            f"; later steps gain at most {max(style[index + 1 :]) - style[index]:.2f} style, "
+            f"copying {chosen['copying']:.2f} there, {min(copying):.2f} to {max(copying):.2f} "
+            f"later, content {chosen['content']:.2f} there, {min(content):.2f} to "
+            f"{max(content):.2f} later"
         )
     return chosen, reason
 
