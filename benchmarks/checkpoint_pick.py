@@ -6,7 +6,7 @@ short runs of the option table's variants, and the default variant and the last 
 lower strengths (whose style and content lie between the base's and the full adapter's).
 
 Each adapter renders the same prompts (`a SUBJECT, zqxstyle`, every fourth subject in the style
-set and out of it, one seed) at 64 px; the measures (stylelora/sample/measures.py, against the
+set and out of it, seeds 0 and 1) at 64 px; the measures (stylelora/sample/measures.py, against the
 style images) and the ground truths are taken of the very same renders. Printed: a row per
 adapter, the rank correlation (Spearman) of style with the palette ratio's fall (1 - adapted /
 base distance) and of content with the silhouette IoU, the checkpoint the rule of
@@ -15,7 +15,8 @@ and what `stylelora pick` picks on the run's own held-out prompts.
 
 Targets: both correlations at least 0.8; the two picks at most one checkpoint apart.
 
-    python benchmarks/checkpoint_pick.py
+    python benchmarks/checkpoint_pick.py                  # about 30 min on one thread
+    python benchmarks/checkpoint_pick.py --keep runs/pick-bench   # its runs kept, reused later
     python benchmarks/checkpoint_pick.py --steps 2000 --every 100 --variant-steps 500
     python benchmarks/checkpoint_pick.py --run runs/pick-bench   # measure an existing run again
 """
@@ -167,7 +168,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=100, help="its checkpoint interval")
     parser.add_argument("--variant-steps", type=int, default=500, help="each variant's steps")
     parser.add_argument("--variants", nargs="*", default=VARIANTS, help="option-table names")
-    parser.add_argument("--seeds", default="0", help="seeds of the benchmark's renders")
+    parser.add_argument("--seeds", default="0,1", help="seeds of the benchmark's renders")
     parser.add_argument(
         "--strengths",
         type=lambda text: [float(v) for v in text.split(",")],
