@@ -168,6 +168,12 @@ def add_tool_commands(commands) -> None:
     inspect.add_argument("file", type=Path)
     inspect.set_defaults(run=run_inspect)
 
+    pick = commands.add_parser(
+        "pick", help="measure a run's checkpoints and write the one to keep as NAME-best"
+    )
+    pick.add_argument("run_dir", type=Path, help="the run folder (output_dir)")
+    pick.set_defaults(run=run_pick)
+
 
 def run_train(args: argparse.Namespace) -> int:
     from stylelora.config import load_config
@@ -389,6 +395,12 @@ def run_inspect(args: argparse.Namespace) -> None:
     from stylelora.export.tools import run_inspect as inspect
 
     print("\n".join(inspect(args.file)))
+
+
+def run_pick(args: argparse.Namespace) -> None:
+    from stylelora.sample.pick_run import pick_run
+
+    pick_run(args.run_dir)
 
 
 def quiet_libraries() -> None:

@@ -616,6 +616,26 @@ class ValidationConfig(Section):
         description="The fixed timesteps the held-out images are noised at.",
     )
     seed: int = Field(0, description="Seed of the validation noise.")
+    measure: bool = Field(
+        True,
+        description="Measure style, content and copying of held-out prompts' renders while "
+        "training (the report's curve and NAME-best.safetensors); false: off.",
+    )
+    measure_every_n_steps: NonNegInt = Field(
+        250,
+        description="Measure every N steps, at each checkpoint and at the end (0: at the end "
+        "and the checkpoints only).",
+    )
+    measure_prompts: PositiveInt = Field(
+        4,
+        description="Prompts measured: the sample prompts first, then training captions with "
+        "their subject swapped for another.",
+    )
+    measure_steps: PositiveInt | None = Field(
+        10,
+        description="Denoising steps of each measured render; unset: each prompt's own "
+        "(sample.num_inference_steps).",
+    )
 
     @property
     def enabled(self) -> bool:

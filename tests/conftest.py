@@ -60,6 +60,7 @@ TEST_RUN = (
     "sample.every_n_steps=40",
     "sample.num_inference_steps=12",
     "sample.guidance_scale=5.0",
+    "validation.measure=false",  # tests/train/test_measuring.py turns it on
 )
 
 

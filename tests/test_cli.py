@@ -28,7 +28,7 @@ def demo_run(tmp_path_factory) -> Path:
     result = run(
         "train", str(DEMO_CONFIG), "--output-dir", str(out),
         "--set", "train.max_steps=6", "--set", "sample.every_n_steps=3",
-        "--set", "sample.num_inference_steps=2",
+        "--set", "sample.num_inference_steps=2", "--set", "validation.measure=false",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return out

@@ -202,5 +202,6 @@ def run_settings(name: str, steps: int, **extra: str) -> dict[str, str]:
         "data.resolution": "64",
         "train.max_steps": str(steps),
         "train.learning_rate": "1e-3",
+        "validation.measure": "false",  # the run page's `watched` run measures
         **extra,
     }

@@ -14,6 +14,8 @@ from pathlib import Path
 from stylelora.export.atomic import atomic_path
 
 CURVES = "report/curves.png"
+MEASURE_CURVES = "report/measures.png"
+BASE_ROW = "measures/base.png"  # train/measuring.py writes it
 
 # Marks each image that failed to load, and counts both kinds on <body> for a quick check.
 IMAGE_CHECK = """
@@ -35,6 +37,8 @@ h1 { margin-bottom: 0.2em; } .status { color: #555; margin-top: 0; }
 table { border-collapse: collapse; } td, th { padding: 2px 12px 2px 0; text-align: left; }
 figure { display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }
 figure img { image-rendering: pixelated; border: 1px solid #ccc; min-width: 256px; }
+.measures img { image-rendering: pixelated; height: 96px; }
+.measures th { vertical-align: top; font-weight: normal; }
 pre { background: #fff; border: 1px solid #ddd; padding: 1em; overflow-x: auto; }
 """
 
@@ -49,6 +53,8 @@ class ReportData:
     lrs: list[float] = field(default_factory=list)
     validation: list[tuple[int, float]] = field(default_factory=list)
     previews: list[tuple[int, str]] = field(default_factory=list)
+    measures: list[dict] = field(default_factory=list)  # train/measuring.py's records
+    picked: dict | None = None  # {"step", "reason"} of NAME-best.safetensors
     skipped: int = 0
     dataset: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
@@ -86,6 +92,51 @@ def plot_curves(data: ReportData, path: Path) -> None:
         figure.savefig(tmp, format="png")
 
 
+def plot_measures(measures: list[dict], picked: dict | None, path: Path) -> None:
+    """Style, content and copying against the step, the picked step marked."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 3.5), dpi=100, layout="constrained")
+    axes = figure.subplots()
+    steps = [record["step"] for record in measures]
+    for key, color in (("style", "tab:purple"), ("content", "tab:green"), ("copying", "tab:red")):
+        axes.plot(steps, [record[key] for record in measures], "o-", color=color, label=key)
+    if picked:
+        axes.axvline(picked["step"], color="#444", linestyle="--", label="picked")
+    axes.set_xlabel("step")
+    axes.legend(loc="best")
+    axes.grid(alpha=0.3)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+
+
+def measures_html(data: ReportData) -> str:
+    """The style-vs-content section: the curve, each measured step's renders, the pick."""
+    if not data.measures:
+        return ""
+    esc = html.escape
+    rows = [f'<tr><th>without the adapter</th><td><img src="{BASE_ROW}" alt="base"></td></tr>']
+    for record in data.measures:
+        mark = " (picked)" if data.picked and data.picked["step"] == record["step"] else ""
+        rows.append(
+            f"<tr><th>step {record['step']}{mark}<br>style {record['style']:.2f}<br>"
+            f"content {record['content']:.2f}<br>copying {record['copying']:.2f}</th>"
+            f'<td><img src="{esc(record["path"])}?v={data.step}" '
+            f'alt="renders at step {record["step"]}"></td></tr>'
+        )
+    pick = (
+        f'<p class="pick">Recommended: step {data.picked["step"]}, '
+        f"{esc(data.name)}-best.safetensors: {esc(data.picked['reason'])}.</p>"
+        if data.picked
+        else "<p>The recommendation is made at the end of the run.</p>"
+    )
+    return f"""<h2>Style, content and copying</h2>
+{pick}
+<img src="{MEASURE_CURVES}?v={data.step}" alt="style, content and copying by step" width="800">
+<table class="measures">{"".join(rows)}</table>
+"""
+
+
 def render_html(data: ReportData) -> str:
     esc = html.escape
     timing_rows = "".join(
@@ -110,6 +161,7 @@ def render_html(data: ReportData) -> str:
 {data.skipped} step(s) skipped for non-finite values; {esc(validation)}</p>
 <h2>Loss and learning rate</h2>
 <img src="{CURVES}?v={data.step}" alt="loss and learning-rate curves" width="800">
+{measures_html(data)}
 <h2>Previews</h2>
 {previews or "<p>no previews yet</p>"}
 <h2>Timings</h2>
@@ -125,6 +177,8 @@ def render_html(data: ReportData) -> str:
 def write_report(output_dir: Path, data: ReportData) -> Path:
     """Plot the curves and write `report.html`; returns its path."""
     plot_curves(data, Path(output_dir) / CURVES)
+    if data.measures:
+        plot_measures(data.measures, data.picked, Path(output_dir) / MEASURE_CURVES)
     path = Path(output_dir) / "report.html"
     with atomic_path(path) as tmp:
         tmp.write_text(render_html(data), encoding="utf-8")

@@ -53,6 +53,8 @@ class TrainState:
     lrs: list[float] = field(default_factory=list)
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     previews: list[tuple[int, str]] = field(default_factory=list)  # (step, path in the run)
+    measures: list[dict] = field(default_factory=list)  # train/measuring.py's records
+    picked: dict | None = None  # the measured step kept as NAME-best.safetensors, and why
 
 
 def checkpoints_dir(output_dir: Path) -> Path:

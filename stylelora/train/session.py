@@ -31,6 +31,7 @@ from stylelora.train.checkpoint import (
 )
 from stylelora.train.ema import AdapterEMA
 from stylelora.train.guard import NonFiniteGuard, StopRequest, inject_fault, step_is_finite
+from stylelora.train.measuring import Measurer, keep_best, measure_due, take_measures
 from stylelora.train.placement import visiting
 from stylelora.train.profile import host_read, phase, step_done
 from stylelora.train.progress import ProgressLog
@@ -78,6 +79,7 @@ class Session:
     run: TrainingRun
     previewer: Previewer | None
     metadata: Callable[[int, int], dict[str, str]]  # (steps, epochs) -> the file's header
+    measurer: Measurer | None = None
     state: TrainState = field(default_factory=TrainState)
     stopping: bool = False
     window: list[torch.Tensor] = field(default_factory=list)  # this step's micro-batch losses
@@ -238,6 +240,9 @@ class Session:
         if self.previewer and due(state.step, cfg.sample.every_n_steps, cfg.train.max_steps):
             with phase("preview"):
                 self.preview()
+        if self.measurer and measure_due(state.step, cfg):
+            with phase("measures"):
+                take_measures(self)
         inject_fault("interrupt", state.step)
         self.stopping = any_process(self.run.accelerator, stop.requested)
         if self.stopping or due(state.step, cfg.train.checkpoint_every_n_steps):
@@ -364,7 +369,12 @@ class Session:
         if self.previewer and not previewed and not stop.requested:
             self.preview()  # a resumed run that was already past its last preview
         stop.then = "stopping once the adapter is written"
+        if self.measurer and not stop.requested:
+            take_measures(self)  # a resumed run that was already past its last measurement
         ema_path = self.export()
+        if self.main and state.measures:
+            with self.side_task("writing the picked adapter"):
+                keep_best(self)
         self.report("finished")
         result = self.result(ema_path)
         result.interrupted = stop.requested
@@ -426,6 +436,8 @@ class Session:
             lrs=state.lrs,
             validation=state.validation,
             previews=self.written_previews(),
+            measures=state.measures,
+            picked=state.picked,
             skipped=state.skipped,
             dataset=self.run.dataset_lines,
             config=cfg.model_dump(mode="json"),

@@ -16,6 +16,7 @@ from stylelora.families.base import ModelFamily
 from stylelora.sample.preview import Previewer
 from stylelora.train.checkpoint import check_fresh_start
 from stylelora.train.guard import NonFiniteStop, StopRequest
+from stylelora.train.measuring import build_measurer
 from stylelora.train.profile import StepProfile, timed
 from stylelora.train.run import TrainingRun, backward_pass, build_run
 from stylelora.train.session import RunResult, Session
@@ -54,6 +55,7 @@ def train(
             run.caches.latents,
             run.priors,
         ),  # fmt: skip
+        measurer=build_measurer(run.family, cfg, run.prompts, run.scan.records),
     )
     try:
         return run_session(session, run, resume, profile)

@@ -68,6 +68,8 @@ def runs(ui, browser):
         "sample.prompts_file": "prompts.txt", "sample.every_n_steps": "10",
         "sample.num_inference_steps": "6", "train.checkpoint_every_n_steps": "10",
         "validation.split": "0.2", "validation.every_n_steps": "10",
+        "validation.measure": "true", "validation.measure_prompts": "2",
+        "validation.measure_steps": "4",
     })  # fmt: skip
     stopper = start(ui, "stopper", 3000)  # its checkpoint: the one a stop writes
     context = browser.new_context(viewport={"width": 1600, "height": 1000})
@@ -152,6 +154,19 @@ def test_the_phase_shows_with_its_progress(finished):
     assert any(total == 6 and 0 < done < total for done, total in counts), phases
     page = finished["recorder"]
     assert not page.is_visible("#phase")  # nothing is going on once it finished
+
+
+def test_style_and_content_are_drawn_as_they_are_measured_and_the_pick_named(finished):
+    page = finished["recorder"]
+    assert page.is_visible("#measure-curves")
+    for kind in ("style", "content", "copying"):  # measured at both checkpoints
+        assert page.locator(f"#measure-curves .{kind}-dot").count() == 2
+    assert page.locator("#measure-curves .picked").count() == 1
+    assert re.match(
+        r"picked: step (10|20) \(the first measured step whose style ",
+        page.inner_text("#measure-pick"),
+    )
+    assert "watched-best.safetensors" in page.inner_text("#downloads")
 
 
 def test_the_whole_log_is_shown_sent_once_and_downloadable(ui, finished, tmp_path):

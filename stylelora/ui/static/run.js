@@ -17,13 +17,14 @@ async function pageRun() {
   $("run").hidden = false;
   const run = {
     id, name: detail.name, folder: detail.output_dir, status: detail.status, maxSteps: detail.max_steps, canResume: detail.can_resume,
-    steps: [], validation: [], phase: null, started: false, place: detail.queue_place,
+    steps: [], validation: [], measures: [], picked: null, phase: null, started: false, place: detail.queue_place,
   };
   const chart = new LossChart($("chart"));
   fillDetail(detail);
   setUpActions(run);
   setUpLightbox();
-  const redraw = () => chart.draw(run.steps, run.validation);
+  const measureChart = new MeasureChart($("measure-chart"));
+  const redraw = () => { chart.draw(run.steps, run.validation); measureChart.draw(run.measures, run.picked); };
   new ResizeObserver(redraw).observe($("chart"));
   $("smoothing").oninput = () => {
     chart.weight = Number($("smoothing").value);
@@ -34,7 +35,7 @@ async function pageRun() {
 
   const source = new EventSource(`/api/runs/${id}/events`);
   source.onopen = () => { // each connection starts from the beginning of the run's files
-    Object.assign(run, { steps: [], validation: [], phase: null, started: false });
+    Object.assign(run, { steps: [], validation: [], measures: [], picked: null, phase: null, started: false });
     $("log-lines").textContent = "";
   };
   source.onmessage = (message) => {
@@ -105,6 +106,8 @@ function onEvent(run, event) {
   if (event.event === "start") { run.started = true; run.maxSteps = event.max_steps; }
   if (event.event === "step") { keepBefore(run.steps, event.step); run.steps.push(event); run.maxSteps = event.max_steps; }
   if (event.event === "validation") { keepBefore(run.validation, event.step); run.validation.push(event); }
+  if (event.event === "measure") { keepBefore(run.measures, event.step); run.measures.push(event); }
+  if (event.event === "pick") run.picked = event;
   if (event.event === "preview") addPreview(run.id, event);
   if (event.event === "phase") {
     run.phase = event.ended ? null : event;
