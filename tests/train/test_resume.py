@@ -50,6 +50,8 @@ def overrides(model: Path, data: Path, prompts: Path) -> list[str]:
         "validation.split=0.25",
         "validation.every_n_steps=2",
         "validation.timesteps=[200, 700]",
+        "validation.measure_prompts=1",  # measured at each checkpoint, and resumed with them
+        "validation.measure_steps=2",
     ]
 
 
