@@ -2,19 +2,23 @@
 into the folder's trash and brought back, captions changed all at once and undone, every note
 `dataset check` has on a file shown on it, the buckets of the settings a run trains with, a
 transparent image as training sees it, a warning before an edited caption is lost, the folders
-`data.dir` may name a few levels down, and the page at 800 and 1600 px."""
+`data.dir` may name a few levels down, the page at 800 and 1600 px; and the Caption button: a
+captioner from the local model cache captions the images without a caption, the new captions
+show for editing with who wrote them, a hand edit is told apart, "all" replaces every caption."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from PIL import Image
+from tiny_tagger import cache_tiny_tagger, expected_probabilities
 from ui_fixtures import ROOT, UIServer
 
 from stylelora.config import load_config
@@ -22,6 +26,7 @@ from stylelora.data.dataset import ImageCaptionDataset
 from stylelora.data.report import collect_dataset, data_options
 
 DEMO = ROOT / "datasets" / "demo-style"
+RED, BLUE = (255, 0, 0), (0, 0, 255)
 
 
 def png(size: tuple[int, int], colour=(200, 40, 40), mode: str = "RGB") -> bytes:
@@ -88,6 +93,9 @@ def root(tmp_path_factory) -> Path:
     write(root / "kohya" / "10_dog", {"x.png": square})
     write(root / ".hidden", {"x.png": square})
     write(root / "runs" / "old", {"progress.jsonl": "", "samples/p.png": square})
+    red, blue = png((32, 32), RED), png((32, 32), BLUE)
+    write(root / "photos", {"red.png": red, "blue.png": blue, "mine.png": red,
+                            "mine.txt": "my own words\n"})  # fmt: skip
     return root
 
 
@@ -98,8 +106,11 @@ def png_as_jpeg(data: bytes) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def ui(root):
-    server = UIServer(root, root / ".ui", token="t").start()
+def ui(root, tmp_path_factory):
+    # the Caption button's captioner: a tiny tagger as a download leaves it in the model cache
+    hub = cache_tiny_tagger(tmp_path_factory.mktemp("hub"))
+    env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    server = UIServer(root, root / ".ui", token="t", env=env).start()
     yield server
     server.stop()
     assert "Traceback" not in server.log.read_text()
@@ -401,3 +412,86 @@ def test_uploads_removals_and_caption_changes_stay_inside_the_roots(ui, root, tm
     assert ui.call("POST", "/api/dataset/undo", {"path": "link-out"})[0] == 403
     assert snapshot(outside) == before
     assert (root / "removal" / "keep.png").is_file() and (root / "upload" / "a.png").is_file()
+
+
+# --- the Caption button -----------------------------------------------------------------------
+
+
+def top_tag(rgb) -> str:
+    """The tagger's most confident kept tag on a solid image of `rgb`, by its formula."""
+    kept = {"red_background": 0.35, "blue_theme": 0.35, "kirisame_marisa": 0.85}
+    probabilities = expected_probabilities(rgb)
+    best = max((p, name) for name, p in probabilities.items() if p >= kept.get(name, 2))
+    return best[1].replace("_", " ")
+
+
+def caption_of(page, name: str) -> str:
+    return page.input_value(f".card[data-path='photos/{name}'] textarea")
+
+
+def author_of(page, name: str) -> str:
+    return page.text_content(f".card[data-path='photos/{name}'] .author") or ""
+
+
+def test_a_folder_is_captioned_from_the_page_and_the_captions_are_edited(ui, page):
+    page.goto(ui.url("/datasets?path=photos"))
+    page.wait_for_selector(".card[data-path='photos/red.png']")
+    page.locator("#captioners-note").filter(has_text="1 captioner in the local").wait_for()
+    assert page.input_value("#cap-model") == "tiny/wd-tagger"
+    page.fill("#cap-trigger", "zqxstyle")
+    page.click("#caption-start")
+    page.locator("#caption-state").filter(has_text="done: 2 written").wait_for()
+    assert "1 skipped" in page.text_content("#caption-state")
+    # the new captions are in the cards, as the files hold them
+    red = caption_of(page, "red.png")
+    assert red.startswith(f"zqxstyle, {top_tag(RED)}, ")
+    assert red == (ui.root / "photos" / "red.txt").read_text().strip()
+    assert caption_of(page, "blue.png").startswith(f"zqxstyle, {top_tag(BLUE)}, ")
+    assert caption_of(page, "mine.png") == "my own words"
+    assert author_of(page, "red.png") == "captioned by WD tagger (tiny/wd-tagger)"
+    assert page.locator(".card[data-path='photos/mine.png'] .author").count() == 0
+    # an edit by hand is told apart from the captioner's text
+    card = page.locator(".card[data-path='photos/blue.png']")
+    card.locator("textarea").fill("zqxstyle, a blue square")
+    card.locator("button", has_text="Save").click()
+    card.locator(".state", has_text="saved").wait_for()
+    page.reload()
+    page.wait_for_selector(".card[data-path='photos/blue.png'] .author")
+    assert author_of(page, "blue.png") == "captioned by a model, edited by hand since"
+    # "all" replaces every caption, after a confirmation
+    assert page.input_value("#cap-trigger") == ""  # a reload forgets it: none this time
+    page.check("#cap-all")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#caption-start")
+    page.locator("#caption-state").filter(has_text="done: 3 written").wait_for()
+    page.wait_for_function(
+        "document.querySelector(\".card[data-path='photos/mine.png'] textarea\").value"
+        f".startsWith('{top_tag(RED)}, ')"
+    )
+    assert author_of(page, "blue.png") == "captioned by WD tagger (tiny/wd-tagger)"
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "said"),
+    [
+        ({"model": "../../etc"}, 403, "outside"),
+        ({"model": "nobody/not-cached"}, 200, "not in the local cache"),
+        ({"trigger": "two\nlines"}, 400, "trigger: one line"),
+        ({"style": "poetry"}, 400, "style: natural, tags"),
+        ({"caption_extension": ".png"}, 400, "caption_extension"),
+        ({"path": "../.."}, 403, "outside"),
+        ({"path": ""}, 400, "path: open the folder"),
+    ],
+)
+def test_hostile_caption_requests_get_one_line(ui, change, status, said):
+    request = {"path": "photos", "model": "tiny/wd-tagger", **change}
+    code, reply = ui.call("POST", "/api/caption/start", request)
+    assert code == status, reply
+    if code == 200:  # started: the command itself refuses, in one line
+        while reply["state"] == "running":
+            _, reply = ui.call("GET", "/api/caption/status")
+        assert reply["state"] == "failed" and said in reply["error"], reply
+        assert not re.search(r"Traceback|File \"", reply["error"])
+    else:
+        assert said in reply["error"], reply
+    assert not Path(ui.root / "photos" / "red.png").with_suffix(".png.txt").exists()
