@@ -75,13 +75,33 @@ class Previewer:
         Rendering draws from its own seeded generators; the training RNG states are set aside
         so a run with previews trains exactly as one without.
         """
-        family = self.family
-        pipe = preview_pipeline(family.pipe, self.scheduler)
-        devices = [family.unet.device] if family.unet.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), latents_in_model_dtype(family):
-            if self.base is None:
-                with adapters_disabled([family.unet, *family.text_encoders().values()]):
-                    self.base = render_all(pipe, self.prompts, family, rendered)
-            tuned = render_all(pipe, self.prompts, family, rendered)
+        pipe = preview_pipeline(self.family.pipe, self.scheduler)
+        with set_aside(self.family):
+            self.base, tuned = with_and_without(
+                self.family, pipe, self.prompts, self.base, rendered
+            )
         pairs = [image for row in zip(self.base, tuned, strict=True) for image in row]
         return grid(pairs, columns=2)
+
+
+@contextlib.contextmanager
+def set_aside(family: ModelFamily) -> Iterator[None]:
+    """Render (or encode) between training steps without changing them: the RNG states are
+    restored after, and latents are made in the model's dtype."""
+    devices = [family.unet.device] if family.unet.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), latents_in_model_dtype(family):
+        yield
+
+
+def with_and_without(
+    family: ModelFamily,
+    pipe,
+    prompts: list[SamplePrompt],
+    base: list[Image.Image] | None,
+    rendered: Callable[[int], None] | None = None,
+) -> tuple[list[Image.Image], list[Image.Image]]:
+    """(`prompts` rendered without the adapter: `base` where it is already made; with it)."""
+    if base is None:
+        with adapters_disabled([family.unet, *family.text_encoders().values()]):
+            base = render_all(pipe, prompts, family, rendered)
+    return base, render_all(pipe, prompts, family, rendered)

@@ -15,10 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image, ImageOps
 
-from stylelora.adapters.inject import adapters_disabled
 from stylelora.config import Config
 from stylelora.data.images import load_rgb
 from stylelora.data.scan import ImageRecord
@@ -26,9 +24,9 @@ from stylelora.export.atomic import atomic_path
 from stylelora.families.base import ModelFamily
 from stylelora.sample.measures import Reference, measure, reference
 from stylelora.sample.pick import best_path, pick, write_best
-from stylelora.sample.preview import latents_in_model_dtype
+from stylelora.sample.preview import set_aside, with_and_without
 from stylelora.sample.prompts import SamplePrompt
-from stylelora.sample.render import grid, preview_pipeline, render_all
+from stylelora.sample.render import grid, preview_pipeline
 
 if TYPE_CHECKING:
     from stylelora.train.session import Session
@@ -129,18 +127,15 @@ class Measurer:
     def measure(self, step: int, rendered: Callable[[int], None] | None = None) -> dict:
         """Render the prompts with the adapter as it is now and measure them: a `measure`
         record (step, style, content, copying, base_copying, the renders' row)."""
-        family = self.family
+        family, first = self.family, self.base is None
         pipe = preview_pipeline(family.pipe, self.scheduler)
-        devices = [family.unet.device] if family.unet.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), latents_in_model_dtype(family):
-            if self.base is None:
-                with adapters_disabled([family.unet, *family.text_encoders().values()]):
-                    self.base = render_all(pipe, self.prompts, family, rendered)
-                self.save_row(self.base, BASE_ROW)
-            adapted = render_all(pipe, self.prompts, family, rendered)
+        with set_aside(family):
+            self.base, adapted = with_and_without(family, pipe, self.prompts, self.base, rendered)
             if self.reference is None:
                 self.reference = reference(family, self.training, self.base)
             measures = measure(family, self.reference, adapted)
+        if first:
+            self.save_row(self.base, BASE_ROW)
         row = f"{MEASURES_DIR}/step-{step:06d}.png"
         self.save_row(adapted, row)
         return {"step": step, **measures.as_dict(), "path": row}
