@@ -81,9 +81,25 @@ def training_config(tmp_path: Path, model, data: Path, *overrides: str):
     return cfg
 
 
+# After the web UI's, the longest other files (a minute or more of one worker each, measured)
+LONG_FILES = (
+    "test_cli.py",
+    "test_presets.py",
+    "families/test_demo_base.py",
+    "train/test_demo_style.py",
+    "train/test_run_not_lost.py",
+    "train/test_resume.py",
+)
+
+
+def file_order(item: pytest.Item) -> int:
+    path = item.nodeid.split("::")[0]
+    if "tests/ui/" in path or path.startswith("ui/"):
+        return 0
+    return 1 if path.endswith(LONG_FILES) else 2
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The web UI's test files first: they are the longest, and under pytest-xdist a long file
+    """The web UI's test files first, then the other long ones: under pytest-xdist a long file
     handed out last keeps one worker busy while the other has nothing left."""
-    items.sort(
-        key=lambda item: "tests/ui/" not in item.nodeid and not item.nodeid.startswith("ui/")
-    )
+    items.sort(key=file_order)
