@@ -80,8 +80,7 @@ def test_sample_compare_puts_base_and_adapted_side_by_side(demo_run, tmp_path):
 @pytest.mark.parametrize(
     ("family", "pipeline"),
     [
-        ("sd15", "StableDiffusionPipeline"),
-        ("sd2", "StableDiffusionPipeline"),
+        ("sd15", "StableDiffusionPipeline"),  # sd2's tiny model: tests/families (tiny:sd2)
         ("sdxl", "StableDiffusionXLPipeline"),
     ],
 )

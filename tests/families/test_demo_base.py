@@ -62,19 +62,14 @@ def test_pretraining_writes_a_loadable_sd15_folder_and_resumes(tmp_path: Path) -
     assert image.shape == (1, 64, 64, 3)
 
 
-def test_two_processes_share_each_step_and_resume_as_one_run(tmp_path: Path) -> None:
-    """The default: two processes (DDP over gloo), each on its slice of every batch."""
+def test_two_processes_share_each_step_as_one_run(tmp_path: Path) -> None:
+    """The default: two processes (DDP over gloo), each on its slice of every batch. (Resuming
+    is shown on one process above: the suite's time.)"""
     two = ("--processes", "2", "--batch", "4", "--vae-batch", "2")
     straight = pretrain(tmp_path, "straight", 3, *two)
-    with pytest.raises(SystemExit, match="pretraining stopped"):
-        pretrain(tmp_path, "first", 3, *two, "--work", str(tmp_path / "work"), "--stop-after", "2")
-    resumed = pretrain(tmp_path, "resumed", 3, *two, "--resume")
     one = pretrain(tmp_path, "one", 3, "--batch", "4")
     for component in ("unet", "text_encoder", "vae"):
-        a, b, c = (
-            load_file(next((f / component).glob("*.safetensors"))) for f in (straight, resumed, one)
-        )
-        assert all(torch.equal(a[k], b[k]) for k in a), component
+        a, c = (load_file(next((f / component).glob("*.safetensors"))) for f in (straight, one))
         # The same draws, split in two: the same weights but for the order of float sums. Adam's
         # first steps are about lr x sign(gradient), so the rare element whose gradient is near
         # zero may step either way: all but under 1 in 1,000 agree within 2e-3.
