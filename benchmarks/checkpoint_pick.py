@@ -80,10 +80,15 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
-def bench_prompts(seeds: list[int]):
+def bench_prompts(seeds: list[int], every: int = 4):
+    """`a SUBJECT, zqxstyle` for every `every`-th subject of each group, at each seed."""
     from stylelora.sample.prompts import SamplePrompt
 
-    texts = [text for subjects in subject_groups(None).values() for text in prompts(subjects)]
+    groups = [
+        [name for first in range(0, 4, every) for name in subject_groups(None, first)[group]]
+        for group in ("in style set", "not in style set")
+    ]
+    texts = [text for subjects in groups for text in prompts(subjects)]
     return [
         SamplePrompt(text, width=64, height=64, seed=seed, guidance_scale=GUIDANCE, steps=STEPS)
         for text in texts
@@ -98,8 +103,34 @@ def ground_truth(images, base, palette: np.ndarray) -> dict[str, float]:
     return {"palette_fall": float(1 - distance / base_distance), "iou": float(kept)}
 
 
-def evaluate(adapters: dict[str, tuple[Path, float]], seeds: list[int]) -> list[dict]:
-    """Measures and ground truths of each adapter's renders of the benchmark's prompts."""
+def cached_renders(folder: Path | None, count: int, render) -> list:
+    """`render()`'s images, kept as PNGs in `folder` (when given) and read back from there on a
+    later call: the measures can then be taken again without rendering."""
+    from PIL import Image
+
+    files = [folder / f"{index:04d}.png" for index in range(count)] if folder else []
+    if files and all(file.is_file() for file in files):
+        return [Image.open(file).convert("RGB") for file in files]
+    images = render()
+    if folder:
+        folder.mkdir(parents=True, exist_ok=True)
+        for image, file in zip(images, files, strict=True):
+            image.save(file)
+    return images
+
+
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c == "." else "-" for c in label).strip("-")
+
+
+def evaluate(
+    adapters: dict[str, tuple[Path, float]],
+    seeds: list[int],
+    every: int = 4,
+    renders: Path | None = None,
+) -> list[dict]:
+    """Measures and ground truths of each adapter's renders of the benchmark's prompts (kept in
+    `renders`, when given)."""
     from stylelora.families import load_family
     from stylelora.sample.measures import measure, reference
     from stylelora.sample.pick_run import adapter_renders
@@ -109,13 +140,21 @@ def evaluate(adapters: dict[str, tuple[Path, float]], seeds: list[int]) -> list[
     family.pipe.set_progress_bar_config(disable=True)
     training = style_images()
     palette = style_palette(training)
-    requests = bench_prompts(seeds)
-    base = render_all(family.pipe, requests, family)
+    requests = bench_prompts(seeds, every)
+    key = f"seeds-{'-'.join(map(str, seeds))}-every-{every}"
+    folder = (lambda label: renders / key / slug(label)) if renders else (lambda label: None)
+    base = cached_renders(
+        folder("base"), len(requests), lambda: render_all(family.pipe, requests, family)
+    )
     ref = reference(family, training, base)
     rows = []
     for label, (path, scale) in adapters.items():
         started = time.perf_counter()
-        images = adapter_renders(family, path, requests, scale)
+        images = cached_renders(
+            folder(label),
+            len(requests),
+            lambda path=path, scale=scale: adapter_renders(family, path, requests, scale),
+        )
         row = {"label": label, **measure(family, ref, images).as_dict()}
         row |= ground_truth(images, base, palette)
         row["seconds"] = time.perf_counter() - started
@@ -170,6 +209,13 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=VARIANTS, help="option-table names")
     parser.add_argument("--seeds", default="0,1", help="seeds of the benchmark's renders")
     parser.add_argument(
+        "--subjects-every",
+        type=int,
+        choices=(1, 2, 4),
+        default=4,
+        help="render every N-th subject of each group (1: all 56)",
+    )
+    parser.add_argument(
         "--strengths",
         type=lambda text: [float(v) for v in text.split(",")],
         default=[0.25, 0.5, 0.75],
@@ -211,8 +257,9 @@ def main() -> None:
                 adapters[f"{what} at strength {scale}"] = (path, scale)
         print("| adapter | style | palette fall | content | silhouette IoU | copying |")
         print("|---|---|---|---|---|---|")
-        rows = evaluate(adapters, seeds)
-        report(rows, run)
+        renders = args.keep / "renders" if args.keep else None
+        rows = evaluate(adapters, seeds, args.subjects_every, renders)
+        report(rows, run, len(bench_prompts(seeds, args.subjects_every)))
 
 
 def correlations(rows: list[dict], what: str) -> None:
@@ -222,7 +269,7 @@ def correlations(rows: list[dict], what: str) -> None:
           f"of content with the silhouette IoU {content:.3f} (targets >= 0.8)")  # fmt: skip
 
 
-def report(rows: list[dict], run: Path) -> None:
+def report(rows: list[dict], run: Path, renders: int) -> None:
     print()
     correlations(rows, "all adapters")
     correlations([r for r in rows if "strength" not in r["label"]], "without the weaker ones")
@@ -242,7 +289,7 @@ def report(rows: list[dict], run: Path) -> None:
     rule.ENOUGH_STYLE = chosen
     print(f"picked by `stylelora pick` (the run's own 4 held-out prompts): step {run_pick(run)}")
     per_adapter = np.mean([r["seconds"] for r in rows])
-    print(f"{per_adapter:.1f} s per adapter ({len(bench_prompts([0]))} renders per seed)")
+    print(f"{per_adapter:.1f} s per adapter ({renders} renders each)")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """`stylelora pick RUN_DIR`: measure every adapter a run folder holds (each checkpoint's and each
-measured step's) on the run's held-out prompts, pick one by the rule of `sample/pick.py` and
-write it as `NAME-best.safetensors`."""
+measured step's) on the run's held-out prompts, pick one by the rule of `sample/pick.py`, write
+it as `NAME-best.safetensors` and show the new measures and pick in `report.html`."""
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from stylelora.sample.adapter import (
 from stylelora.sample.measures import measure, reference
 from stylelora.sample.pick import best_path, no_measures, pick, write_best
 from stylelora.sample.prompts import SamplePrompt
-from stylelora.sample.render import render_all
+from stylelora.sample.render import preview_pipeline, render_all
+from stylelora.sample.report import read_report_data, write_report
 
 STEP_FILE = re.compile(r"-step-(\d+)\.safetensors$")
 
@@ -52,15 +54,20 @@ def step_adapters(run_dir: Path, name: str) -> dict[int, Path]:
 
 
 def adapter_renders(
-    family: ModelFamily, path: Path, prompts: list[SamplePrompt], scale: float = 1.0
+    family: ModelFamily,
+    path: Path,
+    prompts: list[SamplePrompt],
+    scale: float = 1.0,
+    scheduler: str = "default",
 ) -> list[Image.Image]:
-    """`prompts` rendered with the adapter file at strength `scale`; the model as it was after."""
+    """`prompts` rendered with the adapter file at strength `scale` (with the sample
+    `scheduler`); the model as it was after."""
     saved: dict = {}
     loaded = attach_adapter(family, path, scale, ADAPTER_NAME, None, saved)
     try:
         if loaded:
             weigh_adapter(family, path, scale)
-        return render_all(family.pipe, prompts, family)
+        return render_all(preview_pipeline(family.pipe, scheduler), prompts, family)
     finally:
         if loaded:
             family.pipe.delete_adapters(ADAPTER_NAME)
@@ -73,17 +80,40 @@ def measure_adapters(
     adapters: dict[int, Path],
     prompts: list[SamplePrompt],
     training: list[Image.Image],
+    rows_in: Path | None = None,
+    scheduler: str = "default",
     say: Callable[[str], None] = print,
 ) -> list[dict]:
-    """A `measure` record (step, style, content, copying, base_copying) for each adapter."""
-    base = render_all(family.pipe, prompts, family)
+    """A `measure` record (step, style, content, copying, base_copying, and the renders' row
+    where `rows_in`, a run folder, is given) for each adapter, rendered with the sample
+    `scheduler` as the run measured."""
+    from stylelora.train.measuring import BASE_ROW, save_row, step_row
+
+    base = render_all(preview_pipeline(family.pipe, scheduler), prompts, family)
     ref = reference(family, training, base)
+    if rows_in:
+        save_row(rows_in, base, BASE_ROW)
     records = []
     for step, path in adapters.items():
-        values = measure(family, ref, adapter_renders(family, path, prompts)).as_dict()
+        images = adapter_renders(family, path, prompts, scheduler=scheduler)
+        values = measure(family, ref, images).as_dict()
         records.append({"step": step, **values})
+        if rows_in:
+            records[-1]["path"] = save_row(rows_in, images, step_row(step))
         say(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
     return records
+
+
+def show_in_report(run_dir: Path, measured: list[dict], picked: dict) -> bool:
+    """Write `report.html` again with these measures and this pick; False where the run left
+    no record of its report (a run of an older version)."""
+    data = read_report_data(run_dir)
+    if data is None:
+        return False
+    data.measures, data.picked = measured, picked
+    data.timings["picked again by `stylelora pick`"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    write_report(run_dir, data)
+    return True
 
 
 def pick_run(run_dir: Path, say: Callable[[str], None] = print) -> Path:
@@ -102,10 +132,16 @@ def pick_run(run_dir: Path, say: Callable[[str], None] = print) -> Path:
     sample_prompts, _ = fitted_prompts(read_sample_prompts(cfg), family.size_step)
     prompts = held_out_prompts(sample_prompts, [r.caption for r in records], cfg)
     training = training_images(records, cfg.data.largest_resolution)
-    measured = measure_adapters(family, adapters, prompts, training, say)
+    measured = measure_adapters(
+        family, adapters, prompts, training, Path(run_dir), cfg.sample.scheduler, say
+    )
     record, reason = pick(measured)
     out = write_best(adapters[record["step"]], best_path(run_dir, cfg.name), record, reason)
     with atomic_path(Path(run_dir) / "measures" / "pick.json") as tmp:
         tmp.write_text(json.dumps({"measures": measured, "step": record["step"], "reason": reason}))
     say(f"picked step {record['step']}: {reason}\nsaved {out}")
+    if show_in_report(run_dir, measured, {"step": record["step"], "reason": reason}):
+        say(f"updated {Path(run_dir) / 'report.html'}")
+    else:
+        say(f"{Path(run_dir) / 'report.html'} not updated: the run left no report/data.json")
     return out

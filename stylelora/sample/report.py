@@ -1,20 +1,22 @@
 """`report.html` in the run folder: curves, preview grids over time, config, data and timings.
 
 It is rewritten (atomically) at every preview and at the end; images are files beside it, linked
-by relative paths, so the run folder can be copied or opened anywhere.
+by relative paths, so the run folder can be copied or opened anywhere. What it shows is kept as
+`report/data.json`, so that `stylelora pick` can write it again with a new pick.
 """
 
 from __future__ import annotations
 
 import html
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from stylelora.export.atomic import atomic_path
 
 CURVES = "report/curves.png"
 MEASURE_CURVES = "report/measures.png"
+REPORT_DATA = "report/data.json"
 BASE_ROW = "measures/base.png"  # train/measuring.py writes it
 
 # Marks each image that failed to load, and counts both kinds on <body> for a quick check.
@@ -175,11 +177,26 @@ def render_html(data: ReportData) -> str:
 
 
 def write_report(output_dir: Path, data: ReportData) -> Path:
-    """Plot the curves and write `report.html`; returns its path."""
+    """Plot the curves and write `report.html` and `report/data.json`; returns the page's path."""
     plot_curves(data, Path(output_dir) / CURVES)
     if data.measures:
         plot_measures(data.measures, data.picked, Path(output_dir) / MEASURE_CURVES)
+    with atomic_path(Path(output_dir) / REPORT_DATA) as tmp:
+        tmp.write_text(json.dumps(asdict(data)), encoding="utf-8")
     path = Path(output_dir) / "report.html"
     with atomic_path(path) as tmp:
         tmp.write_text(render_html(data), encoding="utf-8")
     return path
+
+
+def read_report_data(output_dir: Path) -> ReportData | None:
+    """What the last `write_report` showed; None where the run folder has no readable record."""
+    try:
+        fields = json.loads((Path(output_dir) / REPORT_DATA).read_text(encoding="utf-8"))
+        data = ReportData(**fields)
+    except (OSError, ValueError, TypeError):
+        return None
+    # JSON has no tuples: the (step, value) pairs come back as lists.
+    data.validation = [tuple(pair) for pair in data.validation]
+    data.previews = [tuple(pair) for pair in data.previews]
+    return data

@@ -112,15 +112,17 @@ def check_fresh_start(output_dir: Path, adapters: list[Path], overwrite: bool) -
 
 
 def check_free_space(folder: Path, needed: int) -> None:
-    """Stop at the start, not at the first checkpoint, when the disk cannot hold one."""
+    """Stop at the start, not at the first checkpoint, when the disk cannot hold what the run
+    will write (its checkpoints and measured adapters)."""
     existing = Path(folder)
     while not existing.exists():
         existing = existing.parent
     free = shutil.disk_usage(existing).free
     if free < needed:
         raise UserError(
-            f"{folder}: {free / 2**20:.1f} MiB free, but checkpoints need about "
-            f"{needed / 2**20:.1f} MiB; free some space, or set train.checkpoint_every_n_steps = 0"
+            f"{folder}: {free / 2**20:.1f} MiB free, but the checkpoints and measured adapters "
+            f"need about {needed / 2**20:.1f} MiB; free some space, or set "
+            "train.checkpoint_every_n_steps = 0 or validation.measure = false"
         )
 
 

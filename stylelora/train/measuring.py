@@ -135,14 +135,21 @@ class Measurer:
                 self.reference = reference(family, self.training, self.base)
             measures = measure(family, self.reference, adapted)
         if first:
-            self.save_row(self.base, BASE_ROW)
-        row = f"{MEASURES_DIR}/step-{step:06d}.png"
-        self.save_row(adapted, row)
+            save_row(self.output_dir, self.base, BASE_ROW)
+        row = save_row(self.output_dir, adapted, step_row(step))
         return {"step": step, **measures.as_dict(), "path": row}
 
-    def save_row(self, images: list[Image.Image], relative: str) -> None:
-        with atomic_path(self.output_dir / relative) as tmp:
-            grid(images, columns=len(images)).save(tmp, format="PNG")
+
+def step_row(step: int) -> str:
+    """Where a measured step's renders go, relative to the run folder."""
+    return f"{MEASURES_DIR}/step-{step:06d}.png"
+
+
+def save_row(output_dir: Path, images: list[Image.Image], relative: str) -> str:
+    """`images` side by side as `output_dir / relative`; returns `relative`."""
+    with atomic_path(Path(output_dir) / relative) as tmp:
+        grid(images, columns=len(images)).save(tmp, format="PNG")
+    return relative
 
 
 def build_measurer(
@@ -165,6 +172,11 @@ def measure_due(step: int, cfg: Config) -> bool:
     """Every `validation.measure_every_n_steps`, at each checkpoint and at the last step."""
     every = (cfg.validation.measure_every_n_steps, cfg.train.checkpoint_every_n_steps)
     return step == cfg.train.max_steps or any(n > 0 and step % n == 0 for n in every)
+
+
+def measurements_left(step: int, cfg: Config) -> int:
+    """How many measurements a run at `step` has still to take."""
+    return sum(measure_due(later, cfg) for later in range(step + 1, cfg.train.max_steps + 1))
 
 
 def measured_adapter(output_dir: Path, name: str, step: int) -> Path:

@@ -4,6 +4,7 @@ previews, the report, checkpoints, resuming and the export. The loop in `trainer
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -31,7 +32,14 @@ from stylelora.train.checkpoint import (
 )
 from stylelora.train.ema import AdapterEMA
 from stylelora.train.guard import NonFiniteGuard, StopRequest, inject_fault, step_is_finite
-from stylelora.train.measuring import Measurer, keep_best, measure_due, take_measures
+from stylelora.train.measuring import (
+    Measurer,
+    keep_best,
+    measure_due,
+    measured_adapter,
+    measurements_left,
+    take_measures,
+)
 from stylelora.train.placement import visiting
 from stylelora.train.profile import host_read, phase, step_done
 from stylelora.train.progress import ProgressLog
@@ -132,8 +140,8 @@ class Session:
         if resume:
             self.resume(find_checkpoint(self.run.cfg.output_dir, resume))
         self.began, self.seconds_before = time.time(), self.state.seconds
-        if self.run.cfg.train.checkpoint_every_n_steps:
-            check_free_space(self.checkpointer.folder, self.checkpoint_bytes())
+        if needed := self.disk_bytes():
+            check_free_space(self.run.cfg.output_dir, needed)
         self.start_trackers()
         self.progress = tqdm(
             total=self.run.cfg.train.max_steps,
@@ -161,11 +169,18 @@ class Session:
         if changed:
             self.say(f"  settings changed since the checkpoint: {', '.join(changed[:8])}")
 
-    def checkpoint_bytes(self) -> int:
-        """About what `checkpoints_keep` checkpoints and one being written take."""
+    def disk_bytes(self) -> int:
+        """About what the run will add to its folder: `checkpoints_keep` checkpoints and one
+        being written, and the adapter file of each measurement to come."""
+        cfg = self.run.cfg
         adapter = sum(p.numel() * p.element_size() for p in self.params.values())
-        per_checkpoint = adapter * (3 + (1 if self.ema else 0)) + 2**20
-        return per_checkpoint * (self.run.cfg.train.checkpoints_keep + 1)
+        needed = 0
+        if cfg.train.checkpoint_every_n_steps:
+            per_checkpoint = adapter * (3 + (1 if self.ema else 0)) + 2**20
+            needed += per_checkpoint * (cfg.train.checkpoints_keep + 1)
+        if self.measurer:
+            needed += adapter * measurements_left(self.state.step, cfg)
+        return needed
 
     def start_trackers(self) -> None:
         if self.run.cfg.train.log_with == "none":
@@ -339,12 +354,28 @@ class Session:
     def write_checkpoint_adapter(self, folder: Path) -> None:
         """The adapter as the export would write it now, beside the checkpoint's state (which
         only a resume reads): a file to try or to use at that step."""
-        path = folder / checkpoint_adapter_name(self.run.cfg.name, self.state.step)
+        cfg, step = self.run.cfg, self.state.step
+        path = folder / checkpoint_adapter_name(cfg.name, step)
         with full_adapter_weights(self.run.accelerator, self.run.unet):
             if self.main:
-                with self.side_task(f"the adapter file of step {self.state.step}"):
-                    with_ema = bool(self.ema) and self.run.cfg.train.ema_export == "instead"
+                with self.side_task(f"the adapter file of step {step}"):
+                    if self.link_measured_adapter(path):
+                        return
+                    with_ema = bool(self.ema) and cfg.train.ema_export == "instead"
                     self.write_adapter_file(path, self.file_metadata(), with_ema)
+
+    def link_measured_adapter(self, path: Path) -> bool:
+        """Where this step was measured, its adapter file is already written: `path` becomes a
+        second name of that file (a hard link), not a second copy on the disk."""
+        state = self.state
+        if not any(record["step"] == state.step for record in state.measures):
+            return False
+        measured = measured_adapter(self.run.cfg.output_dir, self.run.cfg.name, state.step)
+        try:
+            os.link(measured, path)
+        except OSError:  # a file system without hard links, or the file is gone
+            return False
+        return True
 
     # --- the end -----------------------------------------------------------------------
 

@@ -62,7 +62,9 @@ def test_a_new_run_refuses_to_mix_with_an_earlier_runs_checkpoints(tmp_path):
 
 def test_not_enough_free_space_is_refused_at_the_start(tmp_path):
     check_free_space(tmp_path / "not" / "yet", 1)
-    with pytest.raises(UserError, match=r"MiB free, but checkpoints need about .* MiB"):
+    with pytest.raises(
+        UserError, match=r"MiB free, but the checkpoints and measured adapters need about .* MiB"
+    ):
         check_free_space(tmp_path / "not" / "yet", 2**62)
 
 
