@@ -11,7 +11,7 @@ style images) and the ground truths are taken of the very same renders. Printed:
 adapter, the rank correlation (Spearman) of style with the palette ratio's fall (1 - adapted /
 base distance) and of content with the silhouette IoU, the checkpoint the rule of
 stylelora/sample/pick.py picks from the measures and the one it picks from the ground truths,
-and what `stylelora pick` picks on the run's own held-out prompts.
+and what `stylelora pick` picks on the run's own held-out prompts (4, and 12 with --prompts).
 
 Targets: both correlations at least 0.8; the two picks at most one checkpoint apart.
 
@@ -147,6 +147,8 @@ def evaluate(
         folder("base"), len(requests), lambda: render_all(family.pipe, requests, family)
     )
     ref = reference(family, training, base)
+    # Each seed's renders alone as well: does a measure hold on both halves of the pictures?
+    per_seed = [(reference(family, training, base[k :: len(seeds)]), k) for k in range(len(seeds))]
     rows = []
     for label, (path, scale) in adapters.items():
         started = time.perf_counter()
@@ -157,6 +159,11 @@ def evaluate(
         )
         row = {"label": label, **measure(family, ref, images).as_dict()}
         row |= ground_truth(images, base, palette)
+        for seed_ref, k in per_seed:
+            mine, theirs = images[k :: len(seeds)], base[k :: len(seeds)]
+            half = measure(family, seed_ref, mine).as_dict()
+            truth = ground_truth(mine, theirs, palette)
+            row[f"seed {seeds[k]}"] = {**half, **truth}
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
         print(
@@ -174,11 +181,11 @@ def checkpoint_adapters(run: Path) -> dict[str, Path]:
     return {f"step {step}": (path, 1.0) for step, path in step_adapters(run, name).items()}
 
 
-def run_pick(run: Path) -> int:
-    """The step `stylelora pick` picks from the run's own held-out prompts."""
+def run_pick(run: Path, prompts: int | None = None) -> int:
+    """The step `stylelora pick [--prompts N]` picks from the run's own held-out prompts."""
     from stylelora.sample.pick_run import pick_run
 
-    pick_run(run, say=lambda line: None)
+    pick_run(run, say=lambda line: None, prompts=prompts)
     return json.loads((run / "measures" / "pick.json").read_text())["step"]
 
 
@@ -267,6 +274,11 @@ def correlations(rows: list[dict], what: str) -> None:
     content = spearman([r["content"] for r in rows], [r["iou"] for r in rows])
     print(f"{what} ({len(rows)}): rank correlation of style with the palette fall {style:.3f}, "
           f"of content with the silhouette IoU {content:.3f} (targets >= 0.8)")  # fmt: skip
+    for seed in [key for key in rows[0] if key.startswith("seed ")]:
+        halves = [r[seed] for r in rows]
+        style = spearman([h["style"] for h in halves], [h["palette_fall"] for h in halves])
+        content = spearman([h["content"] for h in halves], [h["iou"] for h in halves])
+        print(f"  {seed}'s renders alone: {style:.3f} and {content:.3f}")
 
 
 def report(rows: list[dict], run: Path, renders: int) -> None:
@@ -288,6 +300,7 @@ def report(rows: list[dict], run: Path, renders: int) -> None:
         print(f"  with {fraction:.0%} instead: " + " and ".join(map(str, picks(checkpoints))))
     rule.ENOUGH_STYLE = chosen
     print(f"picked by `stylelora pick` (the run's own 4 held-out prompts): step {run_pick(run)}")
+    print(f"picked by `stylelora pick --prompts 12`: step {run_pick(run, 12)}")
     per_adapter = np.mean([r["seconds"] for r in rows])
     print(f"{per_adapter:.1f} s per adapter ({renders} renders each)")
 

@@ -120,7 +120,9 @@ def add_ui_command(commands) -> None:
 
 
 def add_tool_commands(commands) -> None:
-    """export, merge, resize, combine, inspect: see stylelora/export/tools.py."""
+    """export, merge, resize, combine, inspect, pick: see stylelora/export/tools.py and
+    stylelora/sample/pick_run.py."""
+    from stylelora.caption.command import positive
     from stylelora.families.registry import ui_formats
 
     export = commands.add_parser("export", help="convert an adapter between formats")
@@ -172,6 +174,19 @@ def add_tool_commands(commands) -> None:
         "pick", help="measure a run's checkpoints and write the one to keep as NAME-best"
     )
     pick.add_argument("run_dir", type=Path, help="the run folder (output_dir)")
+    pick.add_argument(
+        "--prompts",
+        type=positive,
+        metavar="N",
+        help="held-out prompts to render with each adapter (default: the run's "
+        "validation.measure_prompts); more make a steadier pick",
+    )
+    pick.add_argument(
+        "--steps",
+        type=positive,
+        metavar="N",
+        help="denoising steps of each render (default: the run's validation.measure_steps)",
+    )
     pick.set_defaults(run=run_pick)
 
 
@@ -400,7 +415,7 @@ def run_inspect(args: argparse.Namespace) -> None:
 def run_pick(args: argparse.Namespace) -> None:
     from stylelora.sample.pick_run import pick_run
 
-    pick_run(args.run_dir)
+    pick_run(args.run_dir, prompts=args.prompts, steps=args.steps)
 
 
 def quiet_libraries() -> None:

@@ -4,8 +4,9 @@ encoder: no download, any family.
 The images (renders and training images) go through the family's VAE encoder, and the output of
 each of its down blocks is one layer of features:
 
-- style: each layer's per-channel standard deviation over the picture (the diagonal of Gatys et
-  al.'s Gram matrix of the centred features; AdaIN's and IntroStyle's second statistic). A
+- style: each layer's per-channel mean and standard deviation over the picture (the two
+  statistics AdaIN transfers and IntroStyle reads from a diffusion model's features; the std is
+  the diagonal of Gatys et al.'s Gram matrix of the centred features). A
   render's style distance is its mean distance to the NEAREST training images' statistics (a
   style set holds several palettes and subjects: the nearest few, not the average of all);
   `style` is the part of the base renders' distance the adapter takes away (0: none; the
@@ -110,10 +111,11 @@ def pooled(layer: torch.Tensor) -> torch.Tensor:
 
 
 def style_statistics(layers: Layers) -> Layers:
-    """Per layer, each image's channel standard deviations: (n, channels). (The channel means
-    follow how much of the picture the subject covers: with them the measure tracked the demo's
-    palette distance worse, benchmarks/checkpoint_pick.py.)"""
-    return [layer.flatten(2).std(2, correction=0) for layer in layers]
+    """Per layer, each image's channel means and standard deviations: (n, 2 * channels). (The
+    standard deviations alone followed the demo's palette distance well on one seed's renders
+    and badly on the other's; with the means, alike on both: benchmarks/checkpoint_pick.py.)"""
+    flat = [layer.flatten(2) for layer in layers]
+    return [torch.cat([f.mean(2), f.std(2, correction=0)], dim=1) for f in flat]
 
 
 def distance_matrix(stats: Layers, reference: Layers) -> torch.Tensor:

@@ -2,8 +2,10 @@
 header saying which step and why.
 
 The rule: the first measured step whose style (averaged with the steps beside it, so that one
-noisy measurement does not decide) reaches ENOUGH_STYLE of the highest: past it the style gains
-little, while the adapter goes on copying the training images and redrawing the subject.
+noisy measurement does not decide) reaches ENOUGH_STYLE of the average style of the steps from
+there to the end: past it the style gains little, while the adapter goes on copying the training
+images and redrawing the subject. (Against the highest measurement instead, one high stray late
+in the run moved the pick far later: benchmarks/checkpoint_pick.py.)
 """
 
 from __future__ import annotations
@@ -32,15 +34,18 @@ def pick(records: list[dict]) -> tuple[dict, str]:
     if not records:
         raise ValueError("no measured steps to pick from")
     records = sorted(records, key=lambda record: record["step"])
-    style = beside([record["style"] for record in records])
-    highest = max(style)
-    if highest <= 0:
+    raw = [record["style"] for record in records]
+    style = beside(raw)
+    if max(style) <= 0:
         return records[-1], "no measured step moved the style toward the training images"
-    index = next(i for i, value in enumerate(style) if value >= ENOUGH_STYLE * highest)
+    ahead = [sum(raw[i:]) / len(raw[i:]) for i in range(len(raw))]  # from each step to the end
+    index = next(
+        (i for i, value in enumerate(style) if value >= ENOUGH_STYLE * ahead[i]), len(raw) - 1
+    )
     chosen, later = records[index], records[index + 1 :]
     reason = (
         f"the first measured step whose style ({style[index]:.2f}, with the steps beside it) "
-        f"reaches {ENOUGH_STYLE:.0%} of the highest ({highest:.2f})"
+        f"reaches {ENOUGH_STYLE:.0%} of the average from there to the end ({ahead[index]:.2f})"
     )
     if later:
         copying = [r["copying"] for r in later]

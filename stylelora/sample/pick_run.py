@@ -116,13 +116,23 @@ def show_in_report(run_dir: Path, measured: list[dict], picked: dict) -> bool:
     return True
 
 
-def pick_run(run_dir: Path, say: Callable[[str], None] = print) -> Path:
-    """Measure, pick and write `NAME-best.safetensors` in `run_dir`; its path."""
+def pick_run(
+    run_dir: Path,
+    say: Callable[[str], None] = print,
+    prompts: int | None = None,
+    steps: int | None = None,
+) -> Path:
+    """Measure, pick and write `NAME-best.safetensors` in `run_dir`; its path. `prompts` and
+    `steps` replace the run's `validation.measure_prompts` and `measure_steps`."""
     from stylelora.data.report import scan_dataset
     from stylelora.train.measuring import held_out_prompts, training_images
     from stylelora.train.run import fitted_prompts, load_model, read_sample_prompts
 
     cfg = run_config(run_dir)
+    asked = {"measure_prompts": prompts, "measure_steps": steps}
+    cfg.validation = cfg.validation.model_copy(
+        update={key: value for key, value in asked.items() if value is not None}
+    )
     adapters = step_adapters(run_dir, cfg.name)
     if not adapters:
         raise no_measures(Path(run_dir))
@@ -130,10 +140,10 @@ def pick_run(run_dir: Path, say: Callable[[str], None] = print) -> Path:
     family = load_model(cfg)
     family.pipe.set_progress_bar_config(disable=True)
     sample_prompts, _ = fitted_prompts(read_sample_prompts(cfg), family.size_step)
-    prompts = held_out_prompts(sample_prompts, [r.caption for r in records], cfg)
+    held_out = held_out_prompts(sample_prompts, [r.caption for r in records], cfg)
     training = training_images(records, cfg.data.largest_resolution)
     measured = measure_adapters(
-        family, adapters, prompts, training, Path(run_dir), cfg.sample.scheduler, say
+        family, adapters, held_out, training, Path(run_dir), cfg.sample.scheduler, say
     )
     record, reason = pick(measured)
     out = write_best(adapters[record["step"]], best_path(run_dir, cfg.name), record, reason)

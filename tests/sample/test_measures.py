@@ -104,11 +104,16 @@ def records(styles: list[float]) -> list[dict]:
 
 def test_the_pick_is_where_style_stops_gaining() -> None:
     chosen, reason = pick(records([0.1, 0.5, 0.8, 0.86, 0.88, 0.89]))
-    # averaged with the steps beside: 0.30 0.47 0.72 0.85 0.88 0.89; 90 % of 0.89 is 0.80
+    # averaged with the steps beside: 0.30 0.47 0.72 0.85 0.88 0.89; the average from 400 to
+    # the end is 0.877, 90 % of it 0.79; from 300, 0.8575 and 0.77, which 0.72 misses
     assert chosen["step"] == 400
+    assert "reaches 90% of the average from there to the end (0.88)" in reason
     assert "copying 0.76 there, 0.78 to 0.80 later, content 0.60 there, 0.40 to 0.50" in reason
-    # one stray measurement does not decide
+    # one stray measurement does not decide, early or late
     assert pick(records([0.1, 0.9, 0.2, 0.3, 0.85, 0.88, 0.9]))[0]["step"] == 600
+    assert pick(records([0.1, 0.5, 0.8, 0.82, 0.8, 0.81, 0.8, 1.2]))[0]["step"] == 400
+    # a style still rising at the end: a late step
+    assert pick(records([0.1 * i for i in range(1, 11)]))[0]["step"] == 900
 
 
 def test_a_captions_subject_is_swapped_everywhere_it_is_named() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from conftest import training_config
+from PIL import Image
 from safetensors import safe_open
 
 from stylelora.sample.pick_run import pick_run
@@ -64,6 +65,12 @@ def test_a_run_measures_picks_and_pick_recomputes_the_same(
         assert one["style"] == other["style"] and one["content"] == other["content"]
     with safe_open(str(best), "pt") as handle:
         assert handle.metadata()["stylelora_best_step"] == str(picked["step"])
+
+    # --prompts and --steps: fewer renders, each row one picture wide instead of two
+    two_wide = Image.open(run / "measures" / "step-000004.png").size
+    pick_run(run, say=lines.append, prompts=1, steps=1)
+    one_wide = Image.open(run / "measures" / "step-000004.png").size
+    assert one_wide[0] * 2 == two_wide[0] and one_wide[1] == two_wide[1]
 
 
 def test_measurements_left_counts_each_measured_step_once(tmp_path, tiny_sd15_dir):
