@@ -1,4 +1,6 @@
-"""The `stylelora` command as a user runs it: a real subprocess, exit codes, one-line errors."""
+"""The `stylelora` command as a user runs it: a real subprocess, exit codes, one-line errors.
+The errors that come before any work are checked through the same `main` in this process: a
+fresh interpreter would only add the libraries' import time."""
 
 import json
 import os
@@ -12,6 +14,8 @@ from conftest import DEMO_CONFIG, ROOT
 from PIL import Image
 from safetensors import safe_open
 
+from stylelora.cli import main
+
 STYLELORA = [sys.executable, "-m", "stylelora"]
 
 
@@ -19,6 +23,21 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*STYLELORA, *args], cwd=cwd, capture_output=True, text=True, env=os.environ, timeout=300
     )
+
+
+@pytest.fixture
+def run_here(capsys):
+    """`main` with these arguments in this process, as a finished process: code, out, err."""
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's errors
+            code = exc.code
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+    return call
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +119,8 @@ def test_make_tiny_model_writes_a_loadable_diffusers_folder(tmp_path, family, pi
     assert type(pipe).__name__ == pipeline
 
 
-def test_make_tiny_model_names_the_families_it_knows(tmp_path):
-    result = run("make-tiny-model", "--family", "sd3", str(tmp_path / "tiny"))
+def test_make_tiny_model_names_the_families_it_knows(tmp_path, run_here):
+    result = run_here("make-tiny-model", "--family", "sd3", str(tmp_path / "tiny"))
     assert_one_line_error(result, "'sd3'", "sd15, sd2, sdxl")
 
 
@@ -113,25 +132,25 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in lines[0]
 
 
-def test_bad_value_is_one_line_naming_the_key():
-    result = run("train", str(DEMO_CONFIG), "--set", "train.lr_scheduler=step")
+def test_bad_value_is_one_line_naming_the_key(run_here):
+    result = run_here("train", str(DEMO_CONFIG), "--set", "train.lr_scheduler=step")
     assert_one_line_error(result, "train.lr_scheduler", "'linear' or 'polynomial' (got 'step')")
 
 
-def test_unknown_key_is_one_line_naming_the_key():
-    result = run("train", str(DEMO_CONFIG), "--set", "adapter.rnak=4")
+def test_unknown_key_is_one_line_naming_the_key(run_here):
+    result = run_here("train", str(DEMO_CONFIG), "--set", "adapter.rnak=4")
     assert_one_line_error(result, "adapter.rnak", "unknown key")
 
 
-def test_missing_dataset_folder_is_one_line_naming_the_path(tmp_path):
+def test_missing_dataset_folder_is_one_line_naming_the_path(tmp_path, run_here):
     missing = tmp_path / "no-such-folder"
-    result = run("train", str(DEMO_CONFIG), "--output-dir", str(tmp_path / "run"),
+    result = run_here("train", str(DEMO_CONFIG), "--output-dir", str(tmp_path / "run"),
                  "--set", f"data.dir={str(missing)!r}")  # fmt: skip
     assert_one_line_error(result, "data.dir", str(missing), "not found")
 
 
-def test_missing_adapter_file_is_one_line(tmp_path):
-    result = run(
+def test_missing_adapter_file_is_one_line(tmp_path, run_here):
+    result = run_here(
         "sample", "--model", "tiny:sd15", "--adapter", str(tmp_path / "gone.safetensors"),
         "--prompt", "x", "--out", str(tmp_path / "x.png"),
     )  # fmt: skip

@@ -12,6 +12,7 @@ import pytest
 from conftest import DEMO_CONFIG, DEMO_DATA, ROOT
 from PIL import Image
 
+from stylelora.cli import main
 from stylelora.data.images import MAX_PIXELS
 from stylelora.data.scan import scan_folder
 from stylelora.errors import UserError
@@ -95,18 +96,19 @@ def test_dataset_check_reports_counts_buckets_and_problems(tmp_path):
     assert "half.jpg: truncated or damaged image" in out and "bomb.png: too large" in out
 
 
-def test_dataset_check_of_the_demo_and_of_nothing_usable(tmp_path):
-    demo = check(str(DEMO_DATA), "--config", str(DEMO_CONFIG))
-    assert demo.returncode == 0, demo.stderr
-    assert "dataset: 24 images" in demo.stdout and "64x64: 24" in demo.stdout
+def test_dataset_check_of_the_demo_and_of_nothing_usable(tmp_path, capsys):
+    """Through the command's `main` in this process (the test above runs it as a process)."""
+    assert main(["dataset", "check", str(DEMO_DATA), "--config", str(DEMO_CONFIG)]) == 0
+    out = capsys.readouterr().out
+    assert "dataset: 24 images" in out and "64x64: 24" in out
     (tmp_path / "junk.png").write_bytes(b"junk")
-    nothing = check(str(tmp_path))
-    assert nothing.returncode == 2
-    assert nothing.stdout.splitlines() == [
+    assert main(["dataset", "check", str(tmp_path)]) == 2
+    nothing = capsys.readouterr()
+    assert nothing.out.splitlines() == [
         "skipped 1 files:",
         f"  {tmp_path / 'junk.png'}: not an image",
     ]
-    assert nothing.stderr.strip().splitlines() == [
+    assert nothing.err.strip().splitlines() == [
         f"stylelora: error: data.dir {tmp_path}: no usable images: 1 not an image; "
         "each file is listed above"
     ]
