@@ -9,6 +9,7 @@ measurement renders the prompts with the adapter (same seeds) and writes them as
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -175,8 +176,21 @@ def measure_due(step: int, cfg: Config) -> bool:
 
 
 def measurements_left(step: int, cfg: Config) -> int:
-    """How many measurements a run at `step` has still to take."""
-    return sum(measure_due(later, cfg) for later in range(step + 1, cfg.train.max_steps + 1))
+    """How many steps after `step` are `measure_due`: counted, not visited (max_steps has no
+    upper bound)."""
+    last = cfg.train.max_steps
+    every = {n for n in (cfg.validation.measure_every_n_steps, cfg.train.checkpoint_every_n_steps)}
+    every.discard(0)
+
+    def multiples(n: int) -> int:
+        return last // n - step // n
+
+    count = sum(multiples(n) for n in every)
+    if len(every) == 2:
+        count -= multiples(math.lcm(*every))  # counted once for each interval
+    if last > step and not any(last % n == 0 for n in every):
+        count += 1  # the last step
+    return count
 
 
 def measured_adapter(output_dir: Path, name: str, step: int) -> Path:

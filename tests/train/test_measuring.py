@@ -85,3 +85,8 @@ def test_measurements_left_counts_each_measured_step_once(tmp_path, tiny_sd15_di
     assert left(0, "train.checkpoint_every_n_steps=300") == 4 + 3  # 300, 600, 900 besides
     assert left(600, "train.checkpoint_every_n_steps=0") == 2
     assert left(1000, "train.checkpoint_every_n_steps=0") == 0
+    assert left(0, "train.checkpoint_every_n_steps=0", "validation.measure_every_n_steps=0") == 1
+    # 250, 500 (a checkpoint too), 750, and the last step
+    assert left(0, "train.max_steps=999", "train.checkpoint_every_n_steps=500") == 3 + 1
+    # counted, not visited: a run of 10^12 steps is counted at once
+    assert left(0, "train.max_steps=1000000000000", "train.checkpoint_every_n_steps=0") == 4 * 10**9
