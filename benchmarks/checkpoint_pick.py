@@ -5,18 +5,20 @@ overfitting demo run (constant learning rate, every timestep, a checkpoint every
 short runs of the option table's variants, and the default variant and the last checkpoint at
 lower strengths (whose style and content lie between the base's and the full adapter's).
 
-Each adapter renders the same prompts (`a SUBJECT, zqxstyle`, every fourth subject in the style
-set and out of it, seeds 0 and 1) at 64 px; the measures (stylelora/sample/measures.py, against the
-style images) and the ground truths are taken of the very same renders. Printed: a row per
+Each adapter renders the same prompts (`a SUBJECT, zqxstyle`, every subject in the style set
+and out of it, 56, seeds 0 and 1) at 64 px; the measures (stylelora/sample/measures.py, against
+the style images) and the ground truths are taken of the very same renders. Printed: a row per
 adapter, the rank correlation (Spearman) of style with the palette ratio's fall (1 - adapted /
-base distance) and of content with the silhouette IoU, the checkpoint the rule of
+base distance) and of content with the silhouette IoU (over all renders, and over each seed's
+alone), the checkpoint the rule of
 stylelora/sample/pick.py picks from the measures and the one it picks from the ground truths,
 and what `stylelora pick` picks on the run's own held-out prompts (4, and 12 with --prompts).
 
 Targets: both correlations at least 0.8; the two picks at most one checkpoint apart.
 
-    python benchmarks/checkpoint_pick.py                  # about 30 min on one thread
-    python benchmarks/checkpoint_pick.py --keep runs/pick-bench   # its runs kept, reused later
+    python benchmarks/checkpoint_pick.py                  # about 70 min on one thread
+    python benchmarks/checkpoint_pick.py --keep runs/pick-bench   # runs and renders kept, reused
+    python benchmarks/checkpoint_pick.py --subjects-every 4       # 28 renders an adapter, faster
     python benchmarks/checkpoint_pick.py --steps 2000 --every 100 --variant-steps 500
     python benchmarks/checkpoint_pick.py --run runs/pick-bench   # measure an existing run again
 """
@@ -219,7 +221,7 @@ def main() -> None:
         "--subjects-every",
         type=int,
         choices=(1, 2, 4),
-        default=4,
+        default=1,
         help="render every N-th subject of each group (1: all 56)",
     )
     parser.add_argument(
