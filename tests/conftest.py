@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import os
 import shutil
 import tempfile
@@ -23,6 +24,14 @@ DEMO_DATA = ROOT / "datasets" / "demo-style"
 os.environ.setdefault("STYLELORA_CACHE", tempfile.mkdtemp(prefix="stylelora-test-cache-"))
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Compile the package once, before the workers start: with PYTHONDONTWRITEBYTECODE set
+    (as on some CI machines) each of the suite's `stylelora` processes would otherwise compile
+    the modules it imports again, about 2 s each."""
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+        compileall.compile_dir(ROOT / "stylelora", quiet=1)
 
 
 @pytest.fixture(scope="session")
