@@ -34,6 +34,18 @@ def pytest_configure(config: pytest.Config) -> None:
         compileall.compile_dir(ROOT / "stylelora", quiet=1)
 
 
+def run_main(capsys: pytest.CaptureFixture, *args) -> tuple[int, str, str]:
+    """The `stylelora` command's `main` in this process: (exit status, stdout, stderr)."""
+    from stylelora.cli import main
+
+    try:
+        code = main([str(arg) for arg in args])
+    except SystemExit as exc:  # argparse's errors
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.fixture(scope="session")
 def tiny_sd15_dir() -> Path:
     """The tiny SD1.5 diffusers folder, saved once and loaded by `from_pretrained` in tests."""

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEMO_CONFIG, ROOT
+from conftest import DEMO_CONFIG, ROOT, run_main
 from PIL import Image
 from safetensors import safe_open
-
-from stylelora.cli import main
 
 STYLELORA = [sys.executable, "-m", "stylelora"]
 
@@ -23,21 +21,6 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*STYLELORA, *args], cwd=cwd, capture_output=True, text=True, env=os.environ, timeout=300
     )
-
-
-@pytest.fixture
-def run_here(capsys):
-    """`main` with these arguments in this process, as a finished process: code, out, err."""
-
-    def call(*args: str) -> subprocess.CompletedProcess:
-        try:
-            code = main(list(args))
-        except SystemExit as exc:  # argparse's errors
-            code = exc.code
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
-
-    return call
 
 
 @pytest.fixture(scope="module")
@@ -119,39 +102,42 @@ def test_make_tiny_model_writes_a_loadable_diffusers_folder(tmp_path, family, pi
     assert type(pipe).__name__ == pipeline
 
 
-def test_make_tiny_model_names_the_families_it_knows(tmp_path, run_here):
-    result = run_here("make-tiny-model", "--family", "sd3", str(tmp_path / "tiny"))
+def test_make_tiny_model_names_the_families_it_knows(tmp_path, capsys):
+    result = run_main(capsys, "make-tiny-model", "--family", "sd3", str(tmp_path / "tiny"))
     assert_one_line_error(result, "'sd3'", "sd15, sd2, sdxl")
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+def assert_one_line_error(result: tuple[int, str, str], *fragments: str) -> None:
+    code, _, err = result
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
     for fragment in fragments:
         assert fragment in lines[0]
 
 
-def test_bad_value_is_one_line_naming_the_key(run_here):
-    result = run_here("train", str(DEMO_CONFIG), "--set", "train.lr_scheduler=step")
+def test_bad_value_is_one_line_naming_the_key(capsys):
+    result = run_main(capsys, "train", str(DEMO_CONFIG), "--set", "train.lr_scheduler=step")
     assert_one_line_error(result, "train.lr_scheduler", "'linear' or 'polynomial' (got 'step')")
 
 
-def test_unknown_key_is_one_line_naming_the_key(run_here):
-    result = run_here("train", str(DEMO_CONFIG), "--set", "adapter.rnak=4")
+def test_unknown_key_is_one_line_naming_the_key(capsys):
+    result = run_main(capsys, "train", str(DEMO_CONFIG), "--set", "adapter.rnak=4")
     assert_one_line_error(result, "adapter.rnak", "unknown key")
 
 
-def test_missing_dataset_folder_is_one_line_naming_the_path(tmp_path, run_here):
+def test_missing_dataset_folder_is_one_line_naming_the_path(tmp_path, capsys):
     missing = tmp_path / "no-such-folder"
-    result = run_here("train", str(DEMO_CONFIG), "--output-dir", str(tmp_path / "run"),
-                 "--set", f"data.dir={str(missing)!r}")  # fmt: skip
+    result = run_main(
+        capsys, "train", str(DEMO_CONFIG), "--output-dir", str(tmp_path / "run"),
+        "--set", f"data.dir={str(missing)!r}",
+    )  # fmt: skip
     assert_one_line_error(result, "data.dir", str(missing), "not found")
 
 
-def test_missing_adapter_file_is_one_line(tmp_path, run_here):
-    result = run_here(
-        "sample", "--model", "tiny:sd15", "--adapter", str(tmp_path / "gone.safetensors"),
+def test_missing_adapter_file_is_one_line(tmp_path, capsys):
+    result = run_main(
+        capsys, "sample", "--model", "tiny:sd15", "--adapter", str(tmp_path / "gone.safetensors"),
         "--prompt", "x", "--out", str(tmp_path / "x.png"),
     )  # fmt: skip
     assert_one_line_error(result, "gone.safetensors", "not found")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_main
 from lora_helpers import adapted_family
 from safetensors.torch import load_file, save_file
 
-from stylelora.cli import main
 from stylelora.export.lora_file import save_lora_file
 from stylelora.families.tiny import tiny_model_path
 
@@ -22,14 +22,8 @@ def good_file(tmp_path_factory):
     return save_lora_file(folder / "good.safetensors", family, adapted, {"ss_output_name": "good"})
 
 
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_inspect_describes_the_file(capsys, good_file):
-    code, out, _ = run(capsys, "inspect", good_file)
+    code, out, _ = run_main(capsys, "inspect", good_file)
     assert code == 0
     assert "format: kohya" in out and "family: sd15" in out
     assert "ranks: 2 (" in out and "4 (" in out
@@ -41,7 +35,7 @@ def test_inspect_names_a_truncated_file(tmp_path, capsys, good_file):
     data = good_file.read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[: len(data) - 3000])
-    code, _, err = run(capsys, "inspect", cut)
+    code, _, err = run_main(capsys, "inspect", cut)
     assert code == 2
     assert err.count("\n") == 1 and "truncated" in err and ".lora_" in err and str(cut) in err
 
@@ -52,11 +46,13 @@ def test_inspect_names_a_mismatched_pair(tmp_path, capsys, good_file):
     tensors[name] = torch.zeros(tensors[name].shape[0], 3)
     broken = tmp_path / "broken.safetensors"
     save_file(tensors, broken)
-    code, _, err = run(capsys, "inspect", broken)
+    code, _, err = run_main(capsys, "inspect", broken)
     assert code == 2
     assert name.removesuffix(".lora_up.weight") in err and "mismatched up/down pair" in err
     # The other tools refuse it with the same diagnosis.
-    code, _, err = run(capsys, "resize", broken, "--rank", "2", "--out", tmp_path / "r.safetensors")
+    code, _, err = run_main(
+        capsys, "resize", broken, "--rank", "2", "--out", tmp_path / "r.safetensors"
+    )
     assert code == 2 and "mismatched" in err and not (tmp_path / "r.safetensors").exists()
 
 
@@ -70,7 +66,7 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, good_file):
         (["resize", good_file, "--energy", "1.5", "--out", tmp_path / "x.safetensors"], "energy"),
     ]
     for args, words in cases:
-        code, _, err = run(capsys, *args)
+        code, _, err = run_main(capsys, *args)
         assert code == 2, args
         assert err.count("\n") == 1 and words in err, err
     assert not out.exists()
