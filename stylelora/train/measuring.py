@@ -193,6 +193,11 @@ def measurements_left(step: int, cfg: Config) -> int:
     return count
 
 
+def was_measured(measures: list[dict], step: int) -> bool:
+    """Whether `measures` (the run's records) hold one of `step`."""
+    return any(record["step"] == step for record in measures)
+
+
 def measured_adapter(output_dir: Path, name: str, step: int) -> Path:
     """The adapter of a measured step, as the export writes it."""
     return Path(output_dir) / MEASURES_DIR / f"{name}-step-{step:06d}.safetensors"
@@ -202,7 +207,7 @@ def take_measures(session: Session) -> None:
     """Measure the adapter as it is now, once per step: the record goes to the run's state,
     TensorBoard and progress.jsonl, the adapter beside its renders."""
     state, run = session.state, session.run
-    if any(record["step"] == state.step for record in state.measures):
+    if was_measured(state.measures, state.step):
         return
     from stylelora.train.placement import visiting
     from stylelora.train.run import full_adapter_weights

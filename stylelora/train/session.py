@@ -39,6 +39,7 @@ from stylelora.train.measuring import (
     measured_adapter,
     measurements_left,
     take_measures,
+    was_measured,
 )
 from stylelora.train.placement import visiting
 from stylelora.train.profile import host_read, phase, step_done
@@ -368,7 +369,7 @@ class Session:
         """Where this step was measured, its adapter file is already written: `path` becomes a
         second name of that file (a hard link), not a second copy on the disk."""
         state = self.state
-        if not any(record["step"] == state.step for record in state.measures):
+        if not was_measured(state.measures, state.step):
             return False
         measured = measured_adapter(self.run.cfg.output_dir, self.run.cfg.name, state.step)
         try:
